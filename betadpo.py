@@ -1,0 +1,767 @@
+"""β-DPO: Direct Preference Optimization with a dynamic β, in one file you can read top to bottom.
+
+Launch (one process, or any number through accelerate):
+
+    python betadpo.py --config configs/sort.yaml
+    accelerate launch betadpo.py --config configs/sort.yaml
+    accelerate launch --config_file configs/accelerate/fsdp.yaml betadpo.py --config configs/internlm2.yaml
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 betadpo.py --config configs/sort.yaml
+
+Any config field can be overridden on the command line, e.g. `--loss.alpha 0 --loss.filter_ratio 0` (plain DPO).
+
+The math (Wu et al., "β-DPO: Direct Preference Optimization with Dynamic β", NeurIPS 2024; SPEC.md §2),
+for pairs (x, y_w, y_l), policy π_θ, frozen reference π_ref, and one calibration batch of N pairs:
+
+    log π(y|x)  = Σ_t log π(y_t | x, y_<t)                        response tokens only
+    M_i         = [log π_θ(y_w|x) − log π_ref(y_w|x)] − [log π_θ(y_l|x) − log π_ref(y_l|x)]     margin
+    M₀ ← m·M₀ + (1−m)·mean(M),   σ ← m·σ + (1−m)·std(M)           moving averages, training batches only
+    w_i = exp(−(M_i − M₀)² / 2σ²)                                   β-guided filter: keep K = ⌊N(1−ρ)⌋ pairs
+                                                                    drawn without replacement ∝ w_i
+    β_batch = β₀ · (1 + α · (mean_{kept} M_i − M₀)),  ≥ β_min       dynamic β, detached
+    β_i = β_batch · s_i,  s_i = softplus(c) · log PPL_θ(x_i)        optional learnable, perplexity-scaled β(x)
+    L = (1/K) Σ_{kept} −log σ(β_i · M_i)                            (or IPO / SimPO / ORPO, below)
+
+With α = 0, ρ = 0 and no scale this is exactly DPO (Rafailov et al., 2023).
+
+File layout: CONFIG → LOG-PROBS → ALGO LOGIC (the pure β-DPO functions and their state) → TRAINING LOOP
+(boilerplate: accelerator, data, models, optimizer, checkpoints) → main.
+"""
+
+import array
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from common import (
+    MetricsLog,
+    UserError,
+    init_wandb,
+    load_model,
+    load_tokenizer,
+    main_guard,
+    parse_config,
+    require,
+    save_config,
+    seed_everything,
+)
+from data import collate_pairs, load_pairs, tokenize_pairs
+
+
+# ========================================================================================================
+# CONFIG  (every field is a command-line flag: --section.field value)
+# ========================================================================================================
+@dataclass
+class ModelArgs:
+    name_or_path: str = "tiny"  # hub id or local dir of the policy's starting point; "tiny" = build the built-in tiny Llama
+    ref_name_or_path: str = ""  # reference model; "" = the policy's starting point (the usual DPO setup)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype the weights are loaded in
+    trust_remote_code: bool = False  # needed by models with custom code, e.g. InternLM2
+    tiny_hidden_size: int = 128  # width of the "tiny" model (only used when name_or_path is "tiny")
+    tiny_layers: int = 2  # depth of the "tiny" model (only used when name_or_path is "tiny")
+
+
+@dataclass
+class DataArgs:
+    dataset: str = "sort"  # "sort" (built-in task), "hh" (Anthropic/hh-rlhf from the Hub) or a .jsonl/.json/.parquet path
+    eval_dataset: str = ""  # held-out pairs file for a local dataset; "" = hold out its last eval_size rows
+    eval_size: int = 256  # held-out pairs (sort: generated; hh: first N of the test split, 0 = all; file: see above)
+    hh_subset: str = ""  # Anthropic/hh-rlhf data_dir, e.g. "harmless-base"; "" = all of HH
+    max_length: int = 64  # max tokens of prompt + response
+    max_prompt_length: int = 32  # longer prompts keep their last max_prompt_length tokens
+    seed: int = 0  # seed of the built-in task's data (fixed across training seeds)
+    num_sft: int = 20000  # built-in task: SFT demonstrations
+    num_train: int = 4096  # built-in task: training preference pairs
+    sft_noise: float = 0.5  # built-in task: fraction of SFT targets with 1–2 wrong digits
+    high_gap_ratio: float = 0.3  # built-in task: fraction of high-gap pairs (correct vs. random digits)
+    flip_ratio: float = 0.0  # built-in task: fraction of training pairs with chosen/rejected swapped
+    sort_min_len: int = 4  # built-in task: shortest list to sort
+    sort_max_len: int = 12  # built-in task: longest list to sort
+
+
+@dataclass
+class LossArgs:
+    type: Literal["dpo", "ipo", "simpo", "orpo"] = "dpo"  # preference loss (SPEC §2.6)
+    beta: float = 0.1  # β₀
+    alpha: float = 0.0  # α of dynamic β (reference code: `a`; = the paper's α·β₀, since M excludes β₀); 0 = static β
+    filter_ratio: float = 0.0  # ρ, fraction of each calibration batch dropped (reference code: `mode_weight`); 0 = off
+    momentum: float = 0.9  # m of the M₀ and σ moving averages
+    beta_min: float = 1e-3  # floor of β_batch
+    label_smoothing: float = 0.0  # ε of conservative DPO (dpo only)
+    simpo_gamma: float = 0.5  # γ, SimPO's target reward margin (simpo only)
+    ppl_scale: bool = False  # β_i ∝ log PPL_θ(x_i) of the prompt (source 2)
+    learn_scale: bool = False  # learn c in softplus(c), the β scale (source 2)
+    beta_scale_init: float = 1.0  # starting softplus(c) (source 2 set c itself; we set the effective value)
+    scale_lr: float = 0.0  # learning rate of c; 0 = train.lr
+
+
+@dataclass
+class TrainArgs:
+    output_dir: str = "runs/betadpo"  # checkpoints, metrics.jsonl, config.yaml and final/ go here
+    batch_size: int = 64  # pairs per optimizer step, over all processes and accumulation steps
+    grad_accum: int = 1  # micro-batches per optimizer step; each is its own calibration batch
+    lr: float = 5e-4  # peak learning rate
+    optimizer: Literal["adamw", "rmsprop"] = "adamw"  # the original DPO code uses RMSprop
+    weight_decay: float = 0.0  # decoupled weight decay of the model's parameters (never of c)
+    warmup_steps: int = 10  # linear warm-up, then constant (the reference code's schedule)
+    max_grad_norm: float = 10.0  # gradient clipping of the model's parameters
+    max_steps: int = 100  # optimizer steps; 0 = `epochs` passes over the training pairs
+    epochs: int = 1  # used when max_steps is 0
+    seed: int = 0  # model init (tiny), filter generator
+    save_every: int = 50  # checkpoint every N optimizer steps (and at the end)
+    eval_every: int = 50  # held-out evaluation every N optimizer steps (and at the end); 0 = only at the end
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast of the forward passes (accelerate)
+    gradient_checkpointing: bool = False  # recompute activations in backward: far less memory, ~1/3 more compute
+    precompute_ref: bool = False  # one no-grad reference pass over all pairs before training, then free the reference
+    ref_cache_dir: str = "runs/ref_cache"  # precomputed reference log-probs, keyed by reference model and data
+    group_by_length: bool = False  # batch pairs of similar length (less padding); changes which pairs calibrate together
+
+
+@dataclass
+class EvalArgs:
+    policy: str = ""  # eval.py: the trained policy (a final/ directory); "" = train.output_dir/final
+    reference: str = ""  # eval.py: what it is compared with; "" = model.ref_name_or_path, else model.name_or_path
+    output_dir: str = "runs/eval"  # eval.py: where eval.json and generations.jsonl go
+    num_prompts: int = 128  # eval.py: held-out prompts to sample completions for
+    samples_per_prompt: int = 4  # eval.py: completions per prompt at eval.temperature (for KL)
+    max_new_tokens: int = 16  # eval.py: generation length limit
+    batch_size: int = 32  # eval.py: pairs per forward pass when scoring
+    seed: int = 0  # eval.py: sampling seed
+    temperature: float = 1.0  # eval.py: sampling temperature of the KL samples and the second set of gold metrics (> 0)
+    generations_temperature: float = 0.0  # eval.py: temperature of the completions in generations.jsonl (0 = greedy)
+
+
+@dataclass
+class LogArgs:
+    wandb: bool = False  # also log to Weights & Biases
+    wandb_project: str = "betadpo"  # wandb project name
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline needs no network; `wandb sync` later
+
+
+@dataclass
+class Config:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    loss: LossArgs = field(default_factory=LossArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    eval: EvalArgs = field(default_factory=EvalArgs)
+    log: LogArgs = field(default_factory=LogArgs)
+
+
+def validate(cfg: Config, num_processes: int = 1):
+    """Out-of-range values stop the run before anything is loaded, naming the key."""
+    L, T, D = cfg.loss, cfg.train, cfg.data
+    require(L.beta > 0, "loss.beta", f"must be > 0, got {L.beta}")
+    require(L.alpha >= 0, "loss.alpha", f"must be ≥ 0, got {L.alpha}")
+    require(0 <= L.filter_ratio < 1, "loss.filter_ratio", f"must be in [0, 1), got {L.filter_ratio}")
+    require(0 <= L.momentum < 1, "loss.momentum", f"must be in [0, 1), got {L.momentum}")
+    require(L.beta_min > 0, "loss.beta_min", f"must be > 0, got {L.beta_min}")
+    require(0 <= L.label_smoothing < 0.5, "loss.label_smoothing", f"must be in [0, 0.5), got {L.label_smoothing}")
+    require(L.beta_scale_init > 0, "loss.beta_scale_init", f"must be > 0, got {L.beta_scale_init}")
+    require(L.scale_lr >= 0, "loss.scale_lr", f"must be ≥ 0, got {L.scale_lr}")
+    require(T.lr > 0, "train.lr", f"must be > 0, got {T.lr}")
+    require(T.batch_size > 0, "train.batch_size", f"must be > 0, got {T.batch_size}")
+    require(T.grad_accum > 0, "train.grad_accum", f"must be > 0, got {T.grad_accum}")
+    require(T.max_steps >= 0, "train.max_steps", f"must be ≥ 0, got {T.max_steps}")
+    require(T.max_steps > 0 or T.epochs > 0, "train.epochs", "must be > 0 when train.max_steps is 0")
+    require(T.warmup_steps >= 0, "train.warmup_steps", f"must be ≥ 0, got {T.warmup_steps}")
+    require(T.save_every > 0, "train.save_every", f"must be > 0, got {T.save_every}")
+    require(T.eval_every >= 0, "train.eval_every", f"must be ≥ 0, got {T.eval_every}")
+    require(T.max_grad_norm >= 0, "train.max_grad_norm", f"must be ≥ 0, got {T.max_grad_norm}")
+    require(T.weight_decay >= 0, "train.weight_decay", f"must be ≥ 0, got {T.weight_decay}")
+    require(
+        T.batch_size % (num_processes * T.grad_accum) == 0,
+        "train.batch_size",
+        f"({T.batch_size}) must be divisible by processes × grad_accum ({num_processes} × {T.grad_accum})",
+    )
+    require(0 < D.max_prompt_length < D.max_length, "data.max_prompt_length", f"must be in (0, data.max_length), got {D.max_prompt_length}")
+    require(0 <= D.high_gap_ratio <= 1, "data.high_gap_ratio", f"must be in [0, 1], got {D.high_gap_ratio}")
+    require(0 <= D.flip_ratio <= 1, "data.flip_ratio", f"must be in [0, 1], got {D.flip_ratio}")
+    require(0 <= D.sft_noise <= 1, "data.sft_noise", f"must be in [0, 1], got {D.sft_noise}")
+    require(D.eval_size >= 0, "data.eval_size", f"must be ≥ 0, got {D.eval_size}")
+    require(1 <= D.sort_min_len <= D.sort_max_len, "data.sort_min_len", "must be in [1, data.sort_max_len]")
+    E = cfg.eval
+    for key in ("num_prompts", "samples_per_prompt", "max_new_tokens", "batch_size"):
+        require(getattr(E, key) > 0, f"eval.{key}", f"must be > 0, got {getattr(E, key)}")
+    require(E.temperature > 0, "eval.temperature", f"must be > 0 (the KL needs samples; greedy metrics are always computed), got {E.temperature}")
+    require(E.generations_temperature >= 0, "eval.generations_temperature", f"must be ≥ 0, got {E.generations_temperature}")
+
+
+# ========================================================================================================
+# LOG-PROBS
+# ========================================================================================================
+class _LabelLogProb(torch.autograd.Function):
+    """log softmax(logits)[target] without ever holding a full fp32 (B, T, V) log-softmax, forward or backward.
+
+    Why it matters: for a batch of 64 pairs × 512 tokens and InternLM2's 92,544-token vocabulary, one fp32
+    log-softmax is 128 × 512 × 92,544 × 4 B ≈ 24 GiB — more than the model. Autograd's version also keeps
+    fp32 copies of bf16 logits for backward and builds several (B, T, V) temporaries there. Here:
+      forward:  log p(y) = logit_y − logsumexp(logits), logsumexp in fp32, `chunk_rows` rows at a time;
+                saves only the logits (already in memory) and the (B, T) logsumexp.
+      backward: ∂ log p(y) / ∂ logits = onehot(y) − softmax(logits), filled into one gradient tensor of the
+                logits' dtype, chunk by chunk.
+    Peak extra memory: chunk_rows × T × V × 4 bytes.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, chunk_rows):
+        lse = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)  # (B, T)
+        for i in range(0, logits.shape[0], chunk_rows):
+            lse[i : i + chunk_rows] = logits[i : i + chunk_rows].float().logsumexp(-1)
+        picked = logits.gather(-1, targets[..., None]).squeeze(-1).float()  # (B, T)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.chunk_rows = chunk_rows
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, grad_out):  # grad_out: (B, T)
+        logits, targets, lse = ctx.saved_tensors
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)  # (B, T, V)
+        for i in range(0, logits.shape[0], ctx.chunk_rows):
+            rows = slice(i, i + ctx.chunk_rows)
+            g = -(logits[rows].float() - lse[rows, :, None]).exp()  # −softmax, (b, T, V)
+            g.scatter_add_(-1, targets[rows, :, None], torch.ones_like(g[..., :1]))  # + onehot(y)
+            grad[rows] = g * grad_out[rows, :, None]
+        return grad, None, None
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 4) -> torch.Tensor:
+    """log softmax(logits)[target] in fp32, computed `chunk_rows` rows at a time (see _LabelLogProb).
+
+    logits (B, T, V), targets (B, T) → (B, T). Targets outside [0, V) (e.g. -100) give 0.
+    """
+    valid = (targets >= 0) & (targets < logits.shape[-1])
+    return _LabelLogProb.apply(logits, torch.where(valid, targets, 0), chunk_rows) * valid
+
+
+def sequence_logps(model, batch: dict) -> dict:
+    """One forward pass → per-row response log-prob sums/means and the prompt's mean log-prob.
+
+    Returns (B,) tensors: `sum` = Σ_t log π(y_t|x,y_<t) over response tokens, `avg` = sum / #response
+    tokens, `prompt` = mean_t log π(x_t|x_<t) over prompt tokens 1…|x|−1 (token 0 has no context).
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    logp = token_logps(logits[:, :-1], batch["input_ids"][:, 1:])  # (B, T−1): log π(token t | tokens < t)
+    response = batch["labels"][:, 1:] != -100  # (B, T−1)
+    position = torch.arange(1, batch["input_ids"].shape[1], device=logp.device)  # position of the predicted token
+    prompt = position[None, :] < batch["prompt_lens"][:, None]  # (B, T−1)
+    total = (logp * response).sum(-1)
+    return {
+        "sum": total,
+        "avg": total / response.sum(-1).clamp(min=1),
+        "prompt": (logp * prompt).sum(-1) / prompt.sum(-1).clamp(min=1),
+    }
+
+
+REF_KEYS = ("ref_chosen", "ref_rejected", "ref_chosen_avg", "ref_rejected_avg")
+
+
+def pair_logps(policy, reference, batch: dict) -> dict:
+    """Chosen rows [0, B) and rejected rows [B, 2B) of one concatenated batch → per-pair (B,) tensors.
+
+    Keys: policy_{chosen,rejected}[_avg], ref_{chosen,rejected}[_avg] (absent when reference is None:
+    SimPO and ORPO need none; taken from the batch when precomputed), log_ppl = log PPL_θ(x) = −mean log π_θ(x_t|x_<t) of the prompt (detached;
+    from the chosen rows, no extra forward), tokens = non-padding tokens of the pair.
+    """
+    B = batch["input_ids"].shape[0] // 2
+    pol = sequence_logps(policy, batch)
+    out = {
+        "policy_chosen": pol["sum"][:B], "policy_rejected": pol["sum"][B:],
+        "policy_chosen_avg": pol["avg"][:B], "policy_rejected_avg": pol["avg"][B:],
+        "log_ppl": -pol["prompt"][:B].detach(),
+        "tokens": (batch["attention_mask"][:B].sum(-1) + batch["attention_mask"][B:].sum(-1)).float(),
+    }
+    if "ref_chosen" in batch:  # precomputed (train.precompute_ref): no reference forward at all
+        out.update({k: batch[k] for k in REF_KEYS})
+    elif reference is not None:
+        with torch.no_grad():
+            ref = sequence_logps(reference, batch)
+        out.update({
+            "ref_chosen": ref["sum"][:B], "ref_rejected": ref["sum"][B:],
+            "ref_chosen_avg": ref["avg"][:B], "ref_rejected_avg": ref["avg"][B:],
+        })
+    return out
+
+
+# ========================================================================================================
+# ALGO LOGIC: β-DPO as pure functions of tensors, and the small state they update
+# ========================================================================================================
+REFERENCE_FREE = ("simpo", "orpo")
+SIGMA_FLOOR = 1e-6  # below this σ the Gaussian weights are meaningless: filter uniformly
+
+
+def implicit_rewards(stats: dict, loss_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-response rewards whose difference is the margin, before β (each (B,)).
+
+    DPO/IPO:      Δ_w = log π_θ(y_w|x) − log π_ref(y_w|x),  Δ_l likewise.
+    SimPO/ORPO:   the length-normalised avg log π_θ(y|x) (reference-free).
+    """
+    if loss_type in REFERENCE_FREE:
+        return stats["policy_chosen_avg"], stats["policy_rejected_avg"]
+    return stats["policy_chosen"] - stats["ref_chosen"], stats["policy_rejected"] - stats["ref_rejected"]
+
+
+def margins(stats: dict, loss_type: str) -> torch.Tensor:
+    """M_i = Δ_w − Δ_l, *without* β₀ (as the reference code; the paper writes β₀ inside M). (B,)"""
+    chosen, rejected = implicit_rewards(stats, loss_type)
+    return chosen - rejected
+
+
+def update_statistics(M0, sigma, margins, momentum: float):
+    """M₀ ← m·M₀ + (1−m)·mean(M),  σ ← m·σ + (1−m)·std(M)  (unbiased std, as the reference code).
+
+    Both start at 0 (reference code). Called on training batches only: the reference code also updated them
+    on evaluation batches, which lets held-out data steer training; we don't.
+    """
+    std = margins.std() if margins.numel() > 1 else torch.zeros_like(margins.sum())
+    return momentum * M0 + (1 - momentum) * margins.mean(), momentum * sigma + (1 - momentum) * std
+
+
+def filter_log_weights(margins, M0, sigma) -> torch.Tensor:
+    """log w_i = −(M_i − M₀)² / 2σ²: pairs whose margin is near the running mean are the informative ones.
+
+    Uniform (all zeros) when σ < SIGMA_FLOOR or every w_i underflows to 0. At step 0 the policy equals the
+    reference, every M_i = 0 and σ = 0: the reference code divides by zero there and samples from NaNs.
+    """
+    log_w = -((margins - M0) ** 2) / (2 * sigma.clamp(min=SIGMA_FLOOR) ** 2)
+    degenerate = (sigma < SIGMA_FLOOR) | (log_w.exp().sum() == 0)
+    return torch.where(degenerate, torch.zeros_like(log_w), log_w)
+
+
+def filter_mask(margins, M0, sigma, filter_ratio: float, generator: torch.Generator) -> torch.Tensor:
+    """Keep K = max(1, ⌊N(1−ρ)⌋) of N pairs, drawn without replacement with probability ∝ w_i. (N,) bool.
+
+    Drawn with the Gumbel-top-k trick: the K largest log w_i + Gumbel_i are distributed exactly as K draws
+    without replacement ∝ w_i (as torch.multinomial), but work in log space, so pairs with w_i that underflow
+    can still fill the K places. `generator` is shared and in the same state on every process, and the
+    margins are gathered, so every rank computes the same mask (the reference code drew per rank).
+    """
+    N = margins.numel()
+    keep = max(1, math.floor(N * (1 - filter_ratio)))
+    if keep == N:
+        return torch.ones(N, dtype=torch.bool, device=margins.device)
+    u = torch.rand(N, generator=generator, device=generator.device).to(margins.device)
+    gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1 - 1e-7)))
+    chosen = (filter_log_weights(margins, M0, sigma) + gumbel).topk(keep).indices
+    return torch.zeros(N, dtype=torch.bool, device=margins.device).index_fill_(0, chosen, True)
+
+
+def batch_beta(beta0: float, alpha: float, margins, kept, M0, beta_min: float) -> torch.Tensor:
+    """β_batch = β₀ · (1 + α · (mean_{kept} M_i − M₀)), clamped to ≥ β_min and detached. kept: (N,) bool.
+
+    Batches whose margins run above the running mean (easy pairs, large gap) get a larger β, i.e. stay
+    closer to the reference; batches below it get a smaller β and move more aggressively.
+    """
+    return (beta0 * (1 + alpha * (kept_mean(margins, kept) - M0))).clamp(min=beta_min).detach()
+
+
+def kept_mean(values, kept):
+    """mean of values[kept], as a masked sum: boolean indexing would make the host wait for the device."""
+    return (values * kept).sum() / kept.sum()
+
+
+def beta_scale(c, log_ppl, ppl_scale: bool, learn_scale: bool) -> torch.Tensor:
+    """s_i = softplus(c) · log max(PPL_θ(x_i), 1) with ppl_scale; softplus(c) with learn_scale only; else 1.
+
+    log_ppl is detached, so the gradient of the loss reaches c through s_i alone. (B,)
+    """
+    if not (ppl_scale or learn_scale):
+        return torch.ones_like(log_ppl)
+    s = F.softplus(c).expand_as(log_ppl)
+    return s * log_ppl.clamp(min=0) if ppl_scale else s
+
+
+def preference_losses(loss_type: str, beta, stats: dict, label_smoothing=0.0, simpo_gamma=0.5) -> torch.Tensor:
+    """Per-pair loss ℓ_i with per-pair β_i. (B,)
+
+    dpo    ℓ = −(1−ε)·log σ(β·M) − ε·log σ(−β·M)            ε = label_smoothing (conservative DPO)
+    ipo    ℓ = (M̄ − 1/(2β))²                                 M̄ from length-normalised log-ratios
+    simpo  ℓ = −log σ(β·M − γ)                               M from avg log π_θ (reference-free)
+    orpo   ℓ = −avg log π_θ(y_w|x) − β·log σ(log odds_w − log odds_l),  odds = p/(1−p), p = exp(avg log π_θ)
+    """
+    if loss_type == "dpo":
+        M = margins(stats, "dpo")
+        return -(1 - label_smoothing) * F.logsigmoid(beta * M) - label_smoothing * F.logsigmoid(-beta * M)
+    if loss_type == "ipo":
+        M_avg = (stats["policy_chosen_avg"] - stats["ref_chosen_avg"]) - (stats["policy_rejected_avg"] - stats["ref_rejected_avg"])
+        return (M_avg - 1 / (2 * beta)) ** 2
+    if loss_type == "simpo":
+        return -F.logsigmoid(beta * margins(stats, "simpo") - simpo_gamma)
+    if loss_type == "orpo":
+        def log_odds(avg_logp):  # log(p / (1 − p)), with 1 − p = −expm1(log p) kept away from 0
+            return avg_logp - torch.log(-torch.expm1(avg_logp.clamp(max=-1e-6)))
+        ratio = log_odds(stats["policy_chosen_avg"]) - log_odds(stats["policy_rejected_avg"])
+        return -stats["policy_chosen_avg"] - beta * F.logsigmoid(ratio)
+    raise ValueError(f"unknown loss type {loss_type!r}")
+
+
+class BetaDPOState:
+    """Everything β-DPO carries from batch to batch, saved with each checkpoint.
+
+    M0, sigma: the moving averages (0-dim tensors, start at 0). c: the raw β-scale, softplus(c) = scale,
+    a trainable nn.Parameter with learn_scale, else a constant. generator: the filter's random generator,
+    seeded from train.seed, identical on every process. step: optimizer steps done.
+    """
+
+    def __init__(self, loss_cfg: LossArgs, seed: int, device):
+        self.step = 0
+        self.M0 = torch.zeros((), device=device)
+        self.sigma = torch.zeros((), device=device)
+        # c₀ = softplus⁻¹(init) = log(expm1(init)), so that `beta_scale_init` is the *effective* starting scale.
+        # Source 2 initialised c itself (so its "init 1.0" meant a scale of softplus(1) ≈ 1.31).
+        c0 = math.log(math.expm1(loss_cfg.beta_scale_init))
+        self.c = torch.nn.Parameter(torch.tensor(c0, device=device), requires_grad=loss_cfg.learn_scale)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "M0": self.M0.cpu(), "sigma": self.sigma.cpu(), "c": self.c.detach().cpu(),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, sd: dict):
+        self.step = sd["step"]
+        self.M0, self.sigma = sd["M0"].to(self.M0.device), sd["sigma"].to(self.sigma.device)
+        with torch.no_grad():
+            self.c.copy_(sd["c"])
+        self.generator.set_state(sd["generator"])
+
+
+def betadpo_loss(stats: dict, everyone: dict, state: BetaDPOState, cfg: LossArgs, rank: int, num_processes: int, train: bool):
+    """One calibration batch of β-DPO (SPEC §2, steps 1–6).
+
+    stats:    this process's pairs, (B,) tensors with the policy's graph (from `pair_logps`).
+    everyone: the same stats detached and gathered over all processes, (N,) = (P·B,), identical on all.
+    train:    update M₀/σ and filter; at evaluation neither happens and every pair counts.
+    Returns (loss to backpropagate on this process, summary of the whole calibration batch).
+    """
+    # 1. Margins of the whole calibration batch, the same on every process.
+    M = margins(everyone, cfg.type)  # (N,)
+    # 2. Moving averages, on training batches only.
+    if train:
+        state.M0, state.sigma = update_statistics(state.M0, state.sigma, M, cfg.momentum)
+    # 3. β-guided filtering: the same mask on every process.
+    if train and cfg.filter_ratio > 0:
+        kept = filter_mask(M, state.M0, state.sigma, cfg.filter_ratio, state.generator)  # (N,) bool
+    else:
+        kept = torch.ones_like(M, dtype=torch.bool)
+    # 4. Batch-level β from the kept pairs' margins (α = 0: β_batch = β₀).
+    beta_b = batch_beta(cfg.beta, cfg.alpha, M, kept, state.M0, cfg.beta_min)
+    # 5. Per-pair β_i = β_batch · s_i; gradients reach c through s_i only.
+    B = stats["log_ppl"].shape[0]
+    beta_i = beta_b * beta_scale(state.c, stats["log_ppl"], cfg.ppl_scale, cfg.learn_scale)  # (B,)
+    # 6. Loss over this process's kept pairs, normalised by the *global* kept count K. Each process returns
+    #    (P/K)·Σ_{its kept} ℓ_i; DDP/FSDP average gradients over P, giving ∇(1/K)·Σ_{all kept} ℓ_i: the same
+    #    gradient on 1 or P processes. (The reference code averaged per process: a different weighting.)
+    kept_here = kept[rank * B : (rank + 1) * B]
+    per_pair = preference_losses(cfg.type, beta_i, stats, cfg.label_smoothing, cfg.simpo_gamma)
+    K = kept.sum()
+    loss = (per_pair * kept_here).sum() * num_processes / K
+    return loss, summarize(everyone, M, kept, beta_b, state, cfg)
+
+
+def summarize(everyone: dict, M, kept, beta_b, state: BetaDPOState, cfg: LossArgs) -> dict:
+    """Logged numbers of one calibration batch (0-dim tensors). Rewards use the β actually applied, β_i —
+    the reference code logged them with the static β₀."""
+    with torch.no_grad():
+        beta_i = beta_b * beta_scale(state.c, everyone["log_ppl"], cfg.ppl_scale, cfg.learn_scale)  # (N,)
+        r_w, r_l = implicit_rewards(everyone, cfg.type)
+        return {
+            "beta": beta_b, "beta_mean": beta_i.mean(),
+            "beta_scale": F.softplus(state.c) if (cfg.ppl_scale or cfg.learn_scale) else torch.ones_like(beta_b),
+            "M0": state.M0, "sigma": state.sigma,
+            "margin_mean": M.mean(), "margin_std": M.std() if M.numel() > 1 else torch.zeros_like(beta_b),
+            "kept_margin_mean": kept_mean(M, kept), "kept": kept.sum().float(), "pairs": torch.full_like(beta_b, M.numel()),
+            "log_ppl": everyone["log_ppl"].mean(),
+            "rewards/chosen": (beta_i * r_w).mean(), "rewards/rejected": (beta_i * r_l).mean(),
+            "rewards/margins": (beta_i * (r_w - r_l)).mean(), "rewards/accuracies": (r_w > r_l).float().mean(),
+            "logps/chosen": everyone["policy_chosen"].mean(), "logps/rejected": everyone["policy_rejected"].mean(),
+            "tokens": everyone["tokens"].sum(),
+        }
+
+
+# ========================================================================================================
+# TRAINING LOOP (boilerplate around the algorithm: data order, optimizer, checkpoints, logging)
+# ========================================================================================================
+SUMMED = ("kept", "pairs", "tokens")  # summed over a step's micro-batches; everything else is averaged
+LAST = ("M0", "sigma", "beta_scale")  # state after the step
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(num_pairs: int, seed: int, epoch: int, micro: int, lengths: tuple | None) -> tuple:
+    """A seeded shuffle of the pairs. With `lengths` (group_by_length): within windows of 64 micro-batches,
+    pairs are sorted by length and cut into micro-batches, whose order is then shuffled — far less padding,
+    but pairs of similar length now share a calibration batch (their M₀, σ, β and filter)."""
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    order = torch.randperm(num_pairs, generator=g).tolist()
+    if lengths is None:
+        return tuple(order)
+    window = 64 * micro
+    order = [i for w in range(0, num_pairs, window) for i in sorted(order[w : w + window], key=lambda i: lengths[i])]
+    batches = [order[i : i + micro] for i in range(0, num_pairs, micro)]
+    return tuple(i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b])
+
+
+def micro_batch_indices(j: int, num_pairs: int, micro: int, per_epoch: int, seed: int, lengths: tuple | None = None) -> list[int]:
+    """Pairs of global micro-batch j: a pure function of (j, seed), so the data position is just the step
+    count (exact resume) and the global batch does not depend on the number of processes."""
+    epoch, pos = divmod(j, per_epoch)
+    return list(_epoch_order(num_pairs, seed, epoch, micro, lengths)[pos * micro : (pos + 1) * micro])
+
+
+def gather(accelerator, stats: dict) -> dict:
+    """Detach and all-gather per-pair stats: (B,) on each process → (P·B,) in process order, on every process."""
+    return accelerator.gather({k: v.detach() for k, v in stats.items()})
+
+
+def latest_checkpoint(output_dir: Path):
+    ckpts = sorted((output_dir / "checkpoints").glob("step-*"))
+    return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int):
+    """Write to a temporary directory, then rename: a crash mid-write never destroys the last checkpoint."""
+    root = output_dir / "checkpoints"
+    tmp, final = root / f".tmp-step-{step:08d}", root / f"step-{step:08d}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.replace(tmp, final)  # atomic on POSIX
+        for old in root.glob("step-*"):
+            if old != final:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def save_final(accelerator, policy, tokenizer, state: BetaDPOState, cfg: Config, path: Path):
+    """`save_pretrained` model + tokenizer (plain transformers can load them) and the learned β-scale."""
+    state_dict = accelerator.get_state_dict(policy)  # gathers FSDP shards
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(policy).save_pretrained(path, state_dict=state_dict)
+        tokenizer.save_pretrained(path)
+        scale = {"c": state.c.item(), "beta_scale": F.softplus(state.c).item(), "ppl_scale": cfg.loss.ppl_scale,
+                 "learn_scale": cfg.loss.learn_scale, "M0": state.M0.item(), "sigma": state.sigma.item(), "step": state.step}
+        (path / "beta_scale.json").write_text(json.dumps(scale, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+
+
+def make_optimizer(cfg: Config, policy, state: BetaDPOState):
+    """The model's parameters, plus c in its own group: no weight decay, its own learning rate."""
+    groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "weight_decay": cfg.train.weight_decay}]
+    if cfg.loss.learn_scale:
+        groups.append({"params": [state.c], "weight_decay": 0.0, "lr": cfg.loss.scale_lr or cfg.train.lr})
+    if cfg.train.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=cfg.train.lr)
+    return torch.optim.AdamW(groups, lr=cfg.train.lr)
+
+
+def score_pairs(accelerator, policy, reference, pairs, pad_id, batch_size: int, ref_values: dict | None = None) -> dict:
+    """`pair_logps` over a list of pairs without gradients → (num_pairs,) tensors in order, on every process.
+
+    Pairs go through the model in fixed chunks of `batch_size`, dealt out to processes and gathered: the
+    same chunks (so the same padding and the same floating-point results) on any number of processes.
+    Every process runs the same number of forwards, repeating chunk 0 where it has run out: a DDP forward
+    broadcasts buffers and an FSDP forward gathers shards, so a process that skipped one would hang the rest.
+    ref_values: precomputed reference log-probs, (num_pairs,) tensors, put into each chunk's batch.
+    """
+    from accelerate.utils import gather_object
+
+    chunks = [list(range(s, min(s + batch_size, len(pairs)))) for s in range(0, len(pairs), batch_size)]
+    P = accelerator.num_processes
+    was_training = policy.training
+    policy.eval()
+    mine = []
+    with torch.no_grad(), accelerator.autocast():
+        for c in range(accelerator.process_index, -(-len(chunks) // P) * P, P):
+            rows = chunks[c] if c < len(chunks) else chunks[0]  # a padding forward, result dropped below
+            batch = collate_pairs([pairs[j] for j in rows], pad_id)
+            batch.update({k: v[rows] for k, v in (ref_values or {}).items()})
+            stats = pair_logps(policy, reference, {k: v.to(accelerator.device) for k, v in batch.items()})
+            if c < len(chunks):
+                mine.append((c, {k: v.float().cpu() for k, v in stats.items()}))
+    policy.train(was_training)
+    everyone = [stats for _, stats in sorted(gather_object(mine), key=lambda item: item[0])]
+    return {k: torch.cat([s[k] for s in everyone]).to(accelerator.device) for k in everyone[0]}
+
+
+def evaluate(accelerator, policy, reference, pairs, pad_id, state, cfg: Config, ref_values=None) -> dict:
+    """Held-out pairs summarised as one calibration batch with `train=False`: no M₀/σ update, no filtering
+    (the reference code updated both on evaluation batches). Numbers do not depend on the process count."""
+    everyone = score_pairs(accelerator, policy, reference, pairs, pad_id, cfg.eval.batch_size, ref_values)
+    loss, summary = betadpo_loss(everyone, everyone, state, cfg.loss, 0, 1, train=False)
+    return {"loss": loss.item(), **{k: v.item() for k, v in summary.items() if k in EVAL_KEYS}}
+
+
+def _token_hash(pairs) -> str:
+    h = hashlib.sha256()
+    for p, c, r in pairs:
+        h.update(array.array("q", [*p, -1, *c, -2, *r, -3]).tobytes())
+    return h.hexdigest()
+
+
+def reference_logps(accelerator, cfg: Config, reference, pairs, pad_id, name: str) -> dict:
+    """train.precompute_ref: the reference's log-probs of every pair, computed once (no grad) and cached in
+    `train.ref_cache_dir` under a key of the reference model's files, the dtypes and the tokenized pairs.
+    → {ref_chosen, ref_rejected, ref_chosen_avg, ref_rejected_avg}: (num_pairs,) CPU tensors."""
+    ref_path = cfg.model.ref_name_or_path or cfg.model.name_or_path
+    files = sorted(Path(ref_path).glob("*.safetensors")) + sorted(Path(ref_path).glob("*.bin"))
+    identity = {
+        "reference": str(Path(ref_path).resolve()) if Path(ref_path).exists() else ref_path,
+        "files": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files],
+        "dtype": cfg.model.dtype, "mixed_precision": cfg.train.mixed_precision,
+        "pairs": _token_hash(pairs),
+    }
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+    path = Path(cfg.train.ref_cache_dir) / f"{name}-{key}.pt"
+    if path.exists():
+        accelerator.print(f"reference log-probs: {path} (cached)")
+        return torch.load(path)
+    accelerator.print(f"reference log-probs: one pass over {len(pairs)} {name} pairs → {path}")
+    scored = score_pairs(accelerator, reference, None, pairs, pad_id, cfg.eval.batch_size)
+    values = {f"ref_{k[len('policy_'):]}": scored[k].cpu() for k in ("policy_chosen", "policy_rejected", "policy_chosen_avg", "policy_rejected_avg")}
+    if accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(values, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)  # atomic: a crash never leaves half a cache
+    return values
+
+
+EVAL_KEYS = ("beta", "beta_mean", "margin_mean", "margin_std", "rewards/chosen", "rewards/rejected",
+             "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "pairs")
+
+
+def train(cfg: Config):
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    # ---- accelerator ----------------------------------------------------------------------------------
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    P, rank = accelerator.num_processes, accelerator.process_index
+    validate(cfg, P)
+    # ---- seed -----------------------------------------------------------------------------------------
+    seed_everything(cfg.train.seed)
+    # ---- data -----------------------------------------------------------------------------------------
+    if cfg.model.name_or_path == "tiny":
+        raise UserError("model.name_or_path: β-DPO starts from a trained policy; run sft.py first and pass its final/ dir")
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    args = (tokenizer, cfg.data.max_length, cfg.data.max_prompt_length)
+    train_pairs = tokenize_pairs(args[0], load_pairs(cfg.data, "train", tokenizer), *args[1:])
+    eval_pairs = tokenize_pairs(args[0], load_pairs(cfg.data, "eval", tokenizer), *args[1:])
+    micro = cfg.train.batch_size // cfg.train.grad_accum  # N: pairs in one calibration batch (all processes)
+    per_process = micro // P  # B
+    steps_per_epoch = len(train_pairs) // cfg.train.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"data: {len(train_pairs)} training pairs is fewer than train.batch_size={cfg.train.batch_size}")
+    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    # ---- models ---------------------------------------------------------------------------------------
+    policy = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
+    if cfg.train.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    reference = None
+    if cfg.loss.type not in REFERENCE_FREE:
+        reference = load_model(cfg.model.ref_name_or_path or cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
+        reference.requires_grad_(False).eval()
+    # ---- optimizer ------------------------------------------------------------------------------------
+    state = BetaDPOState(cfg.loss, cfg.train.seed, accelerator.device)
+    optimizer = make_optimizer(cfg, policy, state)
+    warmup = cfg.train.warmup_steps  # lr ∝ min(1, (step + 1) / (warmup + 1)): max_steps never changes it
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    if reference is not None:  # sharded like the policy under FSDP; a plain copy per process otherwise
+        is_fsdp = accelerator.distributed_type.name == "FSDP"
+        reference = accelerator.prepare_model(reference, evaluation_mode=True) if is_fsdp else reference.to(accelerator.device)
+    # The scheduler is not `prepare`d: accelerate would step it once per process.
+    accelerator.register_for_checkpointing(scheduler, state)
+    ref_train = ref_eval = None
+    if cfg.train.precompute_ref and reference is not None:
+        ref_train = reference_logps(accelerator, cfg, reference, train_pairs, tokenizer.pad_token_id, "train")
+        ref_eval = reference_logps(accelerator, cfg, reference, eval_pairs, tokenizer.pad_token_id, "eval") if eval_pairs else None
+        reference = None  # freed: from here on its log-probs come with each batch
+    lengths = tuple(len(p) + max(len(c), len(r)) for p, c, r in train_pairs) if cfg.train.group_by_length else None
+    # ---- resume ---------------------------------------------------------------------------------------
+    out = Path(cfg.train.output_dir)
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        accelerator.print(f"resumed from {ckpt} (step {state.step})")
+    if state.step >= total_steps and (out / "final").exists():
+        accelerator.print(f"{out} already finished {state.step} steps (train.max_steps={total_steps}); nothing to do")
+        return out
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process, init_wandb(cfg, accelerator.is_main_process))
+    log.truncate_after(state.step)
+    # ---- loop -----------------------------------------------------------------------------------------
+    bar = tqdm(total=total_steps, initial=state.step, desc="β-DPO", disable=not accelerator.is_main_process)
+    policy.train()
+    while state.step < total_steps:
+        t0 = time.perf_counter()
+        step_loss, summaries = torch.zeros((), device=accelerator.device), []
+        for k in range(cfg.train.grad_accum):
+            j = state.step * cfg.train.grad_accum + k  # global micro-batch number
+            idx = micro_batch_indices(j, len(train_pairs), micro, steps_per_epoch * cfg.train.grad_accum, cfg.train.seed, lengths)
+            mine = idx[rank * per_process : (rank + 1) * per_process]
+            batch = collate_pairs([train_pairs[i] for i in mine], tokenizer.pad_token_id)
+            batch.update({key: v[mine] for key, v in (ref_train or {}).items()})
+            batch = {key: v.to(accelerator.device) for key, v in batch.items()}
+            sync = contextlib.nullcontext() if k == cfg.train.grad_accum - 1 else accelerator.no_sync(policy)
+            with sync, accelerator.autocast():
+                stats = pair_logps(policy, reference, batch)
+                loss, summary = betadpo_loss(stats, gather(accelerator, stats), state, cfg.loss, rank, P, train=True)
+                accelerator.backward(loss / cfg.train.grad_accum)
+            step_loss += loss.detach() / cfg.train.grad_accum
+            summaries.append(summary)
+        if cfg.loss.learn_scale:  # c lives outside the DDP/FSDP model: average its gradient ourselves
+            state.c.grad = accelerator.reduce(state.c.grad, reduction="mean")
+        grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.train.max_grad_norm or float("inf"))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        # ---- logging (one host sync per step) ---------------------------------------------------------
+        row = {key: torch.stack([s[key] for s in summaries]).float() for key in summaries[0]}
+        row = {key: v.sum() if key in SUMMED else v[-1] if key in LAST else v.mean() for key, v in row.items()}
+        row["loss"] = accelerator.reduce(step_loss, reduction="sum") / P
+        row["grad_norm"] = grad_norm
+        values = dict(zip(row, torch.stack([torch.as_tensor(v, device=accelerator.device).float() for v in row.values()]).tolist()))
+        dt = time.perf_counter() - t0
+        tokens = values.pop("tokens")
+        log.write({"step": state.step, "lr": lr, **values, "pairs_per_s": values["pairs"] / dt, "tokens_per_s": tokens / dt})
+        bar.update(1)
+        bar.set_postfix(loss=f"{values['loss']:.4f}", beta=f"{values['beta']:.4f}", kept=f"{values['kept'] / values['pairs']:.2f}")
+        last = state.step == total_steps
+        if eval_pairs and ((cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or last):
+            log.write({"step": state.step, "split": "eval", **evaluate(accelerator, policy, reference, eval_pairs, tokenizer.pad_token_id, state, cfg, ref_eval)})
+        if state.step % cfg.train.save_every == 0 or last:
+            save_checkpoint(accelerator, out, state.step)
+    bar.close()
+    # ---- save -----------------------------------------------------------------------------------------
+    save_final(accelerator, policy, tokenizer, state, cfg, out / "final")
+    accelerator.print(f"model: {out / 'final'}\nmetrics: {out / 'metrics.jsonl'}")
+    accelerator.wait_for_everyone()  # no process tears down the process group while another still uses it
+    accelerator.end_training()
+    return out
+
+
+def main():
+    cfg = parse_config(Config)
+    validate(cfg)
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main_guard(main)

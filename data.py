@@ -1,0 +1,244 @@
+"""Data for all three scripts: where pairs come from, how they are tokenized, how batches are padded.
+
+Three sources behind `load_pairs` (preference pairs) and `load_sft` (prompt → response):
+    sort              the built-in task (sort_task.py), generated from `data.seed`
+    hh                Anthropic HH through `datasets.load_dataset("Anthropic/hh-rlhf")`
+    path/to/file      .jsonl / .jsonl.gz / .json / .parquet with `prompt`, `chosen`, `rejected`
+                      (strings, or chat message lists rendered with the tokenizer's chat template),
+                      or HH-style rows with only `chosen` / `rejected` dialogues, parsed like the hub data
+
+Tokenization (the original DPO code's rules): prompt and response are tokenized separately, without special
+tokens, and EOS is appended to the response. A prompt longer than `max_prompt_length` keeps its *last*
+`max_prompt_length` tokens (the end of a dialogue is what the response answers); the response is then cut,
+keeping its start, so that prompt + response ≤ `max_length`. Labels are -100 on prompt and padding, so only
+response tokens are scored.
+"""
+
+import gzip
+import json
+from pathlib import Path
+
+import torch
+
+import sort_task
+from common import UserError
+
+HH_MARKER = "\n\nAssistant:"
+HH_MAX_SKIPPED = 0.01  # more than 1% malformed public rows means the parser (or the data) is wrong: stop
+
+
+class DataError(UserError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------------------
+def load_pairs(data_cfg, split: str, tokenizer=None) -> list[dict]:
+    """Rows {prompt, chosen, rejected} (strings) of the `train` or `eval` split."""
+    if data_cfg.dataset == "sort":
+        n = data_cfg.num_train if split == "train" else data_cfg.eval_size
+        flip = data_cfg.flip_ratio if split == "train" else 0.0  # held-out labels stay clean
+        return sort_task.preference_pairs(
+            n, data_cfg.seed, data_cfg.high_gap_ratio, flip, data_cfg.sort_min_len, data_cfg.sort_max_len, split
+        )
+    if data_cfg.dataset == "hh":
+        rows = _parse_hh(_load_hh_hub(data_cfg, "train" if split == "train" else "test"), "Anthropic/hh-rlhf")
+        return rows if split == "train" or not data_cfg.eval_size else rows[: data_cfg.eval_size]
+    if split == "eval" and data_cfg.eval_dataset:
+        return _load_file_pairs(data_cfg.eval_dataset, tokenizer)
+    rows = _load_file_pairs(data_cfg.dataset, tokenizer)
+    if data_cfg.eval_dataset:
+        return rows
+    # No separate eval file: the last `eval_size` rows are held out and never trained on.
+    if len(rows) <= data_cfg.eval_size:
+        raise DataError(f"{data_cfg.dataset}: {len(rows)} rows leave none for training after holding out "
+                        f"data.eval_size={data_cfg.eval_size} (set data.eval_dataset or a smaller data.eval_size)")
+    return rows[: -data_cfg.eval_size] if split == "train" else rows[-data_cfg.eval_size :]
+
+
+def load_sft(data_cfg, split: str, tokenizer=None) -> list[dict]:
+    """Rows {prompt, response}: the built-in task's imperfect demonstrations, else the pairs' chosen side."""
+    if data_cfg.dataset == "sort":
+        n = data_cfg.num_sft if split == "train" else data_cfg.eval_size
+        noise = data_cfg.sft_noise if split == "train" else 0.0
+        return sort_task.sft_examples(n, data_cfg.seed + (split != "train"), noise, data_cfg.sort_min_len, data_cfg.sort_max_len)
+    return [{"prompt": r["prompt"], "response": r["chosen"]} for r in load_pairs(data_cfg, split, tokenizer)]
+
+
+def _load_hh_hub(data_cfg, split):
+    import datasets
+
+    try:
+        ds = datasets.load_dataset("Anthropic/hh-rlhf", data_dir=data_cfg.hh_subset or None, split=split)
+    except Exception as e:  # offline, hub down, unknown subset: all end the same way for the user
+        raise DataError(
+            f"could not load Anthropic/hh-rlhf ({type(e).__name__}: {str(e).splitlines()[0][:200]}). Without "
+            "network, download it elsewhere and pass the local file, e.g. data.dataset: harmless-base/train.jsonl.gz"
+        ) from None
+    return [(i + 1, row) for i, row in enumerate(ds)]
+
+
+def _read_rows(path: str) -> list[tuple[int, object]]:
+    """(1-based row number, row) for every row of a .jsonl(.gz) / .json / .parquet file."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file '{path}' does not exist")
+    name = p.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        rows = []
+        with (gzip.open(p, "rt", encoding="utf-8") if name.endswith(".gz") else p.open(encoding="utf-8")) as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append((i, json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path} row {i}: not valid JSON ({e.msg})") from None
+        return rows
+    if name.endswith(".json"):
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of rows")
+        return list(enumerate(data, 1))
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return list(enumerate(pq.read_table(p).to_pylist(), 1))
+    raise DataError(f"data file '{path}': unsupported format (use .jsonl, .jsonl.gz, .json or .parquet)")
+
+
+def _load_file_pairs(path: str, tokenizer) -> list[dict]:
+    rows = _read_rows(path)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    if not isinstance(rows[0][1], dict):
+        raise DataError(f"{path} row {rows[0][0]}: expected an object with prompt/chosen/rejected")
+    if "prompt" not in rows[0][1]:  # HH-style dialogues: parse exactly like the hub dataset
+        return _parse_hh(rows, path)
+    return [_user_row(path, i, row, tokenizer) for i, row in rows]
+
+
+def _user_row(path, i, row, tokenizer) -> dict:
+    """Validate one row of the user's own data; any problem stops the run naming file, row and field."""
+    if not isinstance(row, dict):
+        raise DataError(f"{path} row {i}: expected an object with prompt/chosen/rejected")
+    for field in ("prompt", "chosen", "rejected"):
+        if field not in row:
+            raise DataError(f"{path} row {i}: field '{field}' is missing")
+        value = row[field]
+        if isinstance(value, list):
+            if not all(isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in value):
+                raise DataError(f"{path} row {i}: field '{field}' must be a string or a list of {{role, content}} messages")
+        elif not isinstance(value, str):
+            raise DataError(f"{path} row {i}: field '{field}' must be a string, got {type(value).__name__}")
+    if isinstance(row["prompt"], list):
+        out = _render_chat(path, i, row, tokenizer)
+    else:
+        out = {k: row[k] if isinstance(row[k], str) else _message_text(row[k]) for k in ("prompt", "chosen", "rejected")}
+    for field in ("chosen", "rejected"):
+        if not out[field].strip():
+            raise DataError(f"{path} row {i}: field '{field}' is an empty response")
+    return out
+
+
+def _message_text(messages) -> str:
+    return "".join(m["content"] for m in messages)
+
+
+def _render_chat(path, i, row, tokenizer) -> dict:
+    """Chat rows: the prompt is rendered with the generation prompt; a response is whatever the template
+    adds after it when the assistant turn is appended (so end-of-turn tokens are part of the response)."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{path} row {i}: chat-format rows need a tokenizer with a chat template")
+    prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+    out = {"prompt": prompt}
+    for field in ("chosen", "rejected"):
+        turn = row[field] if isinstance(row[field], list) else [{"role": "assistant", "content": row[field]}]
+        full = tokenizer.apply_chat_template(row["prompt"] + turn, tokenize=False)
+        if not full.startswith(prompt):
+            raise DataError(f"{path} row {i}: the chat template renders '{field}' without the prompt as its prefix")
+        out[field] = full[len(prompt) :]
+    return out
+
+
+def split_hh(text: str) -> tuple[str, str]:
+    """Split an HH dialogue at its last '\\n\\nAssistant:' into (prompt incl. the marker, response)."""
+    cut = text.rfind(HH_MARKER) + len(HH_MARKER)
+    return text[:cut], text[cut:]
+
+
+def _parse_hh(rows, source: str) -> list[dict]:
+    """HH rows → pairs. Rows with an empty response, or whose chosen and rejected dialogues do not share
+    the prompt, are skipped and counted (the original DPO code trained on them as if they were fine)."""
+    pairs, skipped = [], []
+    for i, row in rows:
+        for field in ("chosen", "rejected"):
+            if not isinstance(row, dict) or field not in row:
+                raise DataError(f"{source} row {i}: field '{field}' is missing")
+            if not isinstance(row[field], str):
+                raise DataError(f"{source} row {i}: field '{field}' must be a string, got {type(row[field]).__name__}")
+        prompt, chosen = split_hh(row["chosen"])
+        rejected_prompt, rejected = split_hh(row["rejected"])
+        if prompt != rejected_prompt or not chosen.strip() or not rejected.strip() or HH_MARKER not in prompt:
+            skipped.append(i)
+            continue
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    if skipped:
+        share = len(skipped) / len(rows)
+        msg = (f"{source}: {len(skipped)} of {len(rows)} rows have an empty response or chosen/rejected "
+               f"prompts that differ (rows {', '.join(map(str, skipped[:5]))}{', ...' if len(skipped) > 5 else ''})")
+        if share > HH_MAX_SKIPPED:
+            raise DataError(msg + f": more than {HH_MAX_SKIPPED:.0%}, is this really HH-format data?")
+        print(f"warning: {msg}; skipped", flush=True)
+    return pairs
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tokenization and padding
+# --------------------------------------------------------------------------------------------------------
+def tokenize(tokenizer, prompts: list[str], responses: list[str], max_length: int, max_prompt_length: int):
+    """→ list of (prompt_ids, response_ids) after the truncation rules in the module docstring."""
+    p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    r_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    out = []
+    for p, r in zip(p_ids, r_ids):
+        p = p[-max_prompt_length:]
+        r = (r + [tokenizer.eos_token_id])[: max_length - len(p)]
+        out.append((p, r))
+    return out
+
+
+def tokenize_pairs(tokenizer, rows: list[dict], max_length: int, max_prompt_length: int) -> list[tuple]:
+    """→ list of (prompt_ids, chosen_ids, rejected_ids)."""
+    prompts = [r["prompt"] for r in rows]
+    chosen = tokenize(tokenizer, prompts, [r["chosen"] for r in rows], max_length, max_prompt_length)
+    rejected = tokenize(tokenizer, prompts, [r["rejected"] for r in rows], max_length, max_prompt_length)
+    return [(p, c, r) for (p, c), (_, r) in zip(chosen, rejected)]
+
+
+def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
+    """Right-pad (prompt, response) id lists to the longest in the batch (never to max_length).
+
+    input_ids, attention_mask, labels: (B, T); prompt_lens: (B,). labels = input_ids on response tokens,
+    -100 on prompt and padding.
+    """
+    T = max(len(p) + len(r) for p, r in sequences)
+    input_ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(sequences), T), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), T), dtype=torch.long)
+    for i, (p, r) in enumerate(sequences):
+        ids = torch.tensor(p + r, dtype=torch.long)
+        input_ids[i, : len(ids)] = ids
+        labels[i, len(p) : len(ids)] = ids[len(p) :]
+        attention_mask[i, : len(ids)] = 1
+    prompt_lens = torch.tensor([len(p) for p, _ in sequences], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "prompt_lens": prompt_lens}
+
+
+def collate_pairs(pairs: list[tuple], pad_id: int) -> dict:
+    """B pairs → one batch of 2B rows: chosen responses in rows [0, B), rejected in [B, 2B), so that both go
+    through the model in one forward pass."""
+    return collate([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], pad_id)

@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny tokenizer + Llama saved like a hub checkpoint, and a way to launch the scripts."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import sort_task  # noqa: E402
+
+
+def save_tiny_model(path: Path, seed: int = 0, hidden: int = 32, layers: int = 1) -> Path:
+    tok = sort_task.build_tokenizer()
+    model = sort_task.build_tiny_llama(len(tok), hidden, layers, seed, tok.pad_token_id, tok.eos_token_id)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def run_script(script: str, *args, processes: int = 1, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a top-level script as users do: `python X.py ...`, or `accelerate launch` with 2 CPU processes."""
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    if processes == 1:
+        cmd = [sys.executable, str(ROOT / script), *map(str, args)]
+    else:
+        env["ACCELERATE_USE_CPU"] = "true"
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+               str(ROOT / script), *map(str, args)]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_metrics(run_dir: Path, split: str = "train") -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("split", "train") == split]

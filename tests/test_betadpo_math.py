@@ -1,0 +1,235 @@
+"""The pure β-DPO functions against independent re-computations written here (numbers, not shapes)."""
+
+import math
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from betadpo import (
+    BetaDPOState,
+    LossArgs,
+    batch_beta,
+    beta_scale,
+    betadpo_loss,
+    filter_log_weights,
+    filter_mask,
+    margins,
+    preference_losses,
+    update_statistics,
+)
+
+
+def random_stats(n=8, seed=0, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    stats = {
+        "policy_chosen": -5 - 3 * torch.rand(n, generator=g), "policy_rejected": -6 - 3 * torch.rand(n, generator=g),
+        "ref_chosen": -5 - 3 * torch.rand(n, generator=g), "ref_rejected": -5 - 3 * torch.rand(n, generator=g),
+        "log_ppl": 0.5 + 2 * torch.rand(n, generator=g), "tokens": torch.full((n,), 10.0),
+    }
+    lengths_w, lengths_l = torch.randint(2, 9, (n,), generator=g).float(), torch.randint(2, 9, (n,), generator=g).float()
+    for side, length in (("chosen", lengths_w), ("rejected", lengths_l)):
+        stats[f"policy_{side}_avg"] = stats[f"policy_{side}"] / length
+        stats[f"ref_{side}_avg"] = stats[f"ref_{side}"] / length
+    if grad:
+        for k in ("policy_chosen", "policy_rejected", "policy_chosen_avg", "policy_rejected_avg"):
+            stats[k] = stats[k].clone().requires_grad_(True)
+    return stats
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_margins_are_log_ratio_differences_without_beta():
+    s = random_stats()
+    for i in range(8):
+        expected = (s["policy_chosen"][i] - s["ref_chosen"][i]) - (s["policy_rejected"][i] - s["ref_rejected"][i])
+        assert margins(s, "dpo")[i].item() == pytest.approx(expected.item(), abs=1e-6)
+        assert margins(s, "simpo")[i].item() == pytest.approx((s["policy_chosen_avg"][i] - s["policy_rejected_avg"][i]).item(), abs=1e-6)
+
+
+def test_moving_averages_over_several_steps():
+    m, M0, sigma = 0.9, torch.tensor(0.0), torch.tensor(0.0)
+    ref_M0 = ref_sigma = 0.0
+    g = torch.Generator().manual_seed(1)
+    for step in range(6):
+        batch = torch.randn(16, generator=g) * (step + 1) + step
+        M0, sigma = update_statistics(M0, sigma, batch, m)
+        values = batch.tolist()
+        ref_M0 = m * ref_M0 + (1 - m) * statistics.fmean(values)
+        ref_sigma = m * ref_sigma + (1 - m) * statistics.stdev(values)  # unbiased, as the reference code
+        assert M0.item() == pytest.approx(ref_M0, rel=1e-5) and sigma.item() == pytest.approx(ref_sigma, rel=1e-5)
+
+
+def test_batch_beta_and_its_floor():
+    M, kept = torch.tensor([1.0, 2.0, 9.0, 4.5]), torch.tensor([True, True, False, True])  # kept mean 2.5
+    assert batch_beta(0.1, 0.6, M, kept, torch.tensor(1.0), 1e-3).item() == pytest.approx(0.1 * (1 + 0.6 * (2.5 - 1.0)))
+    assert batch_beta(0.1, 0.0, M, kept, torch.tensor(9.0), 1e-3).item() == pytest.approx(0.1)  # α = 0: static β
+    assert batch_beta(0.1, 0.6, M, kept, torch.tensor(100.0), 1e-3).item() == pytest.approx(1e-3)  # clamped
+    assert not batch_beta(0.1, 0.6, M.requires_grad_(True), kept, torch.tensor(1.0), 1e-3).requires_grad
+
+
+def test_filter_weights_are_gaussian_around_M0():
+    M = torch.tensor([0.0, 1.0, 2.0, -3.0])
+    log_w = filter_log_weights(M, torch.tensor(1.0), torch.tensor(2.0))
+    expected = [-((x - 1.0) ** 2) / (2 * 2.0**2) for x in M.tolist()]
+    assert log_w.tolist() == pytest.approx(expected)
+
+
+def test_sigma_zero_or_underflow_gives_uniform_weights():
+    M = torch.zeros(6)
+    assert filter_log_weights(M, torch.tensor(0.0), torch.tensor(0.0)).tolist() == [0.0] * 6  # step 0: σ = 0
+    far = torch.tensor([1e4, 2e4, -1e4])
+    assert filter_log_weights(far, torch.tensor(0.0), torch.tensor(1.0)).tolist() == [0.0] * 3  # every w underflows
+
+
+@pytest.mark.parametrize("N, rho, K", [(64, 0.2, 51), (10, 0.25, 7), (3, 0.9, 1), (8, 0.0, 8), (7, 0.5, 3)])
+def test_filter_keeps_floor_of_N_times_one_minus_rho(N, rho, K):
+    g = torch.Generator().manual_seed(0)
+    mask = filter_mask(torch.randn(N), torch.tensor(0.0), torch.tensor(1.0), rho, g)
+    assert mask.dtype == torch.bool and mask.sum().item() == K
+
+
+def test_filter_prefers_margins_near_M0():
+    """Over many draws each pair's keep rate must match sampling without replacement ∝ w_i, computed
+    independently here by exact enumeration (N = 5, K = 2)."""
+    M, M0, sigma = torch.tensor([0.0, 0.5, 1.0, 2.0, 3.0]), torch.tensor(0.5), torch.tensor(1.0)
+    w = [math.exp(-((x - 0.5) ** 2) / 2) for x in M.tolist()]
+    exact = [0.0] * 5  # P(i kept) = Σ_j≠i P(first i, then j) + P(first j, then i)
+    for i in range(5):
+        for j in range(5):
+            if i != j:
+                p = w[i] / sum(w) * w[j] / (sum(w) - w[i])
+                exact[i] += p
+                exact[j] += p
+    g, draws = torch.Generator().manual_seed(0), 20000
+    counts = torch.zeros(5)
+    for _ in range(draws):
+        counts += filter_mask(M, M0, sigma, 0.6, g).float()  # K = floor(5 · 0.4) = 2
+    rates = (counts / draws).tolist()
+    for rate, p in zip(rates, exact):
+        assert abs(rate - p) < 4 * math.sqrt(p * (1 - p) / draws)  # 4 standard errors
+    assert rates[1] > rates[3] > rates[4]  # nearest to M₀ kept most
+
+
+def test_uniform_filter_when_sigma_is_zero():
+    g, counts = torch.Generator().manual_seed(0), torch.zeros(8)
+    for _ in range(4000):
+        counts += filter_mask(torch.zeros(8), torch.tensor(0.0), torch.tensor(0.0), 0.5, g).float()
+    assert ((counts / 4000 - 0.5).abs() < 0.04).all()
+
+
+def test_same_generator_state_gives_the_same_mask():
+    M = torch.randn(32)
+    a = filter_mask(M, M.mean(), M.std(), 0.3, torch.Generator().manual_seed(7))
+    b = filter_mask(M, M.mean(), M.std(), 0.3, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+def test_beta_scale_variants():
+    log_ppl, c = torch.tensor([0.5, 2.0, -0.3]), torch.tensor(0.2)
+    sp = math.log1p(math.exp(0.2))
+    assert beta_scale(c, log_ppl, False, False).tolist() == [1.0, 1.0, 1.0]
+    assert beta_scale(c, log_ppl, False, True).tolist() == pytest.approx([sp] * 3)
+    assert beta_scale(c, log_ppl, True, False).tolist() == pytest.approx([sp * 0.5, sp * 2.0, 0.0])  # log max(PPL, 1)
+
+
+def test_each_loss_type_against_a_scalar_recomputation():
+    s, beta = random_stats(), torch.linspace(0.05, 0.4, 8)
+    for i in range(8):
+        b = beta[i].item()
+        dw, dl = (s["policy_chosen"][i] - s["ref_chosen"][i]).item(), (s["policy_rejected"][i] - s["ref_rejected"][i]).item()
+        aw, al = s["policy_chosen_avg"][i].item(), s["policy_rejected_avg"][i].item()
+        rw, rl = s["ref_chosen_avg"][i].item(), s["ref_rejected_avg"][i].item()
+        dpo = -math.log(sigmoid(b * (dw - dl)))
+        cdpo = -0.8 * math.log(sigmoid(b * (dw - dl))) - 0.2 * math.log(sigmoid(-b * (dw - dl)))
+        ipo = ((aw - rw) - (al - rl) - 1 / (2 * b)) ** 2
+        simpo = -math.log(sigmoid(b * (aw - al) - 0.5))
+        odds = lambda a: math.exp(a) / (1 - math.exp(a))  # noqa: E731
+        orpo = -aw - b * math.log(sigmoid(math.log(odds(aw)) - math.log(odds(al))))
+        assert preference_losses("dpo", beta, s)[i].item() == pytest.approx(dpo, rel=1e-5)
+        assert preference_losses("dpo", beta, s, label_smoothing=0.2)[i].item() == pytest.approx(cdpo, rel=1e-5)
+        assert preference_losses("ipo", beta, s)[i].item() == pytest.approx(ipo, rel=1e-5)
+        assert preference_losses("simpo", beta, s, simpo_gamma=0.5)[i].item() == pytest.approx(simpo, rel=1e-5)
+        assert preference_losses("orpo", beta, s)[i].item() == pytest.approx(orpo, rel=1e-4)
+
+
+def test_everything_off_is_plain_dpo():
+    """α = 0, ρ = 0, no scale: mean over pairs of −log σ(β·M) (TRL's `sigmoid` loss), and state only tracks M."""
+    s = random_stats(grad=True)
+    cfg = LossArgs(beta=0.1)
+    state = BetaDPOState(cfg, seed=0, device="cpu")
+    loss, summary = betadpo_loss(s, {k: v.detach() for k, v in s.items()}, state, cfg, rank=0, num_processes=1, train=True)
+    M = [((s["policy_chosen"][i] - s["ref_chosen"][i]) - (s["policy_rejected"][i] - s["ref_rejected"][i])).item() for i in range(8)]
+    assert loss.item() == pytest.approx(statistics.fmean(-math.log(sigmoid(0.1 * m)) for m in M), rel=1e-6)
+    assert summary["beta"].item() == pytest.approx(0.1) and summary["kept"].item() == 8
+    assert summary["rewards/margins"].item() == pytest.approx(0.1 * statistics.fmean(M), rel=1e-5)
+
+
+def test_beta_dpo_loss_by_hand():
+    """The whole calibration batch (SPEC §2), re-computed step by step with plain floats."""
+    s = random_stats(n=10, seed=3, grad=True)
+    cfg = LossArgs(beta=0.1, alpha=0.6, filter_ratio=0.3, momentum=0.9, ppl_scale=True, beta_scale_init=0.7)
+    state = BetaDPOState(cfg, seed=5, device="cpu")
+    state.M0, state.sigma = torch.tensor(0.2), torch.tensor(0.8)
+    M = [((s["policy_chosen"][i] - s["ref_chosen"][i]) - (s["policy_rejected"][i] - s["ref_rejected"][i])).item() for i in range(10)]
+    M0 = 0.9 * 0.2 + 0.1 * statistics.fmean(M)
+    sigma = 0.9 * 0.8 + 0.1 * statistics.stdev(M)
+    expected_mask = filter_mask(torch.tensor(M), torch.tensor(M0), torch.tensor(sigma), 0.3, torch.Generator().manual_seed(5))
+    kept = [i for i in range(10) if expected_mask[i]]
+    beta_b = 0.1 * (1 + 0.6 * (statistics.fmean(M[i] for i in kept) - M0))
+    expected = statistics.fmean(-math.log(sigmoid(beta_b * 0.7 * max(s["log_ppl"][i].item(), 0) * M[i])) for i in kept)
+    loss, summary = betadpo_loss(s, {k: v.detach() for k, v in s.items()}, state, cfg, 0, 1, train=True)
+    assert len(kept) == 7 and summary["kept"].item() == 7
+    assert state.M0.item() == pytest.approx(M0, rel=1e-5) and state.sigma.item() == pytest.approx(sigma, rel=1e-5)
+    assert summary["beta"].item() == pytest.approx(beta_b, rel=1e-5)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_evaluation_never_touches_the_statistics_or_the_generator():
+    s = random_stats()
+    cfg = LossArgs(alpha=0.6, filter_ratio=0.5)
+    state = BetaDPOState(cfg, seed=0, device="cpu")
+    state.M0, state.sigma = torch.tensor(0.3), torch.tensor(0.4)
+    rng_before = state.generator.get_state().clone()
+    _, summary = betadpo_loss(s, s, state, cfg, 0, 1, train=False)
+    assert state.M0.item() == pytest.approx(0.3) and state.sigma.item() == pytest.approx(0.4)
+    assert torch.equal(state.generator.get_state(), rng_before) and summary["kept"].item() == 8
+
+
+def test_global_normalisation_makes_two_processes_equal_one():
+    """Rank r's loss is (P/K)·Σ_{its kept} ℓ_i; averaging the two ranks' gradients (what DDP does) must give
+    the single-process gradient of (1/K)·Σ_{all kept} ℓ_i, for the policy and for c."""
+    cfg = LossArgs(beta=0.1, alpha=0.6, filter_ratio=0.25, learn_scale=True, ppl_scale=True)
+    full = random_stats(n=8, seed=4, grad=True)
+    everyone = {k: v.detach() for k, v in full.items()}
+    one = BetaDPOState(cfg, 0, "cpu")
+    loss, _ = betadpo_loss(full, everyone, one, cfg, 0, 1, train=True)
+    loss.backward()
+    two = [BetaDPOState(cfg, 0, "cpu") for _ in range(2)]
+    halves = [{k: v.detach()[r * 4 : (r + 1) * 4].clone().requires_grad_(v.requires_grad) for k, v in full.items()} for r in range(2)]
+    for r in range(2):
+        loss_r, _ = betadpo_loss(halves[r], everyone, two[r], cfg, r, 2, train=True)
+        loss_r.backward()
+    for k in ("policy_chosen", "policy_rejected"):
+        assert torch.allclose(full[k].grad, torch.cat([h[k].grad for h in halves]) / 2, atol=1e-7)
+    assert one.c.grad.item() == pytest.approx((two[0].c.grad + two[1].c.grad).item() / 2, rel=1e-5)
+
+
+def test_learnable_scale_gets_a_gradient_and_round_trips():
+    cfg = LossArgs(learn_scale=True, beta_scale_init=0.5)
+    state = BetaDPOState(cfg, 0, "cpu")
+    assert F.softplus(state.c).item() == pytest.approx(0.5)  # the *effective* initial scale
+    s = random_stats(grad=True)
+    loss, _ = betadpo_loss(s, {k: v.detach() for k, v in s.items()}, state, cfg, 0, 1, train=True)
+    loss.backward()
+    assert state.c.grad is not None and state.c.grad.item() != 0
+    state.step, state.M0 = 3, torch.tensor(1.5)
+    restored = BetaDPOState(cfg, 99, "cpu")
+    restored.load_state_dict(state.state_dict())
+    assert restored.step == 3 and restored.M0.item() == 1.5 and restored.c.item() == state.c.item()
+    assert torch.equal(restored.generator.get_state(), state.generator.get_state())
+    fixed = BetaDPOState(LossArgs(learn_scale=False), 0, "cpu")
+    assert not fixed.c.requires_grad

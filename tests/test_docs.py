@@ -1,0 +1,53 @@
+"""The launch commands written in the docstrings, README and demo.sh stay true to the code: every script,
+config file and flag they name exists and parses (the scripts' own tests run the same configs for real)."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from betadpo import Config, validate
+from common import parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = ["betadpo.py", "sft.py", "eval.py", "README.md", "demo.sh", *(p.name for p in ROOT.glob("configs/*.yaml"))]
+COMMAND = re.compile(r"(?:python|accelerate launch)\s[^\n`]*?\b(\w+\.py)\b([^\n`#]*)")
+
+
+def commands():
+    found = []
+    for name in SOURCES:
+        path = ROOT / name if (ROOT / name).exists() else ROOT / "configs" / name
+        for line in path.read_text().splitlines():
+            for match in COMMAND.finditer(line):
+                found.append(pytest.param(match.group(0), match.group(1), match.group(2), id=f"{name}: {match.group(0)[:60]}"))
+    return found
+
+
+ALL = commands()
+
+
+def test_the_documents_do_contain_commands():
+    scripts = {p.values[1] for p in ALL}
+    assert {"sft.py", "betadpo.py", "eval.py"} <= scripts and len(ALL) >= 15
+
+
+@pytest.mark.parametrize("command, script, rest", ALL)
+def test_documented_command_is_valid(command, script, rest):
+    assert (ROOT / script).is_file() or script.startswith("bench"), command
+    for config_file in re.findall(r"--config_file\s+(\S+)", command):
+        assert (ROOT / config_file).is_file(), command
+    args = shlex.split(rest.replace("\\", "").split("|")[0].split(">")[0])
+    if script not in ("sft.py", "betadpo.py", "eval.py") or not args or args[0] in ("--plot", "--compare"):
+        return
+    args = [a.replace("$run", "sort_sft") for a in args]
+    if "--help" in args:
+        with pytest.raises(SystemExit) as exit_:
+            parse_config(Config, args)
+        assert exit_.value.code == 0
+        return
+    if "--config" in args:
+        assert (ROOT / args[args.index("--config") + 1]).is_file(), command
+        args[args.index("--config") + 1] = str(ROOT / args[args.index("--config") + 1])
+    validate(parse_config(Config, args))

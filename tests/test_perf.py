@@ -1,0 +1,103 @@
+"""The fast paths give the same numbers as the slow ones: chunked log-probs, precomputed reference, padding."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from betadpo import _epoch_order, pair_logps, token_logps
+from common import load_model
+from conftest import read_metrics, run_script
+from data import collate_pairs, tokenize_pairs
+from sort_task import build_tokenizer
+from test_betadpo_train import flags
+
+
+def naive_token_logps(logits, targets):
+    """The textbook version: full fp32 log-softmax over the vocabulary, then gather."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * (targets >= 0)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_chunked_logps_values_and_gradients_match_full_log_softmax(dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(5, 9, 50, generator=g)).to(dtype)
+    targets = torch.randint(0, 50, (5, 9), generator=g)
+    targets[:, :3] = -100  # masked prompt tokens
+    targets[1, 6:] = -100  # padding
+    weights = torch.randn(5, 9, generator=g, dtype=torch.float32)
+    a = logits.clone().requires_grad_(True)
+    b = logits.clone().requires_grad_(True)
+    ours, naive = token_logps(a, targets, chunk_rows=2), naive_token_logps(b, targets)
+    assert torch.allclose(ours.double(), naive.double(), atol=tol)
+    (ours * weights).sum().backward()
+    (naive * weights).sum().backward()
+    assert torch.allclose(a.grad.double(), b.grad.double(), atol=tol)
+    assert (a.grad[:, :3] == 0).all()  # no gradient through masked positions
+
+
+def test_chunked_logps_bf16_logits_keep_their_dtype_for_the_gradient():
+    logits = torch.randn(3, 4, 20).bfloat16().requires_grad_(True)
+    targets = torch.randint(0, 20, (3, 4))
+    out = token_logps(logits, targets)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, naive_token_logps(logits.detach(), targets), atol=1e-6)
+    out.sum().backward()
+    assert logits.grad.dtype == torch.bfloat16
+
+
+def test_results_do_not_depend_on_padding_length(tiny_model):
+    tok, model = build_tokenizer(), load_model(str(tiny_model))
+    rows = [{"prompt": "sort 312: ", "chosen": "123", "rejected": "321"}, {"prompt": "sort 9: ", "chosen": "9", "rejected": "99"}]
+    pairs = tokenize_pairs(tok, rows, 64, 32)
+    together = pair_logps(model, model, collate_pairs(pairs, tok.pad_token_id))
+    alone = pair_logps(model, model, collate_pairs(pairs[1:], tok.pad_token_id))  # shorter batch: less padding
+    padded = collate_pairs(pairs, tok.pad_token_id)
+    extra = {k: F.pad(v, (0, 7), value=tok.pad_token_id if k == "input_ids" else -100 if k == "labels" else 0)
+             for k, v in padded.items() if v.dim() == 2}
+    wider = pair_logps(model, model, {**padded, **extra})  # 7 more padding columns
+    for k in together:
+        assert torch.allclose(together[k][1], alone[k][0], atol=1e-5), k
+        assert torch.allclose(together[k], wider[k], atol=1e-5), k
+
+
+def test_group_by_length_covers_every_pair_once_and_pads_less():
+    lengths = tuple((i * 7919) % 97 + 3 for i in range(1024))
+    plain, grouped = _epoch_order(1024, 0, 0, 8, None), _epoch_order(1024, 0, 0, 8, lengths)
+    assert sorted(grouped) == list(range(1024))
+    def padding(order):
+        return sum(max(lengths[i] for i in order[b : b + 8]) * 8 - sum(lengths[i] for i in order[b : b + 8]) for b in range(0, 1024, 8))
+    assert padding(grouped) < 0.2 * padding(plain)
+
+
+def test_precomputed_reference_gives_the_live_losses(tmp_path, tiny_model):
+    cache = tmp_path / "cache"
+    live, pre = tmp_path / "live", tmp_path / "pre"
+    run_script("betadpo.py", *flags(tiny_model, live, "--train.max_steps", 4))
+    result = run_script("betadpo.py", *flags(tiny_model, pre, "--train.max_steps", 4, "--train.precompute_ref", "true",
+                                             "--train.ref_cache_dir", cache))
+    assert "one pass over 256 train pairs" in result.stdout and len(list(cache.glob("*.pt"))) == 2
+    for split, keys in (("train", ("loss", "beta", "kept", "M0", "sigma", "rewards/margins")), ("eval", ("loss", "rewards/margins"))):
+        a_rows, b_rows = read_metrics(live, split), read_metrics(pre, split)
+        assert len(a_rows) == len(b_rows) > 0
+        for a, b in zip(a_rows, b_rows):
+            for k in keys:
+                assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (split, a["step"], k)
+    again = run_script("betadpo.py", *flags(tiny_model, tmp_path / "again", "--train.max_steps", 1,
+                                            "--train.precompute_ref", "true", "--train.ref_cache_dir", cache))
+    assert "(cached)" in again.stdout
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
+    tok = build_tokenizer()
+    batch = collate_pairs(tokenize_pairs(tok, [{"prompt": "sort 52: ", "chosen": "25", "rejected": "52"}] * 2, 64, 32), tok.pad_token_id)
+    grads = []
+    for checkpointing in (False, True):
+        model = load_model(str(tiny_model))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        out = pair_logps(model, None, batch)
+        (out["policy_chosen"] - out["policy_rejected"]).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)

@@ -66,7 +66,7 @@ from data import collate_pairs, load_pairs, tokenize_pairs
 class ModelArgs:
     name_or_path: str = "tiny"  # hub id or local dir of the policy's starting point; "tiny" = build the built-in tiny Llama
     ref_name_or_path: str = ""  # reference model; "" = the policy's starting point (the usual DPO setup)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype the weights are loaded in
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"  # dtype the weights are loaded in (float64: exactness checks)
     trust_remote_code: bool = False  # needed by models with custom code, e.g. InternLM2
     tiny_hidden_size: int = 128  # width of the "tiny" model (only used when name_or_path is "tiny")
     tiny_layers: int = 2  # depth of the "tiny" model (only used when name_or_path is "tiny")
@@ -211,15 +211,16 @@ class _LabelLogProb(torch.autograd.Function):
                 saves only the logits (already in memory) and the (B, T) logsumexp.
       backward: ∂ log p(y) / ∂ logits = onehot(y) − softmax(logits), filled into one gradient tensor of the
                 logits' dtype, chunk by chunk.
-    Peak extra memory: chunk_rows × T × V × 4 bytes.
+    Peak extra memory: chunk_rows × T × V × 4 bytes. (fp32 at least: float64 logits stay float64.)
     """
 
     @staticmethod
     def forward(ctx, logits, targets, chunk_rows):
-        lse = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)  # (B, T)
+        acc = torch.promote_types(logits.dtype, torch.float32)  # bf16/fp16/fp32 → fp32; fp64 stays fp64
+        lse = torch.empty(targets.shape, dtype=acc, device=logits.device)  # (B, T)
         for i in range(0, logits.shape[0], chunk_rows):
-            lse[i : i + chunk_rows] = logits[i : i + chunk_rows].float().logsumexp(-1)
-        picked = logits.gather(-1, targets[..., None]).squeeze(-1).float()  # (B, T)
+            lse[i : i + chunk_rows] = logits[i : i + chunk_rows].to(acc).logsumexp(-1)
+        picked = logits.gather(-1, targets[..., None]).squeeze(-1).to(acc)  # (B, T)
         ctx.save_for_backward(logits, targets, lse)
         ctx.chunk_rows = chunk_rows
         return picked - lse
@@ -230,14 +231,14 @@ class _LabelLogProb(torch.autograd.Function):
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)  # (B, T, V)
         for i in range(0, logits.shape[0], ctx.chunk_rows):
             rows = slice(i, i + ctx.chunk_rows)
-            g = -(logits[rows].float() - lse[rows, :, None]).exp()  # −softmax, (b, T, V)
+            g = -(logits[rows].to(lse.dtype) - lse[rows, :, None]).exp()  # −softmax, (b, T, V)
             g.scatter_add_(-1, targets[rows, :, None], torch.ones_like(g[..., :1]))  # + onehot(y)
             grad[rows] = g * grad_out[rows, :, None]
         return grad, None, None
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 4) -> torch.Tensor:
-    """log softmax(logits)[target] in fp32, computed `chunk_rows` rows at a time (see _LabelLogProb).
+    """log softmax(logits)[target] in fp32 (fp64 for fp64 logits), `chunk_rows` rows at a time (see _LabelLogProb).
 
     logits (B, T, V), targets (B, T) → (B, T). Targets outside [0, V) (e.g. -100) give 0.
     """

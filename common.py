@@ -156,7 +156,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tok
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False):

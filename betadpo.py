@@ -670,8 +670,10 @@ def train(cfg: Config):
     policy = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
     if cfg.train.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    needs_ref = cfg.loss.type not in REFERENCE_FREE
+    # Precomputing from the policy's own starting point needs no second model: before step 1 the policy *is* it.
     reference = None
-    if cfg.loss.type not in REFERENCE_FREE:
+    if needs_ref and not (cfg.train.precompute_ref and not cfg.model.ref_name_or_path):
         reference = load_model(cfg.model.ref_name_or_path or cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
         reference.requires_grad_(False).eval()
     # ---- optimizer ------------------------------------------------------------------------------------
@@ -686,9 +688,10 @@ def train(cfg: Config):
     # The scheduler is not `prepare`d: accelerate would step it once per process.
     accelerator.register_for_checkpointing(scheduler, state)
     ref_train = ref_eval = None
-    if cfg.train.precompute_ref and reference is not None:
-        ref_train = reference_logps(accelerator, cfg, reference, train_pairs, tokenizer.pad_token_id, "train")
-        ref_eval = reference_logps(accelerator, cfg, reference, eval_pairs, tokenizer.pad_token_id, "eval") if eval_pairs else None
+    if cfg.train.precompute_ref and needs_ref:  # before resuming: the policy still holds its initial weights
+        scorer = reference if reference is not None else policy
+        ref_train = reference_logps(accelerator, cfg, scorer, train_pairs, tokenizer.pad_token_id, "train")
+        ref_eval = reference_logps(accelerator, cfg, scorer, eval_pairs, tokenizer.pad_token_id, "eval") if eval_pairs else None
         reference = None  # freed: from here on its log-probs come with each batch
     lengths = tuple(len(p) + max(len(c), len(r)) for p, c, r in train_pairs) if cfg.train.group_by_length else None
     # ---- resume ---------------------------------------------------------------------------------------

@@ -54,7 +54,8 @@ def load_pairs(data_cfg, split: str, tokenizer=None) -> list[dict]:
     if len(rows) <= data_cfg.eval_size:
         raise DataError(f"{data_cfg.dataset}: {len(rows)} rows leave none for training after holding out "
                         f"data.eval_size={data_cfg.eval_size} (set data.eval_dataset or a smaller data.eval_size)")
-    return rows[: -data_cfg.eval_size] if split == "train" else rows[-data_cfg.eval_size :]
+    n_train = len(rows) - data_cfg.eval_size  # (not rows[:-eval_size]: that is empty for eval_size 0)
+    return rows[:n_train] if split == "train" else rows[n_train:]
 
 
 def load_sft(data_cfg, split: str, tokenizer=None) -> list[dict]:

@@ -76,6 +76,8 @@ def test_local_jsonl_and_held_out_rows(tmp_path):
     assert [r["prompt"] for r in train] == [f"p{i}" for i in range(7)]
     assert [r["prompt"] for r in held_out] == ["p7", "p8", "p9"]
     assert load_sft(file_cfg(path, eval_size=3), "train")[0] == {"prompt": "p0", "response": "c0"}
+    # eval_size 0: every row trains, none is held out
+    assert len(load_pairs(file_cfg(path, eval_size=0), "train")) == 10 and load_pairs(file_cfg(path, eval_size=0), "eval") == []
 
 
 def test_local_json_and_parquet(tmp_path):

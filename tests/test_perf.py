@@ -86,6 +86,12 @@ def test_precomputed_reference_gives_the_live_losses(tmp_path, tiny_model):
     again = run_script("betadpo.py", *flags(tiny_model, tmp_path / "again", "--train.max_steps", 1,
                                             "--train.precompute_ref", "true", "--train.ref_cache_dir", cache))
     assert "(cached)" in again.stdout
+    # Above, the policy scored itself before step 1; a separately named reference is loaded and scored instead.
+    separate = tmp_path / "separate"
+    run_script("betadpo.py", *flags(tiny_model, separate, "--train.max_steps", 2, "--train.precompute_ref", "true",
+                                    "--model.ref_name_or_path", f"{tiny_model}/", "--train.ref_cache_dir", tmp_path / "cache2"))
+    for a, b in zip(read_metrics(live)[:2], read_metrics(separate)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["M0"] == pytest.approx(b["M0"], rel=1e-5, abs=1e-7)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):

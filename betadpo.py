@@ -212,6 +212,7 @@ class _LabelLogProb(torch.autograd.Function):
       backward: ∂ log p(y) / ∂ logits = onehot(y) − softmax(logits), filled into one gradient tensor of the
                 logits' dtype, chunk by chunk.
     Peak extra memory: chunk_rows × T × V × 4 bytes. (fp32 at least: float64 logits stay float64.)
+    Works on (B, T, V) logits with (B, T) targets, and on (N, V) with (N,): chunks are chunk_rows slices of dim 0.
     """
 
     @staticmethod
@@ -231,38 +232,51 @@ class _LabelLogProb(torch.autograd.Function):
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)  # (B, T, V)
         for i in range(0, logits.shape[0], ctx.chunk_rows):
             rows = slice(i, i + ctx.chunk_rows)
-            g = -(logits[rows].to(lse.dtype) - lse[rows, :, None]).exp()  # −softmax, (b, T, V)
-            g.scatter_add_(-1, targets[rows, :, None], torch.ones_like(g[..., :1]))  # + onehot(y)
-            grad[rows] = g * grad_out[rows, :, None]
+            g = -(logits[rows].to(lse.dtype) - lse[rows].unsqueeze(-1)).exp()  # −softmax, (b, T, V)
+            g.scatter_add_(-1, targets[rows].unsqueeze(-1), torch.ones_like(g[..., :1]))  # + onehot(y)
+            grad[rows] = g * grad_out[rows].unsqueeze(-1)
         return grad, None, None
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 4) -> torch.Tensor:
     """log softmax(logits)[target] in fp32 (fp64 for fp64 logits), `chunk_rows` rows at a time (see _LabelLogProb).
 
-    logits (B, T, V), targets (B, T) → (B, T). Targets outside [0, V) (e.g. -100) give 0.
+    logits (B, T, V), targets (B, T) → (B, T); or (N, V), (N,) → (N,). Targets outside [0, V) (e.g. -100) give 0.
     """
     valid = (targets >= 0) & (targets < logits.shape[-1])
     return _LabelLogProb.apply(logits, torch.where(valid, targets, 0), chunk_rows) * valid
 
 
-def sequence_logps(model, batch: dict) -> dict:
-    """One forward pass → per-row response log-prob sums/means and the prompt's mean log-prob.
+def _takes_position_mask(model) -> bool:
+    """transformers' own causal LMs (5.x) accept a boolean (B, T) `logits_to_keep` and return the logits of the
+    True positions only, (n, V). Remote code (`trust_remote_code`, e.g. InternLM2) may not: it gets all logits."""
+    model = getattr(model, "module", model)  # DDP keeps the model in .module; FSDP subclasses it in place
+    return any(c.__module__.startswith("transformers.models.") for c in type(model).__mro__)
+
+
+def sequence_logps(model, batch: dict, prompt_rows: int = 0) -> dict:
+    """One forward pass → per-row response log-prob sums/means, and the prompt's mean log-prob for rows [0, prompt_rows).
 
     Returns (B,) tensors: `sum` = Σ_t log π(y_t|x,y_<t) over response tokens, `avg` = sum / #response
-    tokens, `prompt` = mean_t log π(x_t|x_<t) over prompt tokens 1…|x|−1 (token 0 has no context).
+    tokens, `prompt` = mean_t log π(x_t|x_<t) over prompt tokens 1…|x|−1 (token 0 has no context; 0 for rows
+    ≥ prompt_rows). The LM head and log-softmax run only at the positions these need — never on padding, on
+    prompt tokens only in the first prompt_rows rows — because logits (positions × V) are a DPO step's largest tensors.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    logp = token_logps(logits[:, :-1], batch["input_ids"][:, 1:])  # (B, T−1): log π(token t | tokens < t)
-    response = batch["labels"][:, 1:] != -100  # (B, T−1)
-    position = torch.arange(1, batch["input_ids"].shape[1], device=logp.device)  # position of the predicted token
-    prompt = position[None, :] < batch["prompt_lens"][:, None]  # (B, T−1)
+    ids = batch["input_ids"]  # (B, T)
+    response = batch["labels"][:, 1:] != -100  # (B, T−1): position t predicts response token t+1
+    predicted = torch.arange(1, ids.shape[1], device=ids.device)  # index of the token position t predicts
+    in_prompt = predicted[None, :] < batch["prompt_lens"][:, None]  # (B, T−1): it predicts a prompt token
+    in_prompt[prompt_rows:] = False
+    needed = response | in_prompt  # (B, T−1)
+    if _takes_position_mask(model):
+        keep = torch.cat([needed, torch.zeros_like(needed[:, :1])], 1)  # (B, T): the last position predicts nothing
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"], logits_to_keep=keep).logits  # (n, V)
+    else:
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, :-1][needed]  # (n, V)
+    picked = token_logps(logits, ids[:, 1:][needed], chunk_rows=2048)  # (n,), in row-major order of `needed`
+    logp = torch.zeros(needed.shape, dtype=picked.dtype, device=picked.device).masked_scatter(needed, picked)  # (B, T−1)
     total = (logp * response).sum(-1)
-    return {
-        "sum": total,
-        "avg": total / response.sum(-1).clamp(min=1),
-        "prompt": (logp * prompt).sum(-1) / prompt.sum(-1).clamp(min=1),
-    }
+    return {"sum": total, "avg": total / response.sum(-1).clamp(min=1), "prompt": (logp * in_prompt).sum(-1) / in_prompt.sum(-1).clamp(min=1)}
 
 
 REF_KEYS = ("ref_chosen", "ref_rejected", "ref_chosen_avg", "ref_rejected_avg")
@@ -276,7 +290,7 @@ def pair_logps(policy, reference, batch: dict) -> dict:
     from the chosen rows, no extra forward), tokens = non-padding tokens of the pair.
     """
     B = batch["input_ids"].shape[0] // 2
-    pol = sequence_logps(policy, batch)
+    pol = sequence_logps(policy, batch, prompt_rows=B)  # chosen and rejected rows share the prompt
     out = {
         "policy_chosen": pol["sum"][:B], "policy_rejected": pol["sum"][B:],
         "policy_chosen_avg": pol["avg"][:B], "policy_rejected_avg": pol["avg"][B:],

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from betadpo import _epoch_order, pair_logps, token_logps
+from betadpo import _epoch_order, _takes_position_mask, pair_logps, sequence_logps, token_logps
 from common import load_model
 from conftest import read_metrics, run_script
 from data import collate_pairs, tokenize_pairs
@@ -59,6 +59,46 @@ def test_results_do_not_depend_on_padding_length(tiny_model):
     for k in together:
         assert torch.allclose(together[k][1], alone[k][0], atol=1e-5), k
         assert torch.allclose(together[k], wider[k], atol=1e-5), k
+
+
+class RemoteCodeLike(torch.nn.Module):
+    """A model class from outside transformers (like `trust_remote_code` models): no position-mask logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_sequence_logps_matches_a_full_log_softmax_with_and_without_position_mask(tiny_model):
+    """Logits only where needed (transformers' bool `logits_to_keep`, or full logits indexed for other models)
+    give the textbook numbers and gradients: full (B, T, V) log-softmax, masked sums."""
+    tok = build_tokenizer()
+    rows = [{"prompt": "sort 3120: ", "chosen": "0123", "rejected": "3210"}, {"prompt": "sort 9: ", "chosen": "9", "rejected": "99"}]
+    batch = collate_pairs(tokenize_pairs(tok, rows, 64, 32), tok.pad_token_id)
+    ids, labels = batch["input_ids"], batch["labels"]
+    results = []
+    for wrap in (lambda m: m, RemoteCodeLike):
+        model = load_model(str(tiny_model))
+        wrapped = wrap(model)
+        assert _takes_position_mask(wrapped) == (wrapped is model)
+        out = sequence_logps(wrapped, batch, prompt_rows=2)
+        (out["sum"].sum() + out["prompt"].sum()).backward()
+        results.append((out, model.lm_head.weight.grad.clone()))
+    model = load_model(str(tiny_model))
+    logp = naive_token_logps(model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, :-1], ids[:, 1:])
+    response = labels[:, 1:] != -100
+    prompt = (torch.arange(1, ids.shape[1])[None, :] < batch["prompt_lens"][:, None]) & (torch.arange(4)[:, None] < 2)
+    expected = {"sum": (logp * response).sum(-1), "avg": (logp * response).sum(-1) / response.sum(-1),
+                "prompt": (logp * prompt).sum(-1) / prompt.sum(-1).clamp(min=1)}
+    (expected["sum"].sum() + expected["prompt"].sum()).backward()
+    for out, grad in results:
+        for k, v in expected.items():
+            assert torch.allclose(out[k], v, atol=1e-5), k
+        assert torch.allclose(grad, model.lm_head.weight.grad, atol=1e-5)
+    assert results[0][0]["prompt"][2:].eq(0).all()  # rows ≥ prompt_rows: no prompt log-probs computed
 
 
 def test_group_by_length_covers_every_pair_once_and_pads_less():

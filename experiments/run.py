@@ -65,7 +65,7 @@ STUDIES = {
 # --smoke keeps the first and last variant of each study.
 SMOKE_STUDIES = {name: dict([list(v.items())[0], list(v.items())[-1]]) for name, v in STUDIES.items()}
 
-# Columns of the tables: (label, where, key); where = eval.json metrics or the last training row.
+# Columns of the tables: (label, where, key); where = eval.json metrics or the training rows (mean of the last LAST).
 EVAL_COLUMNS = [
     ("win vs chosen @t0", "eval", "win_rate_vs_chosen@t0"),
     ("win vs chosen @t1", "eval", "win_rate_vs_chosen@t1"),
@@ -274,7 +274,11 @@ def main(argv=None):
         return run_dir, train_and_eval(run_dir, overrides, seed, sft_final, lengths)
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for future in as_completed([pool.submit(one, item) for item in todo.items()]):
+        futures = [pool.submit(one, item) for item in todo.items()]
+        for future in as_completed(futures):
+            if future.exception() is not None:  # a run failed: start no more, report it
+                for f in futures:
+                    f.cancel()
             run_dir, seconds = future.result()
             done += 1
             status = f"{seconds:.0f} s" if seconds else "done earlier"

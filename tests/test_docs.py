@@ -11,10 +11,10 @@ import pytest
 from betadpo import Config, validate
 from common import parse_config
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
 import run as experiments  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ["betadpo.py", "sft.py", "eval.py", "README.md", "demo.sh", "experiments/run.py", "docs/RESULTS.md",
            "benchmarks/bench_vs_trl.py", *(f"configs/{p.name}" for p in ROOT.glob("configs/*.yaml"))]
 COMMAND = re.compile(r"(?:python|accelerate launch)\s[^\n`]*?(?<![\w/])([\w/]+\.py)\b([^\n`#]*)")

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from betadpo import _epoch_order, _takes_position_mask, pair_logps, sequence_logps, token_logps
+from betadpo import BetaDPOState, Config, _epoch_order, _takes_position_mask, make_optimizer, pair_logps, sequence_logps, token_logps
 from common import load_model
 from conftest import read_metrics, run_script
 from data import collate_pairs, tokenize_pairs
@@ -57,6 +57,29 @@ def test_chunked_logps_bf16_gradient_is_accurate_where_the_model_is_confident():
     token_logps(ours, targets, chunk_rows=4).sum().backward()
     naive_token_logps(exact, targets).sum().backward()
     assert torch.allclose(ours.grad.float(), exact.grad, rtol=1e-2, atol=1e-6)
+
+
+def test_fused_adamw_takes_the_same_steps_as_the_textbook_one():
+    cfg = Config()
+    cfg.train.lr, cfg.train.weight_decay, cfg.loss.learn_scale, cfg.loss.scale_lr = 1e-2, 0.1, True, 3e-2
+    torch.manual_seed(0)
+    model, state = torch.nn.Linear(7, 5), BetaDPOState(cfg.loss, 0, "cpu")
+    twin, twin_c = torch.nn.Linear(7, 5), torch.nn.Parameter(state.c.detach().clone())
+    twin.load_state_dict(model.state_dict())
+    ours = make_optimizer(cfg, model, state)
+    assert ours.defaults["fused"]
+    plain = torch.optim.AdamW([{"params": list(twin.parameters()), "weight_decay": 0.1},
+                               {"params": [twin_c], "weight_decay": 0.0, "lr": 3e-2}], lr=1e-2)
+    pairs = list(zip([*model.parameters(), state.c], [*twin.parameters(), twin_c]))
+    start = [a.detach().clone() for a, _ in pairs]
+    for _ in range(3):
+        for a, b in pairs:
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        ours.step()
+        plain.step()
+    for (a, b), a0 in zip(pairs, start):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7) and not torch.allclose(a, a0)  # moved, and alike
 
 
 def test_results_do_not_depend_on_padding_length(tiny_model):

@@ -1,7 +1,7 @@
 """Throughput, memory and exactness of our `betadpo.py` loop against TRL's `DPOTrainer` and a naive PyTorch loop.
 
     pip install -r requirements-bench.txt                           # requirements.txt + TRL (benchmark-only)
-    python benchmarks/bench_vs_trl.py                               # full run, ≈15 minutes on 2 idle CPU cores
+    python benchmarks/bench_vs_trl.py                               # full run, ≈10 minutes on 2 idle CPU cores
     python benchmarks/bench_vs_trl.py --quick                       # smoke test, ≈1 minute
     python benchmarks/bench_vs_trl.py --steps 20 --repeats 5 --batch-size 8 --threads 2
 
@@ -39,9 +39,10 @@ How things are measured:
 - model FLOPs (PaLM convention, useful tokens only, no recomputation counted): a forward pass over a sequence of
   t tokens costs 2·N·t + 4·L·d·t² (N = weights of the matmuls incl. the LM head, L layers, width d; the second
   term is attention's QKᵀ and AV, each 2·t²·d per layer), a training forward+backward 3× that; the live
-  reference adds one forward, a precomputed one nothing inside the step. Work on padding (all three run the
-  LM head over every position) is not counted. MFU = achieved FLOP/s ÷ measured fp32 GEMM FLOP/s (2048×2048
-  `torch.matmul`).
+  reference adds one forward, a precomputed one nothing inside the step. Work on padding is not counted (all
+  three run the model's body over it; TRL and naive also run the LM head there). The LM head is counted at
+  every real token, though ours runs it only where log-probs are used, so ours is an effective figure.
+  MFU = achieved FLOP/s ÷ measured fp32 GEMM FLOP/s (2048×2048 `torch.matmul`).
 - peak RSS: `ru_maxrss` of the measured process, from `wait4`. Linux carries a process's peak RSS over fork
   and exec into the new program's `ru_maxrss`, so a process forked from this one (which has torch loaded)
   would report at least our own peak; each measured process is therefore started by a minimal launcher
@@ -85,7 +86,7 @@ LOSS_STEPS = 5  # how many first steps the comparison covers
 @dataclasses.dataclass(frozen=True)
 class Preset:
     """Model and data sizes. The default keeps compute (matmuls, log-softmax) dominant over Python overhead
-    while a full run stays ≈15 minutes on 2 cores; `--quick` is a smoke test of the same pipeline."""
+    while a full run stays ≈10 minutes on 2 cores; `--quick` is a smoke test of the same pipeline."""
 
     name: str
     vocab: int  # tokenizer/model vocabulary (a real size: the LM head and log-softmax scale with it)

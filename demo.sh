@@ -3,6 +3,8 @@
 #   SFT warm-start → plain DPO and β-DPO from it → evaluation of all three side by side → training curves.
 set -euo pipefail
 cd "$(dirname "$0")"
+# Always from scratch: betadpo.py would otherwise resume, i.e. reuse, a finished run whose SFT start has since changed.
+rm -rf runs/sort_sft runs/sort_dpo runs/sort_betadpo runs/eval runs/eval_sort_*.log runs/curves.png
 python sft.py --config configs/sort_sft.yaml
 python betadpo.py --config configs/sort.yaml --loss.alpha 0 --loss.filter_ratio 0 --train.output_dir runs/sort_dpo
 python betadpo.py --config configs/sort.yaml

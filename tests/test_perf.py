@@ -59,6 +59,15 @@ def test_chunked_logps_bf16_gradient_is_accurate_where_the_model_is_confident():
     assert torch.allclose(ours.grad.float(), exact.grad, rtol=1e-2, atol=1e-6)
 
 
+def test_chunked_logps_refuse_a_second_backward_instead_of_giving_wrong_gradients():
+    """Backward overwrites the saved softmax with the gradient: a second pass through it must fail, not mislead."""
+    logits = torch.randn(3, 4, 10, requires_grad=True)
+    total = token_logps(logits, torch.randint(0, 10, (3, 4))).sum()
+    total.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        total.backward()
+
+
 def test_fused_adamw_takes_the_same_steps_as_the_textbook_one():
     cfg = Config()
     cfg.train.lr, cfg.train.weight_decay, cfg.loss.learn_scale, cfg.loss.scale_lr = 1e-2, 0.1, True, 3e-2

@@ -17,9 +17,9 @@ What it does, top to bottom:
    machinery switched on (table 2). `--repeats` rounds; medians reported.
 3. SAME WORK. All three train the same model on the same batches in the same order (TRL's sampler is made
    sequential over a file written in our loop's order), with the same padding (right, to the batch's longest
-   sequence), AdamW (lr, betas, eps, no weight decay), constant lr (no warm-up), gradient clipping, fp32,
-   dropout off, gradient accumulation 1, no gradient checkpointing, no evaluation or checkpoint inside the
-   timed steps, and the same loss (the batch mean of −log σ(β·M)). No sequence is truncated (the limits are
+   sequence), AdamW (lr, betas, eps, no weight decay; the fused kernel in ours and TRL, torch's default in
+   naive), constant lr (no warm-up), gradient clipping, fp32, dropout off, gradient accumulation 1, no
+   gradient checkpointing, no evaluation or checkpoint inside the timed steps, and the same loss (the batch mean of −log σ(β·M)). No sequence is truncated (the limits are
    above the longest pair), and every run's token ids are prompt, then response, then EOS, no BOS: TRL's
    tokenized data set is compared with our `data.tokenize_pairs` id for id. Hence the per-step losses must
    agree to 1e-5 and the per-step policy log-probs to a relative 1e-5; the benchmark fails if they do not.
@@ -281,7 +281,8 @@ def child_trl(spec: dict) -> dict:
         per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1, max_steps=spec["steps"],
         train_sampling_strategy="sequential",  # the file is already in our loop's order
         learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=MAX_GRAD_NORM,
+        # transformers' default AdamW, fused like ours (the naive loop keeps torch's plain AdamW, as a bare loop would)
+        optim="adamw_torch_fused", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=MAX_GRAD_NORM,
         bf16=False, fp16=False, activation_checkpointing=False,  # TRL defaults to bf16 and checkpointing: ours does neither
         logging_steps=1, save_strategy="no", eval_strategy="no",
         beta=BETA, loss_type=["sigmoid"],  # per-pair −log σ(β·M), averaged over the batch: our plain DPO loss

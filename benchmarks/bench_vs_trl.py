@@ -19,8 +19,9 @@ What it does, top to bottom:
    sequential over a file written in our loop's order), with the same padding (right, to the batch's longest
    sequence), AdamW (lr, betas, eps, no weight decay; the fused kernel in ours and TRL, torch's default in
    naive), constant lr (no warm-up), gradient clipping, fp32, dropout off, gradient accumulation 1, no
-   gradient checkpointing, no evaluation or checkpoint inside the timed steps, and the same loss (the batch mean of −log σ(β·M)). No sequence is truncated (the limits are
-   above the longest pair), and every run's token ids are prompt, then response, then EOS, no BOS: TRL's
+   gradient checkpointing, no evaluation or checkpoint inside the timed steps, and the same loss (the batch
+   mean of −log σ(β·M)). No sequence is truncated (the limits are above the longest pair), and every run's
+   token ids are prompt, then response, then EOS, no BOS: TRL's
    tokenized data set is compared with our `data.tokenize_pairs` id for id. Hence the per-step losses must
    agree to 1e-5 and the per-step policy log-probs to a relative 1e-5; the benchmark fails if they do not.
 4. TABLES (markdown, paste into the README): time per step, pairs/s, tokens/s, peak RSS, achieved FLOP/s and

@@ -21,9 +21,9 @@ What it does, top to bottom:
    naive), constant lr (no warm-up), gradient clipping, fp32, dropout off, gradient accumulation 1, no
    gradient checkpointing, no evaluation or checkpoint inside the timed steps, and the same loss (the batch
    mean of −log σ(β·M)). No sequence is truncated (the limits are above the longest pair), and every run's
-   token ids are prompt, then response, then EOS, no BOS: TRL's
-   tokenized data set is compared with our `data.tokenize_pairs` id for id. Hence the per-step losses must
-   agree to 1e-5 and the per-step policy log-probs to a relative 1e-5; the benchmark fails if they do not.
+   token ids are prompt, then response, then EOS, no BOS: TRL's tokenized data set is compared with our
+   `data.tokenize_pairs` id for id. Hence the per-step losses must agree to 1e-5 and the per-step policy
+   log-probs to a relative 1e-5; the benchmark fails if they do not.
 4. TABLES (markdown, paste into the README): time per step, pairs/s, tokens/s, peak RSS, achieved FLOP/s and
    model FLOPs utilisation (MFU) against a GEMM peak measured on the same machine with the same threads, and
    the ratio to TRL; then the cost of β-DPO's filter/statistics/gathers/learnable scale relative to plain DPO.

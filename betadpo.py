@@ -9,19 +9,27 @@ Launch (one process, or any number through accelerate):
 
 Any config field can be overridden on the command line, e.g. `--loss.alpha 0 --loss.filter_ratio 0` (plain DPO).
 
-The math (Wu et al., "β-DPO: Direct Preference Optimization with Dynamic β", NeurIPS 2024; SPEC.md §2),
+The math (Wu et al., "β-DPO: Direct Preference Optimization with Dynamic β", NeurIPS 2024,
+https://arxiv.org/abs/2407.08639; the authors' reference code: https://github.com/junkangwu/beta-DPO),
 for pairs (x, y_w, y_l), policy π_θ, frozen reference π_ref, and one calibration batch of N pairs:
 
     log π(y|x)  = Σ_t log π(y_t | x, y_<t)                        response tokens only
-    M_i         = [log π_θ(y_w|x) − log π_ref(y_w|x)] − [log π_θ(y_l|x) − log π_ref(y_l|x)]     margin
+    M_i         = [log π_θ(y_w|x) − log π_ref(y_w|x)] − [log π_θ(y_l|x) − log π_ref(y_l|x)]     margin (no β₀)
     M₀ ← m·M₀ + (1−m)·mean(M),   σ ← m·σ + (1−m)·std(M)           moving averages, training batches only
-    w_i = exp(−(M_i − M₀)² / 2σ²)                                   β-guided filter: keep K = ⌊N(1−ρ)⌋ pairs
-                                                                    drawn without replacement ∝ w_i
+    w_i = exp(−(M_i − M₀)² / 2σ²)                                   β-guided filter: keep K = max(1, ⌊N(1−ρ)⌋)
+                                                                    pairs, drawn without replacement ∝ w_i
     β_batch = β₀ · (1 + α · (mean_{kept} M_i − M₀)),  ≥ β_min       dynamic β, detached
-    β_i = β_batch · s_i,  s_i = softplus(c) · log PPL_θ(x_i)        optional learnable, perplexity-scaled β(x)
+    β_i = β_batch · s_i,  s_i = softplus(c) · log PPL_θ(x_i)        EXTENSION, not in the paper: optional
+                                                                    learnable, perplexity-scaled β(x)
     L = (1/K) Σ_{kept} −log σ(β_i · M_i)                            (or IPO / SimPO / ORPO, below)
 
-With α = 0, ρ = 0 and no scale this is exactly DPO (Rafailov et al., 2023).
+The paper writes the margin with β₀ inside; here, as in the reference code, it is left out, so α here (the
+reference code's `a`) is the paper's α·β₀. The β(x) extension follows the learnable-scale design in
+https://github.com/1587causalai/llama_factory (dpo_baseline/learnable_beta_scale.md, branch ledpo).
+With α = 0, ρ = 0 and no scale this is exactly DPO (Rafailov et al., 2023, https://arxiv.org/abs/2305.18290;
+original code: https://github.com/eric-mitchell/direct-preference-optimization).
+docs/ALGORITHM.md: the same equations with the reasons behind them, where we differ from the reference code
+and why, and its flags mapped to ours.
 
 File layout: CONFIG → LOG-PROBS → ALGO LOGIC (the pure β-DPO functions and their state) → TRAINING LOOP
 (boilerplate: accelerator, data, models, optimizer, checkpoints) → main.
@@ -92,7 +100,7 @@ class DataArgs:
 
 @dataclass
 class LossArgs:
-    type: Literal["dpo", "ipo", "simpo", "orpo"] = "dpo"  # preference loss (SPEC §2.6)
+    type: Literal["dpo", "ipo", "simpo", "orpo"] = "dpo"  # preference loss (docs/ALGORITHM.md, step 6)
     beta: float = 0.1  # β₀
     alpha: float = 0.0  # α of dynamic β (reference code: `a`; = the paper's α·β₀, since M excludes β₀); 0 = static β
     filter_ratio: float = 0.0  # ρ, fraction of each calibration batch dropped (reference code: `mode_weight`); 0 = off
@@ -100,9 +108,9 @@ class LossArgs:
     beta_min: float = 1e-3  # floor of β_batch
     label_smoothing: float = 0.0  # ε of conservative DPO (dpo only)
     simpo_gamma: float = 0.5  # γ, SimPO's target reward margin (simpo only)
-    ppl_scale: bool = False  # β_i ∝ log PPL_θ(x_i) of the prompt (source 2)
-    learn_scale: bool = False  # learn c in softplus(c), the β scale (source 2)
-    beta_scale_init: float = 1.0  # starting softplus(c) (source 2 set c itself; we set the effective value)
+    ppl_scale: bool = False  # β_i ∝ log PPL_θ(x_i) of the prompt (β(x) extension, not in the paper)
+    learn_scale: bool = False  # learn c in softplus(c), the β scale (β(x) extension)
+    beta_scale_init: float = 1.0  # starting softplus(c) (the design set c itself; we set the effective value)
     scale_lr: float = 0.0  # learning rate of c; 0 = train.lr
 
 
@@ -441,7 +449,7 @@ class BetaDPOState:
         self.M0 = torch.zeros((), device=device)
         self.sigma = torch.zeros((), device=device)
         # c₀ = softplus⁻¹(init) = log(expm1(init)), so that `beta_scale_init` is the *effective* starting scale.
-        # Source 2 initialised c itself (so its "init 1.0" meant a scale of softplus(1) ≈ 1.31).
+        # The learnable-scale design initialised c itself (so its "init 1.0" meant a scale of softplus(1) ≈ 1.31).
         c0 = math.log(math.expm1(loss_cfg.beta_scale_init))
         self.c = torch.nn.Parameter(torch.tensor(c0, device=device), requires_grad=loss_cfg.learn_scale)
         self.generator = torch.Generator(device=device).manual_seed(seed)
@@ -459,7 +467,7 @@ class BetaDPOState:
 
 
 def betadpo_loss(stats: dict, everyone: dict, state: BetaDPOState, cfg: LossArgs, rank: int, num_processes: int, train: bool):
-    """One calibration batch of β-DPO (SPEC §2, steps 1–6).
+    """One calibration batch of β-DPO (docs/ALGORITHM.md, steps 1–6).
 
     stats:    this process's pairs, (B,) tensors with the policy's graph (from `pair_logps`).
     everyone: the same stats detached and gathered over all processes, (N,) = (P·B,), identical on all.

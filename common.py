@@ -223,6 +223,26 @@ def init_wandb(cfg, enabled: bool):
     )
 
 
+def read_metrics(path) -> list[dict]:
+    """The rows of a metrics.jsonl, in file order: one JSON object per line.
+
+    A run killed while writing can leave its last line torn: that line is ignored, with a warning. An
+    undecodable line anywhere else means the file is damaged: UserError naming the file and the line.
+    """
+    path = Path(path)
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise UserError(f"{path}: line {number} is not valid JSON") from None
+            print(f"warning: {path}: line {number}, the last, is incomplete (the run stopped mid-write?); ignored",
+                  file=sys.stderr)
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------------
 # Generation
 # --------------------------------------------------------------------------------------------------------

@@ -7,11 +7,11 @@ Three sources behind `load_pairs` (preference pairs) and `load_sft` (prompt → 
                       (strings, or chat message lists rendered with the tokenizer's chat template),
                       or HH-style rows with only `chosen` / `rejected` dialogues, parsed like the hub data
 
-Tokenization (the original DPO code's rules): prompt and response are tokenized separately, without special
-tokens, and EOS is appended to the response. A prompt longer than `max_prompt_length` keeps its *last*
-`max_prompt_length` tokens (the end of a dialogue is what the response answers); the response is then cut,
-keeping its start, so that prompt + response ≤ `max_length`. Labels are -100 on prompt and padding, so only
-response tokens are scored.
+Tokenization follows the original DPO code (https://github.com/eric-mitchell/direct-preference-optimization):
+prompt and response are tokenized separately, without special tokens, and EOS is appended to the response.
+A prompt longer than `max_prompt_length` keeps its *last* `max_prompt_length` tokens (the end of a dialogue is
+what the response answers); the response is then cut, keeping its start, so that prompt + response ≤
+`max_length`. Labels are -100 on prompt and padding, so only response tokens are scored.
 """
 
 import gzip

@@ -8,7 +8,8 @@ Launch (one process, or any number through accelerate; the numbers do not depend
 
 `eval.policy` defaults to `train.output_dir/final`, `eval.reference` to the run's reference
 (`model.ref_name_or_path`, else `model.name_or_path`), so `python eval.py --config configs/sort.yaml` evaluates
-the run that config trains. Training curves of one or more runs (their metrics.jsonl, overlaid in one PNG):
+the run that config trains. Two more flags, drawn by plots.py: training curves of one or more runs (their
+metrics.jsonl, overlaid in one PNG)
 
     python eval.py --plot runs/sort_dpo runs/sort_betadpo --plot_out curves.png
 
@@ -16,7 +17,7 @@ and several evaluations side by side (their eval.json, one column each):
 
     python eval.py --compare runs/eval_sft runs/eval_dpo runs/eval_betadpo
 
-The numbers (SPEC §5), for a policy π and its reference π_ref:
+The numbers, for a policy π and its reference π_ref:
 
   held-out pairs (x, y_w, y_l), log π(y|x) summed over response tokens:
     Δ_w = log π(y_w|x) − log π_ref(y_w|x),   Δ_l likewise
@@ -30,7 +31,7 @@ The numbers (SPEC §5), for a policy π and its reference π_ref:
     (at T ≠ 1 both models' logits are divided by T: the KL between the distributions actually sampled from)
   built-in task only (data.dataset: sort), at temperature 0 (greedy, one completion per prompt) and T:
     gold_reward = mean g(x, y),   exact_match = mean 1[g(x, y) = 1]          g = sort_task.gold_reward
-    win_rate_vs_chosen = mean win(g(x, y), g(x, y_w))                         the paper's protocol
+    win_rate_vs_chosen = mean win(g(x, y), g(x, y_w))                         the β-DPO paper's protocol
     win_rate_vs_ref    = mean win(g(x, y), g(x, y_ref)),  y_ref ~ π_ref at the same temperature
     win(a, b) = 1 if a > b,  ½ if a = b,  0 if a < b                          ties count half
 
@@ -44,7 +45,6 @@ prompt i are drawn after torch.manual_seed(f(eval.seed, i, temperature)), so the
 process draws them.
 """
 
-import argparse
 import dataclasses
 import json
 import math
@@ -54,6 +54,7 @@ from pathlib import Path
 
 import torch
 
+import plots
 import sort_task
 from betadpo import Config, implicit_rewards, score_pairs, token_logps, validate
 from common import UserError, generate, load_model, load_tokenizer, main_guard, parse_config
@@ -298,102 +299,15 @@ def write_outputs(cfg: Config, result: dict, out: Path, num_processes: int, wall
 
 
 # ========================================================================================================
-# TRAINING CURVES (--plot)
-# ========================================================================================================
-def read_metrics(run_dir: str) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"--plot: '{path}' does not exist (pass training output directories)")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if not rows:
-        raise UserError(f"--plot: '{path}' is empty")
-    return rows
-
-
-def plot_runs(run_dirs: list[str], out: Path) -> Path:
-    """Train curves of each run (one colour per run, legend = run directory name); held-out rows dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = [read_metrics(d) for d in run_dirs]
-    names = [Path(d).name for d in run_dirs]
-    names = names if len(set(names)) == len(names) else [str(d) for d in run_dirs]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
-    ax = dict(zip(("loss", "beta", "M0", "kept", "acc", "scale"), axes.flat))
-    titles = {"loss": "loss (dashed: held-out)", "beta": "β_batch", "M0": "M₀ ± σ (running margin statistics)",
-              "kept": "kept fraction (kept / pairs)", "acc": "reward accuracy (dashed: held-out)", "scale": "learned β-scale softplus(c)"}
-    for i, (rows, name) in enumerate(zip(runs, names)):
-        color = f"C{i}"
-        train = [r for r in rows if r.get("split") != "eval"]
-        held = [r for r in rows if r.get("split") == "eval"]
-        for r in train:
-            if "kept" in r and r.get("pairs"):
-                r["kept_fraction"] = r["kept"] / r["pairs"]
-
-        def curve(panel, rows, key, **style):
-            points = [(r["step"], r[key]) for r in rows if key in r]
-            if points:
-                ax[panel].plot(*zip(*points), color=color, **style)
-
-        curve("loss", train, "loss", label=name)
-        curve("loss", held, "loss", ls="--", marker="o", ms=3)
-        curve("beta", train, "beta")
-        curve("kept", train, "kept_fraction")
-        curve("acc", train, "rewards/accuracies")
-        curve("acc", held, "rewards/accuracies", ls="--", marker="o", ms=3)
-        curve("scale", train, "beta_scale")
-        stats = [(r["step"], r["M0"], r["sigma"]) for r in train if "M0" in r and "sigma" in r]
-        if stats:
-            steps, m0, sigma = zip(*stats)
-            ax["M0"].plot(steps, m0, color=color)
-            ax["M0"].fill_between(steps, [m - s for m, s in zip(m0, sigma)], [m + s for m, s in zip(m0, sigma)],
-                                  color=color, alpha=0.2, lw=0)
-    for key, a in ax.items():
-        a.set_title(titles[key])
-        a.grid(alpha=0.3)
-    for a in axes[1]:
-        a.set_xlabel("optimizer step")
-    ax["loss"].legend()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
-def plot_main(argv: list[str]):
-    parser = argparse.ArgumentParser(prog="eval.py --plot", description="Training curves of one or more runs → one PNG.")
-    parser.add_argument("--plot", nargs="+", required=True, metavar="RUN_DIR", help="training output directories (metrics.jsonl)")
-    parser.add_argument("--plot_out", default=None, help="PNG to write (default: FIRST_RUN_DIR/curves.png)")
-    args = parser.parse_args(argv)
-    out = Path(args.plot_out or Path(args.plot[0]) / "curves.png")
-    print(f"curves: {plot_runs(args.plot, out)}")
-
-
-def compare_table(eval_dirs: list[str]) -> str:
-    """Several eval.json side by side: one row per metric (standard errors dropped), one column per directory."""
-    reports = []
-    for d in eval_dirs:
-        path = Path(d) / "eval.json"
-        if not path.is_file():
-            raise UserError(f"--compare: '{path}' does not exist (pass eval.output_dir directories)")
-        reports.append(json.loads(path.read_text())["metrics"])
-    names = [n for n in reports[0] if not n.endswith("_se") and all(n in r for r in reports)]
-    width = max(12, *(len(Path(d).name) + 2 for d in eval_dirs))
-    lines = [f"{'':<26}" + "".join(f"{Path(d).name:>{width}}" for d in eval_dirs)]
-    lines += [f"{n:<26}" + "".join(f"{r[n]:>{width}.4f}" for r in reports) for n in names]
-    return "\n".join(lines)
-
-
-# ========================================================================================================
 # main
 # ========================================================================================================
 def main():
-    if "--plot" in sys.argv[1:]:  # before the config parser, which does not know --plot
-        return plot_main(sys.argv[1:])
+    # Pictures and tables of finished runs are plots.py's; eval.py only routes its two flags there,
+    # before the config parser (which knows neither).
+    if "--plot" in sys.argv[1:]:
+        return plots.plot_main(sys.argv[1:])
     if sys.argv[1:2] == ["--compare"]:  # python eval.py --compare EVAL_DIR [EVAL_DIR ...]
-        return print(compare_table(sys.argv[2:]))
+        return print(plots.compare_table(sys.argv[2:]))
     from accelerate import Accelerator
 
     t0 = time.perf_counter()

@@ -1,10 +1,10 @@
-"""The built-in task (SPEC §7): sort a short list of digits. Runs offline, on a CPU, in minutes.
+"""The built-in task: sort a short list of digits. Runs offline, on a CPU, in minutes.
 
     prompt    "sort 40391: "       response  "01349"  (+ EOS)
 
 Why this task: the gold reward of any response is computable, so win rates need no judge, and preference
-pairs of a *known* quality gap can be made on demand (the β-DPO paper's Table 2 mixes low-gap and high-gap
-pairs). Everything is a pure function of a seed.
+pairs of a *known* quality gap can be made on demand (Table 2 of the β-DPO paper,
+https://arxiv.org/abs/2407.08639, mixes low-gap and high-gap pairs). Everything is a pure function of a seed.
 
     gold_reward(prompt, response) = (# positions equal to the sorted list) / max(len(gold), len(response))
 
@@ -111,7 +111,8 @@ CHAT_TEMPLATE = (
 
 
 def build_tokenizer():
-    """One token per printable ASCII character (+ newline); anything else is <unk>. No BOS (as in the DPO code)."""
+    """One token per printable ASCII character (+ newline); anything else is <unk>.
+    No BOS, as in the original DPO code (data.py links it)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

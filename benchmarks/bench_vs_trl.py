@@ -53,7 +53,7 @@ How things are measured:
   (optimizer state included) and evaluates the --batch-size held-out pairs once at the end: it cannot skip
   either. It shows start-up and precomputation overheads the per-step numbers leave out.
 
-Internal: `bench_vs_trl.py _child {trl,naive,gemm} SPEC.json` is how the benchmark starts its own measured
+Internal: `bench_vs_trl.py _child {trl,naive,gemm} JOB.json` is how the benchmark starts its own measured
 subprocesses; it is not meant to be called by hand.
 """
 
@@ -116,7 +116,7 @@ def warmup_steps(steps: int) -> int:
 # ========================================================================================================
 # 1. ASSETS: tokenizer + model (built once), preference pairs (written every run, deterministic)
 # ========================================================================================================
-SPECIALS = ["<pad>", "<eos>", "<unk>"]
+RESERVED_TOKENS = ["<pad>", "<eos>", "<unk>"]
 
 
 def build_model_dir(preset: Preset, path: Path) -> dict:
@@ -133,7 +133,7 @@ def build_model_dir(preset: Preset, path: Path) -> dict:
     # Word-level tokenizer: words "w0", "w1", ... split on whitespace; special tokens are split out before
     # that, so TRL's "response<eos>" strings give the same ids as our response ids + [EOS]. No BOS and no
     # post-processor: neither side adds anything but the EOS after the response (checked in main()).
-    vocab = {s: i for i, s in enumerate(SPECIALS + [f"w{i}" for i in range(preset.vocab - len(SPECIALS))])}
+    vocab = {s: i for i, s in enumerate(RESERVED_TOKENS + [f"w{i}" for i in range(preset.vocab - len(RESERVED_TOKENS))])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
@@ -162,7 +162,7 @@ def build_model_dir(preset: Preset, path: Path) -> dict:
 def make_pairs(n: int, preset: Preset, seed: int) -> list[dict]:
     """Prompt/chosen/rejected strings of Zipf-distributed words (like text: a few words are frequent)."""
     rng = random.Random(seed)
-    words = preset.vocab - len(SPECIALS)
+    words = preset.vocab - len(RESERVED_TOKENS)
     cum, total = [], 0.0
     for rank in range(words):
         total += 1.0 / (rank + 1) ** 1.1

@@ -30,13 +30,18 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `python experiments/run.py` puts only experiments/ on the path
+
+import plots  # noqa: E402
+from common import read_metrics  # noqa: E402
 
 # ========================================================================================================
 # THE STUDIES: variant name → config overrides of configs/sort.yaml
 # ========================================================================================================
 DATA_DEFAULTS = {"data.high_gap_ratio": 0.3, "data.flip_ratio": 0.0}  # betadpo.DataArgs' defaults (a test checks)
 DPO = {"loss.alpha": 0.0, "loss.filter_ratio": 0.0}
-BETA_DPO = {"loss.alpha": 0.6, "loss.filter_ratio": 0.2}  # the reference code's settings, β₀ = 0.1
+# β-DPO with the reference code's settings (https://github.com/junkangwu/beta-DPO), β₀ = 0.1 from configs/sort.yaml.
+BETA_DPO = {"loss.alpha": 0.6, "loss.filter_ratio": 0.2}
 LEARNED = {**BETA_DPO, "loss.ppl_scale": True, "loss.learn_scale": True, "loss.scale_lr": 1e-2}
 FIXED = {**BETA_DPO, "loss.ppl_scale": True, "loss.learn_scale": False}
 
@@ -57,8 +62,8 @@ STUDIES = {
     # One knob at a time around β-DPO's defaults (ρ = 0.2, α = 0.6, β₀ = 0.1).
     "sensitivity": {**{f"ρ = {r}": {**BETA_DPO, "loss.filter_ratio": r} for r in (0.1, 0.2, 0.3, 0.5)},
                     **{f"α = {a}": {**BETA_DPO, "loss.alpha": a} for a in (0.2, 1.0, 2.0)}},
-    # Source 2's open questions: β_i = β_batch · softplus(c) · log PPL(x_i), c learned from several starts,
-    # against the same scale held fixed at each value.
+    # The open questions of the learnable-scale extension (docs/ALGORITHM.md, step 5): β_i = β_batch · softplus(c)
+    # · log PPL(x_i), c learned from several starts, against the same scale held fixed at each value.
     "scale": {**{f"learned, init {s}": {**LEARNED, "loss.beta_scale_init": s} for s in (0.1, 0.5, 1.0, 2.0)},
               **{f"fixed {s}": {**FIXED, "loss.beta_scale_init": s} for s in (0.1, 0.5, 1.0, 2.0)}},
 }
@@ -167,7 +172,7 @@ def train_and_eval(run_dir: Path, overrides: dict, seed: int, sft_final: Path, l
 
 def read_run(run_dir: Path) -> dict:
     """{"eval": eval.json metrics, "train": [metrics.jsonl training rows]}."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir / "metrics.jsonl")
     return {"eval": json.loads((run_dir / "eval" / "eval.json").read_text())["metrics"],
             "train": [r for r in rows if r.get("split") != "eval"]}
 
@@ -192,50 +197,19 @@ def table(study: str, results: dict, start: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def mean_curve(runs: list[dict], key: str) -> tuple[list[int], list[float]]:
-    steps = [r["step"] for r in runs[0]["train"]]
-    return steps, [sum(run["train"][i][key] for run in runs) / len(runs) for i in range(len(steps))]
+def seed_means(runs: list[dict]) -> list[dict]:
+    """The training rows of several seeds of one variant, averaged step by step (the curves of the figure)."""
+    keys = ("beta", "M0", "sigma", "kept", "pairs", "beta_scale")
+    return [{"step": rows[0]["step"], **{k: sum(r[k] for r in rows) / len(rows) for k in keys}}
+            for rows in zip(*(run["train"] for run in runs), strict=True)]
 
 
 def figure(study: str, results: dict, path: Path):
     """Top row: β_batch, M₀ ± σ, kept fraction, β-scale over training (seed means). Bottom: final metrics."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = COLUMNS[study]
-    ncols = max(5, len(cols))  # 4 curves + the legend on top; one bar chart per column below
-    fig, axes = plt.subplots(2, ncols, figsize=(4 * ncols, 7.5), constrained_layout=True)
-    for i, (name, runs) in enumerate(results.items()):
-        color = f"C{i % 10}"
-        for run in runs:
-            for r in run["train"]:
-                r["kept_fraction"] = r["kept"] / r["pairs"]
-        for ax, key in zip(axes[0], ("beta", "M0", "kept_fraction", "beta_scale")):
-            ax.plot(*mean_curve(runs, key), color=color, label=name)
-        steps, sigma = mean_curve(runs, "sigma")
-        m0 = mean_curve(runs, "M0")[1]
-        axes[0][1].fill_between(steps, [m - s for m, s in zip(m0, sigma)], [m + s for m, s in zip(m0, sigma)], color=color, alpha=0.12, lw=0)
-        for ax, (label, where, key) in zip(axes[1], cols):
-            mean, half = mean_ci(column_values(runs, where, key))
-            ax.bar(i, mean, color=color, yerr=None if math.isnan(half) else half, capsize=4)
-    for ax, title in zip(axes[0], ("β_batch", "M₀ ± σ", "kept fraction", "β-scale softplus(c)")):
-        ax.set_title(title)
-        ax.set_xlabel("optimizer step")
-        ax.grid(alpha=0.3)
-    for ax in axes[0][4:]:
-        ax.axis("off")
-    axes[0][4].legend(*axes[0][0].get_legend_handles_labels(), loc="upper left", title="variant (bars 0, 1, … in this order)")
-    for ax, (label, _, _) in zip(axes[1], cols):
-        ax.set_title(label + " (95% CI)")
-        ax.set_xticks(range(len(results)), [str(i) for i in range(len(results))])
-        ax.grid(alpha=0.3, axis="y")
-    for ax in axes[1][len(cols):]:
-        ax.axis("off")
-    fig.suptitle(f"study: {study}")
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    curves = {name: seed_means(runs) for name, runs in results.items()}
+    bars = [(label, [mean_ci(column_values(runs, where, key)) for runs in results.values()])
+            for label, where, key in COLUMNS[study]]
+    plots.plot_study(study, curves, bars, path)
 
 
 # ========================================================================================================

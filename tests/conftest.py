@@ -1,6 +1,5 @@
 """Shared fixtures: a tiny tokenizer + Llama saved like a hub checkpoint, and a way to launch the scripts."""
 
-import json
 import os
 import socket
 import subprocess
@@ -12,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402
 import sort_task  # noqa: E402
 
 
@@ -51,5 +51,5 @@ def _free_port() -> int:
 
 
 def read_metrics(run_dir: Path, split: str = "train") -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r.get("split", "train") == split]
+    """The `split` rows ("train" or "eval") of run_dir/metrics.jsonl, read by the scripts' own reader."""
+    return [r for r in common.read_metrics(run_dir / "metrics.jsonl") if r.get("split", "train") == split]

@@ -59,7 +59,7 @@ def test_moving_averages_over_several_steps():
         M0, sigma = update_statistics(M0, sigma, batch, m)
         values = batch.tolist()
         ref_M0 = m * ref_M0 + (1 - m) * statistics.fmean(values)
-        ref_sigma = m * ref_sigma + (1 - m) * statistics.stdev(values)  # unbiased, as the reference code
+        ref_sigma = m * ref_sigma + (1 - m) * statistics.stdev(values)  # unbiased, as github.com/junkangwu/beta-DPO
         assert M0.item() == pytest.approx(ref_M0, rel=1e-5) and sigma.item() == pytest.approx(ref_sigma, rel=1e-5)
 
 
@@ -169,7 +169,7 @@ def test_everything_off_is_plain_dpo():
 
 
 def test_beta_dpo_loss_by_hand():
-    """The whole calibration batch (SPEC §2), re-computed step by step with plain floats."""
+    """The whole calibration batch (docs/ALGORITHM.md), re-computed step by step with plain floats."""
     s = random_stats(n=10, seed=3, grad=True)
     cfg = LossArgs(beta=0.1, alpha=0.6, filter_ratio=0.3, momentum=0.9, ppl_scale=True, beta_scale_init=0.7)
     state = BetaDPOState(cfg, seed=5, device="cpu")

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import read_metrics, run_script
 
-SPEC_KEYS = {
+METRIC_KEYS = {  # every key README's "Outputs of a run" promises
     "step", "lr", "loss", "beta", "beta_mean", "beta_scale", "M0", "sigma", "margin_mean", "margin_std",
     "kept_margin_mean", "kept", "pairs", "log_ppl", "rewards/chosen", "rewards/rejected", "rewards/margins",
     "rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm", "pairs_per_s", "tokens_per_s",
@@ -50,7 +50,7 @@ def test_metrics_and_final_model(tmp_path, tiny_model):
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for r in rows:
-        assert SPEC_KEYS <= set(r) and all(isinstance(v, (int, float)) for v in r.values())
+        assert METRIC_KEYS <= set(r) and all(isinstance(v, (int, float)) for v in r.values())
         assert r["pairs"] == 8 and r["kept"] == 2 * 3  # two calibration batches of 4 pairs, ⌊4 · 0.75⌋ = 3 kept each
     assert rows[0]["M0"] == 0 and rows[0]["sigma"] == 0  # policy = reference at step 1: every margin is 0
     assert rows[-1]["sigma"] > 0 and rows[-1]["beta_scale"] != rows[0]["beta_scale"]  # c is learned

@@ -1,8 +1,14 @@
-"""The launch commands written in the docstrings, README and demo.sh stay true to the code: every script,
-config file and flag they name exists and parses (the scripts' own tests run the same configs for real)."""
+"""The documents stay true to the repository.
+
+1. The launch commands written in the docstrings, README and demo.sh: every script, config file and flag they
+   name exists and parses (the scripts' own tests run the same configs for real).
+2. Every reference points at something a reader can open: no file cites a document that is not in the
+   repository, every relative markdown link and every in-repo path (configs/…, docs/…, tests/…) exists.
+"""
 
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 import run as experiments  # noqa: E402
 
-SOURCES = ["betadpo.py", "sft.py", "eval.py", "README.md", "demo.sh", "experiments/run.py", "docs/RESULTS.md",
-           "benchmarks/bench_vs_trl.py", *(f"configs/{p.name}" for p in ROOT.glob("configs/*.yaml"))]
+SOURCES = ["betadpo.py", "sft.py", "eval.py", "plots.py", "README.md", "demo.sh", "experiments/run.py",
+           "docs/RESULTS.md", "docs/ALGORITHM.md", "benchmarks/bench_vs_trl.py",
+           *(f"configs/{p.name}" for p in ROOT.glob("configs/*.yaml"))]
 COMMAND = re.compile(r"(?:python|accelerate launch)\s[^\n`]*?(?<![\w/])([\w/]+\.py)\b([^\n`#]*)")
 
 
@@ -58,3 +65,79 @@ def test_documented_command_is_valid(command, script, rest):
         assert (ROOT / args[args.index("--config") + 1]).is_file(), command
         args[args.index("--config") + 1] = str(ROOT / args[args.index("--config") + 1])
     validate(parse_config(Config, args))
+
+
+# --------------------------------------------------------------------------------------------------------
+# 2. References
+# --------------------------------------------------------------------------------------------------------
+def repository_text_files() -> dict:
+    """{path relative to ROOT: text} of every file git tracks or would track (untracked, not ignored), binaries
+    left out. Without git (an exported tree), every file outside hidden directories, runs/ and caches."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                                capture_output=True, text=True, check=True).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        skip = ("runs", "__pycache__")
+        listed = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") or part in skip for part in p.relative_to(ROOT).parts)]
+    files = {}
+    for name in listed:
+        path = ROOT / name
+        if path.is_file() and b"\0" not in (data := path.read_bytes()):  # deleted in the working tree; binary
+            files[name] = data.decode("utf-8", errors="replace")
+    return files
+
+
+FILES = repository_text_files()
+TOP_DIRS = sorted({name.split("/")[0] for name in FILES if "/" in name})
+# Spelled in pieces so that this file does not match its own patterns.
+UNOPENABLE = {
+    "the team's private spec": re.compile(r"\b" + "SP" + r"EC\b"),
+    "a path next to the repository": re.compile(re.escape(".." + "/shared")),
+    "an absolute path on the development machine": re.compile("/" + "work/"),
+}
+MARKDOWN_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+REPO_PATH = re.compile(r"(?<![\w./~-])((?:%s)/[\w./-]*[\w/])" % "|".join(map(re.escape, TOP_DIRS)))
+
+
+def test_the_scan_sees_the_repository():
+    assert {"README.md", "betadpo.py", "docs/ALGORITHM.md", "configs/sort.yaml", "tests/test_docs.py"} <= set(FILES)
+    assert {"configs", "docs", "tests"} <= set(TOP_DIRS)
+
+
+def test_no_reference_to_anything_outside_the_repository():
+    found = [f"{name}:{number} cites {what}: {line.strip()}"
+             for name, text in FILES.items() for number, line in enumerate(text.splitlines(), start=1)
+             for what, pattern in UNOPENABLE.items() if pattern.search(line)]
+    assert not found, "\n".join(found)
+
+
+def broken_references(name: str, text: str) -> list[str]:
+    """Relative markdown links (in .md files) and in-repo paths (anywhere) of one file that do not exist."""
+    broken = []
+    for target in MARKDOWN_LINK.findall(text) if name.endswith(".md") else []:
+        if target.startswith(("http://", "https://", "mailto:", "#")):
+            continue
+        path = ((ROOT / name).parent / target.split("#")[0]).resolve()
+        if not (path.is_relative_to(ROOT) and path.exists()):
+            broken.append(f"{name}: link to '{target}', which is not in the repository")
+    broken += [f"{name}: names '{path}', which is not in the repository"
+               for path in REPO_PATH.findall(text) if not (ROOT / path).exists()]
+    return broken
+
+
+def test_in_repository_paths_and_links_exist():
+    found = [problem for name, text in FILES.items() for problem in broken_references(name, text)]
+    assert not found, "\n".join(found)
+
+
+def test_the_reference_checks_catch_what_they_are_for():
+    assert UNOPENABLE["the team's private spec"].search("see " + "SP" + "EC.md §2")
+    assert UNOPENABLE["a path next to the repository"].search("data in .." + "/shared/data")
+    assert not UNOPENABLE["the team's private spec"].search("SP" + "ECIAL_TOKENS, METRIC_KEYS")
+    missing = "docs/" + "NOWHERE.md"
+    text = f"see [the math](../docs/ALGORITHM.md#notation), [x]({missing[5:]}), [paper](https://arxiv.org) and {missing}"
+    assert broken_references("guide/page.md", text) == [
+        f"guide/page.md: link to '{missing[5:]}', which is not in the repository",
+        f"guide/page.md: names '{missing}', which is not in the repository",
+    ]

@@ -1,13 +1,13 @@
-"""eval.py: each number against an independent re-computation, process-count invariance, errors, --plot.
+"""eval.py: each number against an independent re-computation, process-count invariance, errors.
+(--plot and --compare: tests/test_plots.py.)
 
-Models are random tiny Llamas built here (no /work/shared, no network); the command-line tests run eval.py in
-a subprocess exactly as a user would, with tiny sizes.
+Models are random tiny Llamas built here (no files from outside the repository, no network); the command-line
+tests run eval.py in a subprocess exactly as a user would, with tiny sizes.
 """
 
 import contextlib
 import json
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import eval as ev
 import sort_task
 from betadpo import Config
-from common import UserError, generate, load_model, load_tokenizer, parse_config
+from common import generate, load_model, load_tokenizer, parse_config
 from conftest import run_script, save_tiny_model
 from data import collate, load_pairs, tokenize, tokenize_pairs
 
@@ -234,25 +234,3 @@ def test_errors_are_one_line(dirs, tmp_path, case):
               "tokenizer": [policy, reference, "tokenizers"], "vocab": [policy, reference, "vocabulary"]}[case]
     assert all(s in last for s in expect), last
     assert not (tmp_path / "out").exists()
-
-
-# --------------------------------------------------------------------------------------------------------
-# --plot
-# --------------------------------------------------------------------------------------------------------
-def fake_run(path: Path, beta: float) -> Path:
-    path.mkdir()
-    rows = [{"step": s, "loss": 0.7 - 0.01 * s, "beta": beta * (1 + 0.01 * s), "M0": 0.1 * s, "sigma": 0.05 * s,
-             "kept": 51.0, "pairs": 64.0, "rewards/accuracies": 0.5 + 0.02 * s, "beta_scale": 1.0} for s in range(1, 11)]
-    rows.append({"step": 10, "split": "eval", "loss": 0.6, "rewards/accuracies": 0.7, "beta": beta})
-    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def test_plot_two_runs(tmp_path):
-    a, b = fake_run(tmp_path / "dpo", 0.1), fake_run(tmp_path / "betadpo", 0.2)
-    out = tmp_path / "fig" / "curves.png"
-    done = run(["--plot", a, b, "--plot_out", out])
-    assert done.returncode == 0, done.stderr
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
-    with pytest.raises(UserError, match="metrics.jsonl"):
-        ev.plot_runs([str(a), str(tmp_path / "nothing")], tmp_path / "x.png")

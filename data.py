@@ -1,4 +1,5 @@
-"""Data for all three scripts: where pairs come from, how they are tokenized, how batches are padded.
+"""Data for all three scripts: where pairs come from, how they are tokenized, how batches are padded, and
+in which order they are trained on.
 
 Three sources behind `load_pairs` (preference pairs) and `load_sft` (prompt → response):
     sort              the built-in task (sort_task.py), generated from `data.seed`
@@ -14,6 +15,7 @@ keeping its start, so that prompt + response ≤ `max_length`. Labels are -100 o
 response tokens are scored.
 """
 
+import functools
 import gzip
 import json
 from pathlib import Path
@@ -243,3 +245,28 @@ def collate_pairs(pairs: list[tuple], pad_id: int) -> dict:
     """B pairs → one batch of 2B rows: chosen responses in rows [0, B), rejected in [B, 2B), so that both go
     through the model in one forward pass."""
     return collate([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], pad_id)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Data order: which pairs (or SFT examples) form global micro-batch j
+# --------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=2)
+def _epoch_order(num_pairs: int, seed: int, epoch: int, micro: int, lengths: tuple | None) -> tuple:
+    """A seeded shuffle of the pairs. With `lengths` (group_by_length): within windows of 64 micro-batches,
+    pairs are sorted by length and cut into micro-batches, whose order is then shuffled — far less padding,
+    but pairs of similar length now share a calibration batch (their M₀, σ, β and filter)."""
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    order = torch.randperm(num_pairs, generator=g).tolist()
+    if lengths is None:
+        return tuple(order)
+    window = 64 * micro
+    order = [i for w in range(0, num_pairs, window) for i in sorted(order[w : w + window], key=lambda i: lengths[i])]
+    batches = [order[i : i + micro] for i in range(0, num_pairs, micro)]
+    return tuple(i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b])
+
+
+def micro_batch_indices(j: int, num_pairs: int, micro: int, per_epoch: int, seed: int, lengths: tuple | None = None) -> list[int]:
+    """Pairs of global micro-batch j: a pure function of (j, seed), so the data position is just the step
+    count (exact resume) and the global batch does not depend on the number of processes."""
+    epoch, pos = divmod(j, per_epoch)
+    return list(_epoch_order(num_pairs, seed, epoch, micro, lengths)[pos * micro : (pos + 1) * micro])

@@ -55,8 +55,19 @@ from pathlib import Path
 import torch
 
 import sort_task
-from betadpo import Config, implicit_rewards, score_pairs, token_logps, validate
-from common import UserError, generate, load_model, load_tokenizer, main_guard, parse_config
+from betadpo import implicit_rewards, score_pairs
+from common import (
+    Config,
+    UserError,
+    generate,
+    load_model,
+    load_tokenizer,
+    main_guard,
+    parse_config,
+    read_metrics,
+    token_logps,
+    validate,
+)
 from data import collate, load_pairs, tokenize, tokenize_pairs
 
 LOGP_KEYS = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
@@ -300,11 +311,11 @@ def write_outputs(cfg: Config, result: dict, out: Path, num_processes: int, wall
 # ========================================================================================================
 # TRAINING CURVES (--plot)
 # ========================================================================================================
-def read_metrics(run_dir: str) -> list[dict]:
+def read_run_metrics(run_dir: str) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"--plot: '{path}' does not exist (pass training output directories)")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_metrics(path)
     if not rows:
         raise UserError(f"--plot: '{path}' is empty")
     return rows
@@ -317,7 +328,7 @@ def plot_runs(run_dirs: list[str], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [read_metrics(d) for d in run_dirs]
+    runs = [read_run_metrics(d) for d in run_dirs]
     names = [Path(d).name for d in run_dirs]
     names = names if len(set(names)) == len(names) else [str(d) for d in run_dirs]
     fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)

@@ -16,26 +16,32 @@ held-out exact-match rate at the end: a competent but imperfect policy for β-DP
 `final/` is a plain `save_pretrained` model + tokenizer: pass it to betadpo.py as `model.name_or_path`.
 """
 
-import contextlib
 import time
 from pathlib import Path
 
 import torch
 
 import sort_task
-from betadpo import Config, micro_batch_indices, token_logps, validate
 from common import (
+    Config,
     MetricsLog,
     UserError,
     generate,
     load_model,
     load_tokenizer,
     main_guard,
+    make_optimizer,
+    make_scheduler,
+    no_sync_unless_last,
+    optimizer_step,
     parse_config,
     save_config,
+    save_final,
     seed_everything,
+    token_logps,
+    validate,
 )
-from data import collate, load_sft, tokenize
+from data import collate, load_sft, micro_batch_indices, tokenize
 
 
 def sft_loss(model, batch: dict, total_tokens, num_processes: int) -> torch.Tensor:
@@ -87,9 +93,8 @@ def main():
     else:
         model = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
     # ---- optimizer ------------------------------------------------------------------------------------
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    warmup = cfg.train.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    optimizer = make_optimizer(cfg.train, model, accelerator.device)
+    scheduler = make_scheduler(optimizer, cfg.train.warmup_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     out = Path(cfg.train.output_dir)
     if accelerator.is_main_process:
@@ -108,25 +113,19 @@ def main():
             mine = idx[rank * (micro // P) : (rank + 1) * (micro // P)]
             total_tokens = sum(len(examples[i][1]) for i in idx)  # response tokens of the global micro-batch
             batch = {key: v.to(accelerator.device) for key, v in collate([examples[i] for i in mine], tokenizer.pad_token_id).items()}
-            sync = contextlib.nullcontext() if k == cfg.train.grad_accum - 1 else accelerator.no_sync(model)
-            with sync, accelerator.autocast():
+            with no_sync_unless_last(accelerator, model, k, cfg.train.grad_accum), accelerator.autocast():
                 loss = sft_loss(model, batch, total_tokens, P)
                 accelerator.backward(loss / cfg.train.grad_accum)
             step_loss += loss.detach() / cfg.train.grad_accum
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or float("inf"))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = (accelerator.reduce(step_loss, reduction="sum") / P).item()
-        log.write({"step": step + 1, "loss": step_loss, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+        grad_norm, lr = optimizer_step(accelerator, model, optimizer, scheduler, cfg.train.max_grad_norm)
+        step_loss = accelerator.reduce(step_loss, reduction="sum") / P
+        step_loss, grad_norm = torch.stack([step_loss, grad_norm.to(step_loss)]).tolist()  # one host sync per step
+        log.write({"step": step + 1, "loss": step_loss, "grad_norm": grad_norm, "lr": lr,
                    "pairs_per_s": cfg.train.batch_size / (time.perf_counter() - t0)})
         bar.set_postfix(loss=f"{step_loss:.4f}")
     # ---- save -----------------------------------------------------------------------------------------
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)
+    save_final(accelerator, model, tokenizer, out / "final")
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(out / "final", state_dict=state_dict)
-        tokenizer.save_pretrained(out / "final")
         print(f"model: {out / 'final'}")
         if cfg.data.dataset == "sort":
             held_out = load_sft(cfg.data, "eval")

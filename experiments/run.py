@@ -30,11 +30,13 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from common import read_metrics  # noqa: E402  (the one reader of metrics.jsonl)
 
 # ========================================================================================================
 # THE STUDIES: variant name → config overrides of configs/sort.yaml
 # ========================================================================================================
-DATA_DEFAULTS = {"data.high_gap_ratio": 0.3, "data.flip_ratio": 0.0}  # betadpo.DataArgs' defaults (a test checks)
+DATA_DEFAULTS = {"data.high_gap_ratio": 0.3, "data.flip_ratio": 0.0}  # common.DataArgs' defaults (a test checks)
 DPO = {"loss.alpha": 0.0, "loss.filter_ratio": 0.0}
 BETA_DPO = {"loss.alpha": 0.6, "loss.filter_ratio": 0.2}  # the reference code's settings, β₀ = 0.1
 LEARNED = {**BETA_DPO, "loss.ppl_scale": True, "loss.learn_scale": True, "loss.scale_lr": 1e-2}
@@ -167,7 +169,7 @@ def train_and_eval(run_dir: Path, overrides: dict, seed: int, sft_final: Path, l
 
 def read_run(run_dir: Path) -> dict:
     """{"eval": eval.json metrics, "train": [metrics.jsonl training rows]}."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir / "metrics.jsonl")
     return {"eval": json.loads((run_dir / "eval" / "eval.json").read_text())["metrics"],
             "train": [r for r in rows if r.get("split") != "eval"]}
 

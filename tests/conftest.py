@@ -1,6 +1,5 @@
 """Shared fixtures: a tiny tokenizer + Llama saved like a hub checkpoint, and a way to launch the scripts."""
 
-import json
 import os
 import socket
 import subprocess
@@ -51,5 +50,7 @@ def _free_port() -> int:
 
 
 def read_metrics(run_dir: Path, split: str = "train") -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r.get("split", "train") == split]
+    """The rows of one split of a run's metrics.jsonl (read by common.read_metrics, as every reader does)."""
+    from common import read_metrics as read_jsonl
+
+    return [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("split", "train") == split]

@@ -2,8 +2,7 @@
 
 import pytest
 
-from betadpo import Config, validate
-from common import UserError, parse_config
+from common import Config, UserError, parse_config, validate
 
 
 def write(tmp_path, text):

@@ -6,8 +6,7 @@ import os
 
 import pytest
 
-from betadpo import DataArgs
-from common import UserError, load_model
+from common import DataArgs, UserError, load_model
 from conftest import run_script
 from data import collate, collate_pairs, load_pairs, load_sft, split_hh, tokenize, tokenize_pairs
 from sort_task import build_tokenizer

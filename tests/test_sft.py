@@ -3,7 +3,7 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from betadpo import token_logps
+from common import token_logps
 from conftest import read_metrics, run_script
 
 

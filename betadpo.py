@@ -42,20 +42,20 @@ import torch.nn.functional as F
 from common import (
     Config,
     LossArgs,
-    MetricsLog,
     UserError,
-    init_wandb,
-    latest_checkpoint,
+    load_checkpoint,
     load_model,
     load_tokenizer,
     main_guard,
     make_optimizer,
     make_scheduler,
     no_sync_unless_last,
+    open_run,
     optimizer_step,
     parse_config,
+    preflight,
+    resume_point,
     save_checkpoint,
-    save_config,
     save_final,
     seed_everything,
     token_logps,
@@ -430,6 +430,8 @@ def train(cfg: Config):
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     P, rank = accelerator.num_processes, accelerator.process_index
     validate(cfg, P)
+    preflight(cfg)  # before anything is loaded or written: wandb login, a resumed run's config
+    out = Path(cfg.train.output_dir)
     # ---- seed -----------------------------------------------------------------------------------------
     seed_everything(cfg.train.seed)
     # ---- data -----------------------------------------------------------------------------------------
@@ -445,6 +447,9 @@ def train(cfg: Config):
     if steps_per_epoch == 0:
         raise UserError(f"data: {len(train_pairs)} training pairs is fewer than train.batch_size={cfg.train.batch_size}")
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    ckpt, finished = resume_point(accelerator, out, total_steps)
+    if finished:
+        return out
     # ---- models ---------------------------------------------------------------------------------------
     policy = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
     if cfg.train.gradient_checkpointing:
@@ -453,7 +458,8 @@ def train(cfg: Config):
     # Precomputing from the policy's own starting point needs no second model: before step 1 the policy *is* it.
     reference = None
     if needs_ref and not (cfg.train.precompute_ref and not cfg.model.ref_name_or_path):
-        reference = load_model(cfg.model.ref_name_or_path or cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
+        ref_key = "model.ref_name_or_path" if cfg.model.ref_name_or_path else "model.name_or_path"
+        reference = load_model(cfg.model.ref_name_or_path or cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code, ref_key)
         reference.requires_grad_(False).eval()
     # ---- optimizer ------------------------------------------------------------------------------------
     state = BetaDPOState(cfg.loss, cfg.train.seed, accelerator.device)
@@ -472,19 +478,9 @@ def train(cfg: Config):
         reference = None  # freed: from here on its log-probs come with each batch
     lengths = tuple(len(p) + max(len(c), len(r)) for p, c, r in train_pairs) if cfg.train.group_by_length else None
     # ---- resume ---------------------------------------------------------------------------------------
-    out = Path(cfg.train.output_dir)
-    ckpt = latest_checkpoint(out)
     if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        accelerator.print(f"resumed from {ckpt} (step {state.step})")
-    if state.step >= total_steps and (out / "final").exists():
-        accelerator.print(f"{out} already finished {state.step} steps (train.max_steps={total_steps}); nothing to do")
-        return out
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process, init_wandb(cfg, accelerator.is_main_process))
-    log.truncate_after(state.step)
+        load_checkpoint(accelerator, ckpt, state)
+    log = open_run(cfg, accelerator, state.step)  # config.yaml, metrics.jsonl (rows after state.step dropped), wandb
     # ---- loop -----------------------------------------------------------------------------------------
     bar = tqdm(total=total_steps, initial=state.step, desc="β-DPO", disable=not accelerator.is_main_process)
     policy.train()
@@ -512,23 +508,24 @@ def train(cfg: Config):
         row = {key: torch.stack([s[key] for s in summaries]).float() for key in summaries[0]}
         row = {key: v.sum() if key in SUMMED else v[-1] if key in LAST else v.mean() for key, v in row.items()}
         row["loss"] = accelerator.reduce(step_loss, reduction="sum") / P
-        row["grad_norm"] = grad_norm
+        if grad_norm is not None:  # None: fp16's loss scaler skipped this step
+            row["grad_norm"] = grad_norm
         values = dict(zip(row, torch.stack([torch.as_tensor(v, device=accelerator.device).float() for v in row.values()]).tolist()))
         dt = time.perf_counter() - t0
         tokens = values.pop("tokens")
-        log.write({"step": state.step, "lr": lr, **values, "pairs_per_s": values["pairs"] / dt, "tokens_per_s": tokens / dt})
+        log.write({"step": state.step, "lr": lr, **values, "pairs_per_s": values["pairs"] / dt, "tokens_per_s": tokens / dt})  # stops on NaN/inf
         bar.update(1)
         bar.set_postfix(loss=f"{values['loss']:.4f}", beta=f"{values['beta']:.4f}", kept=f"{values['kept'] / values['pairs']:.2f}")
         last = state.step == total_steps
         if eval_pairs and ((cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or last):
             log.write({"step": state.step, "split": "eval", **evaluate(accelerator, policy, reference, eval_pairs, tokenizer.pad_token_id, state, cfg, ref_eval)})
         if state.step % cfg.train.save_every == 0 or last:
-            save_checkpoint(accelerator, out, state.step)
+            save_checkpoint(accelerator, out, state.step, [*policy.parameters(), state.c])
     bar.close()
     # ---- save -----------------------------------------------------------------------------------------
     scale = {"c": state.c.item(), "beta_scale": F.softplus(state.c).item(), "ppl_scale": cfg.loss.ppl_scale,
              "learn_scale": cfg.loss.learn_scale, "M0": state.M0.item(), "sigma": state.sigma.item(), "step": state.step}
-    save_final(accelerator, policy, tokenizer, out / "final", {"beta_scale.json": scale})  # + the learned β-scale
+    save_final(accelerator, policy, tokenizer, out, state.step, {"beta_scale.json": scale})  # + the learned β-scale
     accelerator.print(f"model: {out / 'final'}\nmetrics: {out / 'metrics.jsonl'}")
     accelerator.wait_for_everyone()  # no process tears down the process group while another still uses it
     accelerator.end_training()

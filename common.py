@@ -7,10 +7,12 @@ repeating the plumbing around it.
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
 import sys
+import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,16 +24,46 @@ import yaml
 
 
 class UserError(Exception):
-    """A mistake in the user's config, data or paths: printed as one line, no traceback."""
+    """A mistake in the user's config, data or paths: printed as one line, no traceback, exit code 2.
+    Raised before anything is written."""
+
+
+class TrainingStopped(Exception):
+    """Training cannot go on (a loss, gradient norm, β statistic or weight is not finite): one line, exit
+    code 3. The last good checkpoint stays; this step is neither logged nor saved."""
+
+
+@dataclass
+class RunStatus:
+    """Where a training run is, for the one line main_guard prints when it stops early (Ctrl-C, TrainingStopped).
+    Set by MetricsLog.write (step) and by the checkpoint functions (checkpoint)."""
+
+    step: int | None = None  # optimizer steps done; None until the training loop starts
+    checkpoint: str = ""  # the last checkpoint saved or resumed from
+
+    def where(self) -> str:
+        if self.step is None:
+            return "before training started"
+        return f"at step {self.step + 1} (last checkpoint: {self.checkpoint or 'none yet'})"
+
+
+STATUS = RunStatus()
 
 
 def main_guard(main):
-    """Run `main()`; turn a UserError into one readable line on stderr and exit code 2."""
+    """Run `main()`; turn expected failures into one readable line on stderr, no traceback:
+    UserError → exit 2, TrainingStopped → exit 3, Ctrl-C → exit 130 (the shell's code for SIGINT)."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted {STATUS.where()}; re-run the same command to resume", file=sys.stderr)
+        sys.exit(130)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -39,6 +71,8 @@ def main_guard(main):
 # --------------------------------------------------------------------------------------------------------
 @dataclass
 class ModelArgs:
+    """model.*: the policy's starting point and its reference."""
+
     name_or_path: str = "tiny"  # hub id or local dir of the policy's starting point; "tiny" = build the built-in tiny Llama
     ref_name_or_path: str = ""  # reference model; "" = the policy's starting point (the usual DPO setup)
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"  # dtype the weights are loaded in (float64: exactness checks)
@@ -49,6 +83,8 @@ class ModelArgs:
 
 @dataclass
 class DataArgs:
+    """data.*: which pairs (or demonstrations), and how they are cut to length."""
+
     dataset: str = "sort"  # "sort" (built-in task), "hh" (Anthropic/hh-rlhf from the Hub) or a .jsonl/.json/.parquet path
     eval_dataset: str = ""  # held-out pairs file for a local dataset; "" = hold out its last eval_size rows
     eval_size: int = 256  # held-out pairs (sort: generated; hh: first N of the test split, 0 = all; file: see above)
@@ -67,6 +103,8 @@ class DataArgs:
 
 @dataclass
 class LossArgs:
+    """loss.*: the preference loss and β-DPO's mechanisms (betadpo.py)."""
+
     type: Literal["dpo", "ipo", "simpo", "orpo"] = "dpo"  # preference loss (SPEC §2.6)
     beta: float = 0.1  # β₀
     alpha: float = 0.0  # α of dynamic β (reference code: `a`; = the paper's α·β₀, since M excludes β₀); 0 = static β
@@ -83,6 +121,8 @@ class LossArgs:
 
 @dataclass
 class TrainArgs:
+    """train.*: optimisation, checkpoints and outputs (sft.py and betadpo.py)."""
+
     output_dir: str = "runs/betadpo"  # checkpoints, metrics.jsonl, config.yaml and final/ go here
     batch_size: int = 64  # pairs per optimizer step, over all processes and accumulation steps
     grad_accum: int = 1  # micro-batches per optimizer step; each is its own calibration batch
@@ -105,6 +145,8 @@ class TrainArgs:
 
 @dataclass
 class EvalArgs:
+    """eval.*: what eval.py evaluates, and how."""
+
     policy: str = ""  # eval.py: the trained policy (a final/ directory); "" = train.output_dir/final
     reference: str = ""  # eval.py: what it is compared with; "" = model.ref_name_or_path, else model.name_or_path
     output_dir: str = "runs/eval"  # eval.py: where eval.json and generations.jsonl go
@@ -119,6 +161,8 @@ class EvalArgs:
 
 @dataclass
 class LogArgs:
+    """log.*: Weights & Biases mirror of metrics.jsonl."""
+
     wandb: bool = False  # also log to Weights & Biases
     wandb_project: str = "betadpo"  # wandb project name
     wandb_mode: Literal["offline", "online"] = "offline"  # offline needs no network; `wandb sync` later
@@ -126,6 +170,8 @@ class LogArgs:
 
 @dataclass
 class Config:
+    """Every section of the config: one YAML file, every field also a command-line flag."""
+
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
     loss: LossArgs = field(default_factory=LossArgs)
@@ -136,6 +182,11 @@ class Config:
 
 def validate(cfg: Config, num_processes: int = 1):
     """Out-of-range values stop the run before anything is loaded, naming the key."""
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            value = getattr(getattr(cfg, section.name), f.name)
+            if isinstance(value, float):
+                require(math.isfinite(value), f"{section.name}.{f.name}", f"must be a finite number, got {value}")
     L, T, D = cfg.loss, cfg.train, cfg.data
     require(L.beta > 0, "loss.beta", f"must be > 0, got {L.beta}")
     require(L.alpha >= 0, "loss.alpha", f"must be ≥ 0, got {L.alpha}")
@@ -195,7 +246,7 @@ def _from_dict(cls, values: dict):
     return cls(**kwargs)
 
 
-def parse_config(cls, argv=None):
+def parse_config(cls, argv=None, description: str = ""):
     """`--config FILE.yaml` sets defaults; any `--section.field value` on the command line overrides them.
 
     Returns an instance of `cls` (a dataclass of dataclasses). Unknown keys in the file are rejected here;
@@ -212,9 +263,7 @@ def parse_config(cls, argv=None):
     known, rest = pre.parse_known_args(argv)
     values = {}
     if known.config:
-        if not Path(known.config).is_file():
-            raise UserError(f"config file '{known.config}' does not exist")
-        values = yaml.safe_load(Path(known.config).read_text()) or {}
+        values = read_yaml(known.config, "config file")
         _check_keys(cls, values)
     try:
         defaults = _from_dict(cls, values)
@@ -225,11 +274,55 @@ def parse_config(cls, argv=None):
         argument_generation_mode=ArgumentGenerationMode.NESTED,
         nested_mode=NestedMode.WITHOUT_ROOT,
         add_config_path_arg=False,
-        description="Every field below can also be set in the YAML file passed with --config FILE.",
+        description=(description + "\n\n" if description else "") + "Every field below can also be set in the YAML file passed with --config FILE.",
     )
-    parser.add_argument("--config", default=None, help="YAML file whose values override the defaults")
+    parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE", help="YAML file whose values override the defaults")
     parser.add_arguments(cls, dest="cfg", default=defaults)
     return parser.parse_args(argv).cfg
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the
+    last value silently, so a forgotten earlier line would quietly win or lose)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' appears twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_mapping)
+
+
+def read_yaml(path, what: str) -> dict:
+    """A YAML file → its mapping ({} when empty); any problem is a UserError naming the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} '{path}' does not exist")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} '{path}' is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"{what} '{path}' cannot be read ({e.strerror})") from None
+    try:
+        values = yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        if problem.endswith("appears twice"):
+            raise UserError(f"{what} '{path}'{where}: {problem}; keep one of them") from None
+        raise UserError(f"{what} '{path}'{where}: not valid YAML ({problem})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UserError(f"{what} '{path}': expected a mapping of sections (model:, data:, ...), got {type(values).__name__}")
+    return values
 
 
 def _check_types(cfg, prefix=""):
@@ -246,8 +339,18 @@ def _check_types(cfg, prefix=""):
             raise UserError(f"config: {prefix}{f.name} must be true or false, got {value!r}")
         elif hint is float and isinstance(value, int) and not isinstance(value, bool):
             setattr(cfg, f.name, float(value))
+        elif hint is float and isinstance(value, str) and _is_number(value):
+            setattr(cfg, f.name, float(value))  # YAML 1.1 reads 1e-4 (no dot) as a string; the command line does not
         elif hint in (int, float, str) and not isinstance(value, hint):
             raise UserError(f"config: {prefix}{f.name} must be a {hint.__name__}, got {value!r}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def require(ok: bool, key: str, message: str):
@@ -273,27 +376,37 @@ def _is_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.path.exists(name) or name.count("/") > 1
 
 
-def _load(loader, name: str, what: str, **kwargs):
-    """Call `loader.from_pretrained` and turn the usual failures into one clear sentence."""
-    if _is_local(name) and not Path(name).expanduser().exists():
-        raise UserError(f"{what} path '{name}' does not exist")
+def _load(loader, name: str, what: str, key: str, **kwargs):
+    """Call `loader.from_pretrained` and turn the usual failures into one sentence naming the config key."""
+    local = _is_local(name)
+    if local:
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise UserError(f"{key}: '{name}' does not exist")
+        if what == "model" and path.is_dir() and not (path / "config.json").is_file():
+            raise UserError(f"{key}: '{name}' has no config.json; pass a directory written by save_pretrained "
+                            "(a run's final/, or a downloaded model)")
     try:
         return loader.from_pretrained(name, **kwargs)
-    except OSError as e:
-        if _is_local(name):
-            raise UserError(f"could not load {what} from '{name}': {str(e).splitlines()[0]}") from None
+    except Exception as e:  # a local directory's files are the user's: any failure to read them is theirs to fix
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        if local:
+            raise UserError(f"{key}: could not load the {what} from '{name}' ({first}); are its files complete? "
+                            "Copy or download it again") from None
+        if not isinstance(e, OSError):
+            raise
         raise UserError(
-            f"could not load {what} '{name}' from the Hugging Face Hub (no network here?). Download it on a "
-            f"machine with network (`hf download {name}`) and pass the local directory instead."
+            f"{key}: could not load the {what} '{name}' from the Hugging Face Hub (no network here?). Download it on "
+            f"a machine with network (`hf download {name}`) and pass the local directory instead."
         ) from None
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False):
+def load_tokenizer(name: str, trust_remote_code: bool = False, key: str = "model.name_or_path"):
     from transformers import AutoTokenizer
 
-    tok = _load(AutoTokenizer, name, "tokenizer", trust_remote_code=trust_remote_code)
+    tok = _load(AutoTokenizer, name, "tokenizer", key, trust_remote_code=trust_remote_code)
     if tok.eos_token_id is None:
-        raise UserError(f"tokenizer '{name}' has no EOS token; responses must end with one")
+        raise UserError(f"{key}: the tokenizer of '{name}' has no EOS token; responses must end with one")
     if tok.pad_token_id is None:  # padding is always masked out, so any id will do
         tok.pad_token = tok.eos_token
     return tok
@@ -302,12 +415,13 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
-def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False):
+def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False, key: str = "model.name_or_path"):
+    """`key`: the config key the path came from, named in error messages."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise next to ours
-    model = _load(AutoModelForCausalLM, name, "model", dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    model = _load(AutoModelForCausalLM, name, "model", key, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     disable_dropout(model)
     return model
 
@@ -357,22 +471,98 @@ def no_sync_unless_last(accelerator, model, k: int, grad_accum: int):
 
 def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float):
     """Clip the model's gradients to `max_grad_norm` (0 = no clipping), step optimizer and schedule, zero the
-    gradients. → (gradient norm before clipping, 0-dim tensor; learning rate this step used)."""
+    gradients. → (gradient norm before clipping, 0-dim tensor; learning rate this step used).
+
+    With fp16 mixed precision the loss scaler skips a step whose gradients overflowed, and lowers its scale:
+    that is routine, not divergence, so the gradient norm is None then (logged as null) instead of inf."""
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm, lr
+    return (None if accelerator.optimizer_step_was_skipped else grad_norm), lr
 
 
-def latest_checkpoint(output_dir: Path):
-    ckpts = sorted((output_dir / "checkpoints").glob("step-*"))
-    return ckpts[-1] if ckpts else None
+class StepCount:
+    """Optimizer steps done: sft.py's training state besides model, optimizer and schedule (betadpo.py keeps
+    its step in BetaDPOState). Saved with each checkpoint through accelerator.register_for_checkpointing."""
+
+    def __init__(self):
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, sd: dict):
+        self.step = sd["step"]
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int):
-    """Write to a temporary directory, then rename: a crash mid-write never destroys the last checkpoint."""
+def check_finite_weights(accelerator, tensors, step: int):
+    """Stop before saving weights that are not finite (a diverged update after the step's logged loss).
+
+    One host sync; under FSDP each process checks its shards and the verdict is summed over processes."""
+    tensors = [t.detach() for t in tensors]
+    bad = torch.stack([~torch.isfinite(t).all() for t in tensors]).any().float().to(accelerator.device)
+    if accelerator.reduce(bad, reduction="sum").item() > 0:
+        raise TrainingStopped(f"step {step}: the model's weights are not finite after this step's update: training stopped, "
+                              f"nothing saved for this step; last good checkpoint: {STATUS.checkpoint or 'none'}. "
+                              "Lower train.lr (or check the data) and train again in another train.output_dir")
+
+
+# ---- the run directory: config.yaml, metrics.jsonl, checkpoints/step-N/, final/ ------------------------
+# A run resumes from its newest intact checkpoint, so re-running the same command continues it. Checkpoints
+# and final/ are written into temporary directories and renamed into place: a crash (even SIGKILL) leaves
+# either the old state or the new one. Each checkpoint lists its files' sizes and SHA-256 in manifest.json;
+# the two newest are kept, and a damaged newest one is set aside on resume in favour of the one before.
+# final/ ends with finished.json, written last: only a final/ with it counts as a finished run.
+CHECKPOINTS_KEPT = 2
+MANIFEST = "manifest.json"
+FINISHED = "finished.json"
+# Keys that may change when a run resumes: how long it trains, how often it saves and evaluates, where it
+# logs and caches, eval.py's own settings. Anything else would change what the saved state means.
+RESUMABLE_KEYS = ("train.max_steps", "train.epochs", "train.save_every", "train.eval_every", "train.output_dir",
+                  "train.ref_cache_dir", "train.gradient_checkpointing", "log.", "eval.")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def checkpoint_problem(ckpt: Path, checksums: bool = True) -> str | None:
+    """None if every file of the checkpoint is present with the size (and SHA-256) its manifest lists;
+    otherwise what is wrong, in a few words."""
+    try:
+        files = json.loads((ckpt / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST}: not completely written"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is damaged"
+    for name, meta in files.items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != meta["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, not {meta['bytes']}"
+        if checksums and _sha256(path) != meta["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def _checkpoints(output_dir: Path) -> list[Path]:
+    return sorted((output_dir / "checkpoints").glob("step-*"))
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, tensors):
+    """accelerator.save_state (model, optimizer, schedule, registered state, random generators) + a manifest,
+    in a temporary directory renamed into place; then all but the newest CHECKPOINTS_KEPT are deleted, once
+    the new one is verified. `tensors`: the weights (and extra trained tensors), checked finite first.
+
+    Verification is cheap: every file is read back once to compute its SHA-256 for the manifest, and after the
+    rename every size is checked against it. (On resume the checksums are checked too.)"""
+    check_finite_weights(accelerator, tensors, step)
     root = output_dir / "checkpoints"
     tmp, final = root / f".tmp-step-{step:08d}", root / f"step-{step:08d}"
     if accelerator.is_main_process and tmp.exists():
@@ -381,44 +571,191 @@ def save_checkpoint(accelerator, output_dir: Path, step: int):
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        files = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+                 for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
+        if final.exists():  # left by an earlier attempt at this step
+            shutil.rmtree(final)
         os.replace(tmp, final)  # atomic on POSIX
-        for old in root.glob("step-*"):
-            if old != final:
+        problem = checkpoint_problem(final, checksums=False)
+        if problem is not None:
+            print(f"warning: the new checkpoint {final} is damaged ({problem}); the older ones are kept", file=sys.stderr)
+        else:
+            for old in _checkpoints(output_dir)[:-CHECKPOINTS_KEPT]:
                 shutil.rmtree(old)
+    STATUS.checkpoint = str(final)
     accelerator.wait_for_everyone()
 
 
-def save_final(accelerator, model, tokenizer, path: Path, extra_files: dict | None = None):
-    """`save_pretrained` model + tokenizer (plain transformers can load them), plus {file name: JSON object}."""
+def finished_steps(output_dir: Path) -> int | None:
+    """The step count a finished run recorded in final/finished.json; None if the run has not finished."""
+    try:
+        return int(json.loads((output_dir / "final" / FINISHED).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def save_final(accelerator, model, tokenizer, output_dir: Path, step: int, extra_files: dict | None = None):
+    """final/: `save_pretrained` model + tokenizer (plain transformers can load them), {file name: JSON object}
+    extras, and finished.json last. Written in .final-tmp/ and renamed; a crash at any point leaves either
+    the previous final/ or none, and the next run (whose last checkpoint is at the last step) writes it again.
+
+    Test-only: the environment variable _TEST_PAUSE_IN_SAVE_FINAL=SECONDS sleeps before finished.json is
+    written, so that a test can kill the process in the middle of a final save."""
+    check_finite_weights(accelerator, model.parameters(), step)
     state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(path, state_dict=state_dict)
-        tokenizer.save_pretrained(path)
+        tmp, final, old = output_dir / ".final-tmp", output_dir / "final", output_dir / ".final-old"
+        for stale in (tmp, old):
+            if stale.exists():
+                shutil.rmtree(stale)
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
         for name, content in (extra_files or {}).items():
-            (path / name).write_text(json.dumps(content, indent=2) + "\n")
+            (tmp / name).write_text(json.dumps(content, indent=2, allow_nan=False) + "\n")
+        if os.environ.get("_TEST_PAUSE_IN_SAVE_FINAL"):
+            time.sleep(float(os.environ["_TEST_PAUSE_IN_SAVE_FINAL"]))
+        (tmp / FINISHED).write_text(json.dumps({"step": step}) + "\n")  # last: the save is complete
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old.exists():
+            shutil.rmtree(old)
     accelerator.wait_for_everyone()
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def preflight(cfg: Config):
+    """Checks that need neither data nor model, before anything is loaded or written (each a UserError):
+    wandb online without a login; a run that would resume with a config it was not started with."""
+    if cfg.log.wandb and cfg.log.wandb_mode == "online" and not _wandb_logged_in():
+        raise UserError("log.wandb_mode: online needs a W&B login (`wandb login`, or WANDB_API_KEY); or use "
+                        "log.wandb_mode: offline and `wandb sync` later")
+    out = Path(cfg.train.output_dir)
+    if not _checkpoints(out) and finished_steps(out) is None:
+        return  # nothing to resume: a fresh start
+    saved_path = out / "config.yaml"
+    if not saved_path.is_file():
+        print(f"warning: {saved_path} is missing; resuming without checking that the config is the same", file=sys.stderr)
+        return
+    saved = {**_flat(dataclasses.asdict(type(cfg)())), **_flat(read_yaml(saved_path, "the run's config"))}
+    now = _flat(dataclasses.asdict(cfg))
+    changed = [k for k in now if saved.get(k) != now[k] and not k.startswith(RESUMABLE_KEYS)]
+    if changed:
+        diffs = ", ".join(f"{k} {saved.get(k)!r} → {now[k]!r}" for k in changed)
+        raise UserError(f"{out} was trained with another config ({diffs}), which cannot change when a run resumes; "
+                        f"to start fresh use another train.output_dir or delete {out}")
+
+
+def resume_point(accelerator, output_dir: Path, total_steps: int) -> tuple[Path | None, bool]:
+    """Where this run starts → (the newest intact checkpoint or None, whether the run is already finished).
+
+    Damaged checkpoints newer than it are renamed damaged-step-N with a warning (kept for inspection, never
+    resumed from). Every process gets the same answer (the main process checks, then broadcasts)."""
+    from accelerate.utils import broadcast_object_list
+
+    done = finished_steps(output_dir)
+    if done is not None and done >= total_steps:
+        accelerator.print(f"{output_dir} already finished {done} steps (this config asks for {total_steps}); nothing to do")
+        return None, True
+    answer = [None, None]  # [checkpoint, error]
+    if accelerator.is_main_process:
+        damaged = []
+        for ckpt in reversed(_checkpoints(output_dir)):
+            problem = checkpoint_problem(ckpt)
+            if problem is None:
+                answer[0] = str(ckpt)
+                break
+            damaged.append((ckpt, problem))
+        if damaged and answer[0] is None:
+            answer[1] = (f"every checkpoint in {output_dir / 'checkpoints'} is damaged ({damaged[0][0].name}: "
+                         f"{damaged[0][1]}); delete {output_dir} (or use another train.output_dir) to start over")
+        elif answer[0] is None and done is not None:
+            answer[1] = (f"{output_dir} finished {done} steps but has no checkpoint to continue from to {total_steps}; "
+                         "use another train.output_dir")
+        else:
+            for ckpt, problem in damaged:
+                aside = ckpt.with_name(f"damaged-{ckpt.name}")
+                print(f"warning: checkpoint {ckpt} is damaged ({problem}); renamed {aside.name}, resuming from the one before",
+                      file=sys.stderr)
+                os.replace(ckpt, aside)
+            for tmp in (output_dir / "checkpoints").glob(".tmp-step-*"):  # a crash in the middle of a save
+                shutil.rmtree(tmp)
+    broadcast_object_list(answer)
+    if answer[1] is not None:
+        raise UserError(answer[1])
+    return (Path(answer[0]) if answer[0] else None), False
+
+
+def load_checkpoint(accelerator, ckpt: Path, state):
+    """accelerator.load_state of a checkpoint resume_point chose; `state` holds the restored step count."""
+    accelerator.load_state(str(ckpt))
+    STATUS.checkpoint = str(ckpt)
+    accelerator.print(f"resumed from {ckpt} (step {state.step})")
+
+
+def open_run(cfg: Config, accelerator, step: int) -> "MetricsLog":
+    """The output directory, just before the loop starts at `step`: config.yaml (the config now in effect),
+    metrics.jsonl without the rows of steps after `step` (a crashed run logged them after its last
+    checkpoint; they are computed again, and said so), and the wandb mirror."""
+    out = Path(cfg.train.output_dir)
+    log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
+    log.truncate_after(step)  # first: it reads the file, which may stop the run
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    log.wandb_run = init_wandb(cfg, accelerator.is_main_process)
+    STATUS.step = step
+    return log
 
 
 # --------------------------------------------------------------------------------------------------------
 # Logging
 # --------------------------------------------------------------------------------------------------------
 class MetricsLog:
-    """Appends one JSON object per line to `metrics.jsonl` (main process only) and mirrors it to wandb."""
+    """Appends one JSON object per line to `metrics.jsonl` (main process only) and mirrors it to wandb.
+
+    A row with a value that is not finite (NaN, ±inf) is never written (JSON has no such numbers): it stops
+    the run instead, on every process alike (their logged values are the same reduced numbers). None, for a
+    value that does not exist this step, is written as null."""
 
     def __init__(self, path: Path, enabled: bool, wandb_run=None):
         self.path, self.enabled, self.wandb_run = path, enabled, wandb_run
 
     def truncate_after(self, step: int):
         """On resume, drop rows a crashed run wrote after its last checkpoint, so each step appears once."""
-        if self.enabled and self.path.exists():
-            rows = [row for row in read_metrics(self.path) if row["step"] <= step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if not (self.enabled and self.path.exists()):
+            return
+        rows = read_metrics(self.path)
+        kept = [r for r in rows if not isinstance(r.get("step"), (int, float)) or r["step"] <= step]
+        if len(kept) < len(rows):
+            print(f"{self.path}: {len(rows) - len(kept)} rows of steps after {step} dropped (logged after the last "
+                  "checkpoint; those steps run again)", flush=True)
+        if len(kept) < len(rows) or self.path.read_bytes()[-1:] not in (b"", b"\n"):  # rows dropped, or a torn line
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)  # atomic: a crash here never loses the rows that stay
 
     def write(self, row: dict):
+        bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            what = ", ".join(f"{k} = {row[k]}" for k in bad[:4]) + (", ..." if len(bad) > 4 else "")
+            split = " (held-out evaluation)" if row.get("split") == "eval" else ""
+            raise TrainingStopped(f"step {row['step']}{split}: {what}: training stopped, nothing saved for this step; "
+                                  f"last good checkpoint: {STATUS.checkpoint or 'none'}. Lower train.lr (or check the "
+                                  "data) and train again in another train.output_dir")
+        if row.get("split") != "eval":
+            STATUS.step = row["step"]
         if not self.enabled:
             return
         with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row, allow_nan=False) + "\n")
         if self.wandb_run is not None:
             prefix = "eval/" if row.get("split") == "eval" else "train/"
             self.wandb_run.log({prefix + k: v for k, v in row.items() if k not in ("step", "split")}, step=row["step"])
@@ -449,6 +786,20 @@ def read_metrics(path) -> list[dict]:
             raise UserError(f"{path} line {number}: not a JSON object (damaged or edited by hand); fix or delete the line")
         rows.append(row)
     return rows
+
+
+def _wandb_logged_in() -> bool:
+    """Whether wandb will find an API key: WANDB_API_KEY, or the ~/.netrc entry `wandb login` writes. No network."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def init_wandb(cfg, enabled: bool):

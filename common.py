@@ -59,11 +59,22 @@ def main_guard(main):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except TrainingStopped as e:
+        _close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
     except KeyboardInterrupt:
-        print(f"\ninterrupted {STATUS.where()}; re-run the same command to resume", file=sys.stderr)
+        _close_progress_bars()
+        print(f"interrupted {STATUS.where()}; re-run the same command to resume", file=sys.stderr)
         sys.exit(130)
+
+
+def _close_progress_bars():
+    """End an open tqdm bar's line first, so that the message is a line of its own (and the last one)."""
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -302,7 +313,7 @@ def read_yaml(path, what: str) -> dict:
     """A YAML file → its mapping ({} when empty); any problem is a UserError naming the file and the line."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{what} '{path}' does not exist")
+        raise UserError(f"{what} '{path}' {'is not a file' if path.exists() else 'does not exist'}")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
@@ -342,7 +353,8 @@ def _check_types(cfg, prefix=""):
         elif hint is float and isinstance(value, str) and _is_number(value):
             setattr(cfg, f.name, float(value))  # YAML 1.1 reads 1e-4 (no dot) as a string; the command line does not
         elif hint in (int, float, str) and not isinstance(value, hint):
-            raise UserError(f"config: {prefix}{f.name} must be a {hint.__name__}, got {value!r}")
+            kind = {int: "an integer", float: "a number", str: "a string"}[hint]
+            raise UserError(f"config: {prefix}{f.name} must be {kind}, got {value!r}")
 
 
 def _is_number(text: str) -> bool:
@@ -376,6 +388,9 @@ def _is_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.path.exists(name) or name.count("/") > 1
 
 
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+
+
 def _load(loader, name: str, what: str, key: str, **kwargs):
     """Call `loader.from_pretrained` and turn the usual failures into one sentence naming the config key."""
     local = _is_local(name)
@@ -383,9 +398,12 @@ def _load(loader, name: str, what: str, key: str, **kwargs):
         path = Path(name).expanduser()
         if not path.exists():
             raise UserError(f"{key}: '{name}' does not exist")
-        if what == "model" and path.is_dir() and not (path / "config.json").is_file():
+        if path.is_dir() and not (path / "config.json").is_file():
             raise UserError(f"{key}: '{name}' has no config.json; pass a directory written by save_pretrained "
                             "(a run's final/, or a downloaded model)")
+        if what == "tokenizer" and path.is_dir() and not any((path / f).is_file() for f in TOKENIZER_FILES):
+            raise UserError(f"{key}: '{name}' has no tokenizer ({', '.join(TOKENIZER_FILES)}); save the tokenizer "
+                            "next to the model (tokenizer.save_pretrained)")
     try:
         return loader.from_pretrained(name, **kwargs)
     except Exception as e:  # a local directory's files are the user's: any failure to read them is theirs to fix
@@ -638,6 +656,11 @@ def preflight(cfg: Config):
         raise UserError("log.wandb_mode: online needs a W&B login (`wandb login`, or WANDB_API_KEY); or use "
                         "log.wandb_mode: offline and `wandb sync` later")
     out = Path(cfg.train.output_dir)
+    existing = next(p for p in (out, *out.parents) if p.exists())  # out itself, or the directory it will be made in
+    if not existing.is_dir():
+        raise UserError(f"train.output_dir: '{existing}' is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"train.output_dir: '{existing}' is not writable; choose another train.output_dir")
     if not _checkpoints(out) and finished_steps(out) is None:
         return  # nothing to resume: a fresh start
     saved_path = out / "config.yaml"

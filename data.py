@@ -18,6 +18,7 @@ response tokens are scored.
 import functools
 import gzip
 import json
+import zlib
 from pathlib import Path
 
 import torch
@@ -26,7 +27,8 @@ import sort_task
 from common import UserError
 
 HH_MARKER = "\n\nAssistant:"
-HH_MAX_SKIPPED = 0.01  # more than 1% malformed public rows means the parser (or the data) is wrong: stop
+HH_MAX_SKIPPED = 0.01  # more than 1% malformed public rows means the parser (or the data) is wrong: stop,
+HH_MAX_SKIPPED_ROWS = 5  # unless they are only a handful (real HH has single blemishes: a 96-row slice may hold one)
 
 
 class DataError(UserError):
@@ -83,34 +85,60 @@ def _load_hh_hub(data_cfg, split):
 
 
 def _read_rows(path: str) -> list[tuple[int, object]]:
-    """(1-based row number, row) for every row of a .jsonl(.gz) / .json / .parquet file."""
+    """(1-based row number, row) for every row of a .jsonl(.gz) / .json / .parquet file. A file that cannot
+    be read as such (truncated or corrupt gzip, not UTF-8, not parquet) stops with one line naming it."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise DataError(f"data file '{path}' does not exist")
+    if not p.is_file():
+        raise DataError(f"data file '{path}' is not a file")
     name = p.name.lower()
-    if name.endswith((".jsonl", ".jsonl.gz")):
-        rows = []
-        with (gzip.open(p, "rt", encoding="utf-8") if name.endswith(".gz") else p.open(encoding="utf-8")) as f:
-            for i, line in enumerate(f, 1):
+    if not name.endswith((".jsonl", ".jsonl.gz", ".json", ".parquet")):
+        raise DataError(f"data file '{path}': unsupported format (use .jsonl, .jsonl.gz, .json or .parquet)")
+    try:
+        if name.endswith(".parquet"):
+            return _read_parquet(p)
+        with gzip.open(p, "rb") if name.endswith(".gz") else p.open("rb") as f:
+            if name.endswith(".json"):
+                data = json.loads(_utf8(f.read(), path, None))
+                if not isinstance(data, list):
+                    raise DataError(f"{path}: expected a JSON list of rows")
+                return list(enumerate(data, 1))
+            rows = []
+            for i, raw in enumerate(f, 1):  # lines as bytes, decoded one by one: an encoding error names its row
+                line = _utf8(raw, path, i)
                 if line.strip():
                     try:
                         rows.append((i, json.loads(line)))
                     except json.JSONDecodeError as e:
                         raise DataError(f"{path} row {i}: not valid JSON ({e.msg})") from None
-        return rows
-    if name.endswith(".json"):
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of rows")
-        return list(enumerate(data, 1))
-    if name.endswith(".parquet"):
-        import pyarrow.parquet as pq
+            return rows
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: not a complete gzip file ({e}); download or compress it again") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
 
+
+def _utf8(raw: bytes, path: str, row: int | None) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = f" row {row}" if row is not None else ""
+        raise DataError(f"{path}{where}: not UTF-8 text (byte {e.start}{' of the row' if row else ''}); "
+                        "convert the file to UTF-8") from None
+
+
+def _read_parquet(p: Path) -> list[tuple[int, object]]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
         return list(enumerate(pq.read_table(p).to_pylist(), 1))
-    raise DataError(f"data file '{path}': unsupported format (use .jsonl, .jsonl.gz, .json or .parquet)")
+    except (pyarrow.ArrowException, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DataError(f"{p}: not a readable parquet file ({first})") from None
 
 
 def _load_file_pairs(path: str, tokenizer) -> list[dict]:
@@ -193,10 +221,20 @@ def _parse_hh(rows, source: str) -> list[dict]:
         share = len(skipped) / len(rows)
         msg = (f"{source}: {len(skipped)} of {len(rows)} rows have an empty response or chosen/rejected "
                f"prompts that differ (rows {', '.join(map(str, skipped[:5]))}{', ...' if len(skipped) > 5 else ''})")
-        if share > HH_MAX_SKIPPED:
+        if share > HH_MAX_SKIPPED and len(skipped) > HH_MAX_SKIPPED_ROWS:
             raise DataError(msg + f": more than {HH_MAX_SKIPPED:.0%}, is this really HH-format data?")
-        print(f"warning: {msg}; skipped", flush=True)
+        _warn_once(f"warning: {msg}; skipped")
     return pairs
+
+
+_warned = set()
+
+
+def _warn_once(message: str):
+    """The same file is parsed for the training and the held-out split: say what is wrong with it once."""
+    if message not in _warned:
+        _warned.add(message)
+        print(message, flush=True)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -221,8 +221,8 @@ def model_paths(cfg: Config) -> tuple[str, str]:
 def model_keys(cfg: Config) -> tuple[str, str]:
     """The config keys model_paths took the two paths from, for error messages."""
     policy = "eval.policy" if cfg.eval.policy else "train.output_dir (its final/)"
-    reference = next(k for k, v in (("eval.reference", cfg.eval.reference), ("model.ref_name_or_path", cfg.model.ref_name_or_path),
-                                    ("model.name_or_path", cfg.model.name_or_path)) if v), "model.name_or_path")
+    sources = (("eval.reference", cfg.eval.reference), ("model.ref_name_or_path", cfg.model.ref_name_or_path))
+    reference = next((key for key, value in sources if value), "model.name_or_path")
     return policy, reference
 
 
@@ -393,12 +393,17 @@ def plot_main(argv: list[str]):
 
 def compare_table(eval_dirs: list[str]) -> str:
     """Several eval.json side by side: one row per metric (standard errors dropped), one column per directory."""
+    if not eval_dirs:
+        raise UserError("--compare needs one or more eval.output_dir directories: python eval.py --compare DIR [DIR ...]")
     reports = []
     for d in eval_dirs:
         path = Path(d) / "eval.json"
         if not path.is_file():
             raise UserError(f"--compare: '{path}' does not exist (pass eval.output_dir directories)")
-        reports.append(json.loads(path.read_text())["metrics"])
+        try:
+            reports.append(json.loads(path.read_bytes())["metrics"])
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"--compare: '{path}' is not an eval.json written by eval.py (damaged?)") from None
     names = [n for n in reports[0] if not n.endswith("_se") and all(n in r for r in reports)]
     width = max(12, *(len(Path(d).name) + 2 for d in eval_dirs))
     lines = [f"{'':<26}" + "".join(f"{Path(d).name:>{width}}" for d in eval_dirs)]

@@ -6,6 +6,7 @@ repeating the plumbing around it.
 
 import contextlib
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -246,7 +247,9 @@ def _check_keys(cls, values: dict, prefix: str = ""):
     hints = typing.get_type_hints(cls)
     for key, value in values.items():
         if key not in fields:
-            raise UserError(f"config: unknown key '{prefix}{key}' (known: {', '.join(fields)})")
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"known: {', '.join(fields)}"
+            raise UserError(f"config: unknown key '{prefix}{key}' ({hint})")
         if dataclasses.is_dataclass(hints[key]):
             _check_keys(hints[key], value, f"{prefix}{key}.")
 

@@ -394,7 +394,7 @@ def plot_main(argv: list[str]):
 def compare_table(eval_dirs: list[str]) -> str:
     """Several eval.json side by side: one row per metric (standard errors dropped), one column per directory."""
     if not eval_dirs:
-        raise UserError("--compare needs one or more eval.output_dir directories: python eval.py --compare DIR [DIR ...]")
+        raise UserError("--compare needs one or more eval.output_dir directories, e.g. eval.py --compare runs/eval_a runs/eval_b")
     reports = []
     for d in eval_dirs:
         path = Path(d) / "eval.json"
@@ -416,7 +416,8 @@ def compare_table(eval_dirs: list[str]) -> str:
 # ========================================================================================================
 HELP = """Evaluate a trained policy against its reference (eval.policy, eval.reference). Two more modes:
   python eval.py --plot RUN_DIR [RUN_DIR ...] [--plot_out PNG]   training curves of runs (their metrics.jsonl)
-  python eval.py --compare EVAL_DIR [EVAL_DIR ...]               several eval.json side by side"""
+  python eval.py --compare EVAL_DIR [EVAL_DIR ...]               several eval.json side by side
+"""
 
 
 def main():

@@ -136,3 +136,18 @@ def test_ctrl_c_then_sigkill_in_the_final_save_then_finished(tmp_path):
     shutil.rmtree(out / "checkpoints")
     result = run_script("sft.py", *cmd[2:], "--train.max_steps", total)
     assert f"already finished {total} steps" in result.stdout and read_jsonl(metrics) == rows
+
+
+def test_read_metrics_skips_a_torn_last_line_and_names_a_damaged_one(tmp_path, capsys):
+    from common import UserError
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
+    assert read_jsonl(path) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}]
+    assert f"warning: {path} line 4 is incomplete" in capsys.readouterr().err
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo\n{"step": 3, "loss": 0.4}\n')
+    with pytest.raises(UserError, match=r"metrics.jsonl line 2: not a JSON object"):
+        read_jsonl(path)
+    path.write_text('{"step": 1}\n[1, 2]\n')
+    with pytest.raises(UserError, match=r"metrics.jsonl line 2: not a JSON object"):
+        read_jsonl(path)

@@ -31,236 +31,53 @@ original code: https://github.com/eric-mitchell/direct-preference-optimization).
 docs/ALGORITHM.md: the same equations with the reasons behind them, where we differ from the reference code
 and why, and its flags mapped to ours.
 
-File layout: CONFIG → LOG-PROBS → ALGO LOGIC (the pure β-DPO functions and their state) → TRAINING LOOP
-(boilerplate: accelerator, data, models, optimizer, checkpoints) → main.
+File layout: LOG-PROBS → ALGO LOGIC (the pure β-DPO functions and their state) → TRAINING LOOP (the loop,
+around it the boilerplate: accelerator, data, models, evaluation) → main. The config (every field a flag) and
+the plumbing shared with sft.py (optimizer, checkpoints, final save, metrics) are in common.py; data order in data.py.
 """
 
 import array
-import contextlib
-import dataclasses
-import functools
 import hashlib
 import json
 import math
 import os
-import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from common import (
-    MetricsLog,
+    Config,
+    LossArgs,
     UserError,
-    init_wandb,
+    load_checkpoint,
     load_model,
     load_tokenizer,
     main_guard,
+    make_optimizer,
+    make_scheduler,
+    no_sync_unless_last,
+    open_run,
+    optimizer_step,
     parse_config,
-    require,
-    save_config,
+    preflight,
+    resume_point,
+    save_checkpoint,
+    save_final,
     seed_everything,
+    token_logps,
+    validate,
 )
-from data import collate_pairs, load_pairs, tokenize_pairs
-
-
-# ========================================================================================================
-# CONFIG  (every field is a command-line flag: --section.field value)
-# ========================================================================================================
-@dataclass
-class ModelArgs:
-    name_or_path: str = "tiny"  # hub id or local dir of the policy's starting point; "tiny" = build the built-in tiny Llama
-    ref_name_or_path: str = ""  # reference model; "" = the policy's starting point (the usual DPO setup)
-    dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"  # dtype the weights are loaded in (float64: exactness checks)
-    trust_remote_code: bool = False  # needed by models with custom code, e.g. InternLM2
-    tiny_hidden_size: int = 128  # width of the "tiny" model (only used when name_or_path is "tiny")
-    tiny_layers: int = 2  # depth of the "tiny" model (only used when name_or_path is "tiny")
-
-
-@dataclass
-class DataArgs:
-    dataset: str = "sort"  # "sort" (built-in task), "hh" (Anthropic/hh-rlhf from the Hub) or a .jsonl/.json/.parquet path
-    eval_dataset: str = ""  # held-out pairs file for a local dataset; "" = hold out its last eval_size rows
-    eval_size: int = 256  # held-out pairs (sort: generated; hh: first N of the test split, 0 = all; file: see above)
-    hh_subset: str = ""  # Anthropic/hh-rlhf data_dir, e.g. "harmless-base"; "" = all of HH
-    max_length: int = 64  # max tokens of prompt + response
-    max_prompt_length: int = 32  # longer prompts keep their last max_prompt_length tokens
-    seed: int = 0  # seed of the built-in task's data (fixed across training seeds)
-    num_sft: int = 20000  # built-in task: SFT demonstrations
-    num_train: int = 4096  # built-in task: training preference pairs
-    sft_noise: float = 0.5  # built-in task: fraction of SFT targets with 1–2 wrong digits
-    high_gap_ratio: float = 0.3  # built-in task: fraction of high-gap pairs (correct vs. random digits)
-    flip_ratio: float = 0.0  # built-in task: fraction of training pairs with chosen/rejected swapped
-    sort_min_len: int = 4  # built-in task: shortest list to sort
-    sort_max_len: int = 12  # built-in task: longest list to sort
-
-
-@dataclass
-class LossArgs:
-    type: Literal["dpo", "ipo", "simpo", "orpo"] = "dpo"  # preference loss (docs/ALGORITHM.md, step 6)
-    beta: float = 0.1  # β₀
-    alpha: float = 0.0  # α of dynamic β (reference code: `a`; = the paper's α·β₀, since M excludes β₀); 0 = static β
-    filter_ratio: float = 0.0  # ρ, fraction of each calibration batch dropped (reference code: `mode_weight`); 0 = off
-    momentum: float = 0.9  # m of the M₀ and σ moving averages
-    beta_min: float = 1e-3  # floor of β_batch
-    label_smoothing: float = 0.0  # ε of conservative DPO (dpo only)
-    simpo_gamma: float = 0.5  # γ, SimPO's target reward margin (simpo only)
-    ppl_scale: bool = False  # β_i ∝ log PPL_θ(x_i) of the prompt (β(x) extension, not in the paper)
-    learn_scale: bool = False  # learn c in softplus(c), the β scale (β(x) extension)
-    beta_scale_init: float = 1.0  # starting softplus(c) (the design set c itself; we set the effective value)
-    scale_lr: float = 0.0  # learning rate of c; 0 = train.lr
-
-
-@dataclass
-class TrainArgs:
-    output_dir: str = "runs/betadpo"  # checkpoints, metrics.jsonl, config.yaml and final/ go here
-    batch_size: int = 64  # pairs per optimizer step, over all processes and accumulation steps
-    grad_accum: int = 1  # micro-batches per optimizer step; each is its own calibration batch
-    lr: float = 5e-4  # peak learning rate
-    optimizer: Literal["adamw", "rmsprop"] = "adamw"  # the original DPO code uses RMSprop
-    weight_decay: float = 0.0  # decoupled weight decay of the model's parameters (never of c)
-    warmup_steps: int = 10  # linear warm-up, then constant (the reference code's schedule)
-    max_grad_norm: float = 10.0  # gradient clipping of the model's parameters
-    max_steps: int = 100  # optimizer steps; 0 = `epochs` passes over the training pairs
-    epochs: int = 1  # used when max_steps is 0
-    seed: int = 0  # model init (tiny), filter generator
-    save_every: int = 50  # checkpoint every N optimizer steps (and at the end)
-    eval_every: int = 50  # held-out evaluation every N optimizer steps (and at the end); 0 = only at the end
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast of the forward passes (accelerate)
-    gradient_checkpointing: bool = False  # recompute activations in backward: far less memory, ~1/3 more compute
-    precompute_ref: bool = False  # one no-grad reference pass over all pairs before training, then free the reference
-    ref_cache_dir: str = "runs/ref_cache"  # precomputed reference log-probs, keyed by reference model and data
-    group_by_length: bool = False  # batch pairs of similar length (less padding); changes which pairs calibrate together
-
-
-@dataclass
-class EvalArgs:
-    policy: str = ""  # eval.py: the trained policy (a final/ directory); "" = train.output_dir/final
-    reference: str = ""  # eval.py: what it is compared with; "" = model.ref_name_or_path, else model.name_or_path
-    output_dir: str = "runs/eval"  # eval.py: where eval.json and generations.jsonl go
-    num_prompts: int = 128  # eval.py: held-out prompts to sample completions for
-    samples_per_prompt: int = 4  # eval.py: completions per prompt at eval.temperature (for KL)
-    max_new_tokens: int = 16  # eval.py: generation length limit
-    batch_size: int = 32  # eval.py: pairs per forward pass when scoring
-    seed: int = 0  # eval.py: sampling seed
-    temperature: float = 1.0  # eval.py: sampling temperature of the KL samples and the second set of gold metrics (> 0)
-    generations_temperature: float = 0.0  # eval.py: temperature of the completions in generations.jsonl (0 = greedy)
-
-
-@dataclass
-class LogArgs:
-    wandb: bool = False  # also log to Weights & Biases
-    wandb_project: str = "betadpo"  # wandb project name
-    wandb_mode: Literal["offline", "online"] = "offline"  # offline needs no network; `wandb sync` later
-
-
-@dataclass
-class Config:
-    model: ModelArgs = field(default_factory=ModelArgs)
-    data: DataArgs = field(default_factory=DataArgs)
-    loss: LossArgs = field(default_factory=LossArgs)
-    train: TrainArgs = field(default_factory=TrainArgs)
-    eval: EvalArgs = field(default_factory=EvalArgs)
-    log: LogArgs = field(default_factory=LogArgs)
-
-
-def validate(cfg: Config, num_processes: int = 1):
-    """Out-of-range values stop the run before anything is loaded, naming the key."""
-    L, T, D = cfg.loss, cfg.train, cfg.data
-    require(L.beta > 0, "loss.beta", f"must be > 0, got {L.beta}")
-    require(L.alpha >= 0, "loss.alpha", f"must be ≥ 0, got {L.alpha}")
-    require(0 <= L.filter_ratio < 1, "loss.filter_ratio", f"must be in [0, 1), got {L.filter_ratio}")
-    require(0 <= L.momentum < 1, "loss.momentum", f"must be in [0, 1), got {L.momentum}")
-    require(L.beta_min > 0, "loss.beta_min", f"must be > 0, got {L.beta_min}")
-    require(0 <= L.label_smoothing < 0.5, "loss.label_smoothing", f"must be in [0, 0.5), got {L.label_smoothing}")
-    require(L.beta_scale_init > 0, "loss.beta_scale_init", f"must be > 0, got {L.beta_scale_init}")
-    require(L.scale_lr >= 0, "loss.scale_lr", f"must be ≥ 0, got {L.scale_lr}")
-    require(T.lr > 0, "train.lr", f"must be > 0, got {T.lr}")
-    require(T.batch_size > 0, "train.batch_size", f"must be > 0, got {T.batch_size}")
-    require(T.grad_accum > 0, "train.grad_accum", f"must be > 0, got {T.grad_accum}")
-    require(T.max_steps >= 0, "train.max_steps", f"must be ≥ 0, got {T.max_steps}")
-    require(T.max_steps > 0 or T.epochs > 0, "train.epochs", "must be > 0 when train.max_steps is 0")
-    require(T.warmup_steps >= 0, "train.warmup_steps", f"must be ≥ 0, got {T.warmup_steps}")
-    require(T.save_every > 0, "train.save_every", f"must be > 0, got {T.save_every}")
-    require(T.eval_every >= 0, "train.eval_every", f"must be ≥ 0, got {T.eval_every}")
-    require(T.max_grad_norm >= 0, "train.max_grad_norm", f"must be ≥ 0, got {T.max_grad_norm}")
-    require(T.weight_decay >= 0, "train.weight_decay", f"must be ≥ 0, got {T.weight_decay}")
-    require(
-        T.batch_size % (num_processes * T.grad_accum) == 0,
-        "train.batch_size",
-        f"({T.batch_size}) must be divisible by processes × grad_accum ({num_processes} × {T.grad_accum})",
-    )
-    require(0 < D.max_prompt_length < D.max_length, "data.max_prompt_length", f"must be in (0, data.max_length), got {D.max_prompt_length}")
-    require(0 <= D.high_gap_ratio <= 1, "data.high_gap_ratio", f"must be in [0, 1], got {D.high_gap_ratio}")
-    require(0 <= D.flip_ratio <= 1, "data.flip_ratio", f"must be in [0, 1], got {D.flip_ratio}")
-    require(0 <= D.sft_noise <= 1, "data.sft_noise", f"must be in [0, 1], got {D.sft_noise}")
-    require(D.eval_size >= 0, "data.eval_size", f"must be ≥ 0, got {D.eval_size}")
-    require(1 <= D.sort_min_len <= D.sort_max_len, "data.sort_min_len", "must be in [1, data.sort_max_len]")
-    E = cfg.eval
-    for key in ("num_prompts", "samples_per_prompt", "max_new_tokens", "batch_size"):
-        require(getattr(E, key) > 0, f"eval.{key}", f"must be > 0, got {getattr(E, key)}")
-    require(E.temperature > 0, "eval.temperature", f"must be > 0 (the KL needs samples; greedy metrics are always computed), got {E.temperature}")
-    require(E.generations_temperature >= 0, "eval.generations_temperature", f"must be ≥ 0, got {E.generations_temperature}")
+from data import collate_pairs, load_pairs, micro_batch_indices, tokenize_pairs
 
 
 # ========================================================================================================
 # LOG-PROBS
+# token_logps(logits, targets) = log softmax(logits)[target], 0 where the target is masked (-100): plainly
+#     torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
+# computed in common.py by a memory-saving kernel with the same numbers and gradients.
 # ========================================================================================================
-class _LabelLogProb(torch.autograd.Function):
-    """log softmax(logits)[target] without ever holding a full fp32 (B, T, V) log-softmax, forward or backward.
-
-    Why it matters: for a batch of 64 pairs × 512 tokens and InternLM2's 92,544-token vocabulary, one fp32
-    log-softmax is 128 × 512 × 92,544 × 4 B ≈ 24 GiB — more than the model. Autograd's version also keeps
-    fp32 copies of bf16 logits for backward and builds several (B, T, V) temporaries there. Here:
-      forward:  log p = log_softmax(logits) in fp32, `chunk_rows` rows at a time (one fused kernel per chunk),
-                and log p(y) gathered from it. When a gradient is needed, the chunk's softmax p = exp(log p) is
-                kept, in the logits' dtype, for backward. The logits themselves are not kept.
-      backward: ∂ log p(y) / ∂ logits = onehot(y) − p, times the incoming gradient g: −p·g written over the
-                kept p in place, then (1 − p(y))·g at the target, from the fp32 log p(y) (bf16 p would lose
-                1 − p(y) when the model is confident). So backward runs no exp over the vocabulary and makes
-                no new (B, T, V) tensor. A second backward through the same graph fails loudly: autograd sees
-                that the saved p was modified.
-    Peak extra memory: one logits-sized tensor (p) plus chunk_rows × T × V × 4 bytes of fp32 work space.
-    (fp32 at least: float64 logits stay float64.) That is the peak of autograd's logits + gradient too.
-    Why keep p rather than the logits: recomputing softmax in backward is a second exp over every logit,
-    and each (B, T, V) temporary is a fresh allocation, which on a CPU costs a page fault per 4 KiB.
-    Works on (B, T, V) logits with (B, T) targets, and on (N, V) with (N,): chunks are chunk_rows slices of dim 0.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, targets, chunk_rows):
-        acc = torch.promote_types(logits.dtype, torch.float32)  # bf16/fp16/fp32 → fp32; fp64 stays fp64
-        picked = torch.empty(targets.shape, dtype=acc, device=logits.device)  # (B, T)
-        probs = torch.empty_like(logits) if ctx.needs_input_grad[0] else None  # (B, T, V): softmax, for backward
-        for i in range(0, logits.shape[0], chunk_rows):
-            rows = slice(i, i + chunk_rows)
-            logp = torch.log_softmax(logits[rows].to(acc), -1)  # (b, T, V), fp32
-            picked[rows] = logp.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1)
-            if probs is not None:
-                torch.exp(logp, out=probs[rows])  # written straight into p (and cast to its dtype)
-        ctx.save_for_backward(probs, targets, picked)
-        return picked
-
-    @staticmethod
-    def backward(ctx, grad_out):  # grad_out: (B, T)
-        probs, targets, picked = ctx.saved_tensors
-        grad = probs.mul_(-grad_out.unsqueeze(-1).to(probs.dtype))  # −p · g, in place (B, T, V)
-        at_target = -torch.expm1(picked) * grad_out  # (1 − p(y)) · g, (B, T), fp32
-        return grad.scatter_(-1, targets.unsqueeze(-1), at_target.unsqueeze(-1).to(grad.dtype)), None, None
-
-
-def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 4) -> torch.Tensor:
-    """log softmax(logits)[target] in fp32 (fp64 for fp64 logits), `chunk_rows` rows at a time (see _LabelLogProb).
-
-    logits (B, T, V), targets (B, T) → (B, T); or (N, V), (N,) → (N,). Targets outside [0, V) (e.g. -100) give 0.
-    """
-    valid = (targets >= 0) & (targets < logits.shape[-1])
-    return _LabelLogProb.apply(logits, torch.where(valid, targets, 0), chunk_rows) * valid
-
-
 def _takes_position_mask(model) -> bool:
     """transformers' own causal LMs (5.x) accept a boolean (B, T) `logits_to_keep` and return the logits of the
     True positions only, (n, V). Remote code (`trust_remote_code`, e.g. InternLM2) may not: it gets all logits."""
@@ -520,85 +337,22 @@ def summarize(everyone: dict, M, kept, beta_b, state: BetaDPOState, cfg: LossArg
 
 
 # ========================================================================================================
-# TRAINING LOOP (boilerplate around the algorithm: data order, optimizer, checkpoints, logging)
+# TRAINING LOOP (boilerplate around the algorithm: batches, evaluation, the loop)
 # ========================================================================================================
 SUMMED = ("kept", "pairs", "tokens")  # summed over a step's micro-batches; everything else is averaged
 LAST = ("M0", "sigma", "beta_scale")  # state after the step
 
 
-@functools.lru_cache(maxsize=2)
-def _epoch_order(num_pairs: int, seed: int, epoch: int, micro: int, lengths: tuple | None) -> tuple:
-    """A seeded shuffle of the pairs. With `lengths` (group_by_length): within windows of 64 micro-batches,
-    pairs are sorted by length and cut into micro-batches, whose order is then shuffled — far less padding,
-    but pairs of similar length now share a calibration batch (their M₀, σ, β and filter)."""
-    g = torch.Generator().manual_seed(seed * 100003 + epoch)
-    order = torch.randperm(num_pairs, generator=g).tolist()
-    if lengths is None:
-        return tuple(order)
-    window = 64 * micro
-    order = [i for w in range(0, num_pairs, window) for i in sorted(order[w : w + window], key=lambda i: lengths[i])]
-    batches = [order[i : i + micro] for i in range(0, num_pairs, micro)]
-    return tuple(i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b])
-
-
-def micro_batch_indices(j: int, num_pairs: int, micro: int, per_epoch: int, seed: int, lengths: tuple | None = None) -> list[int]:
-    """Pairs of global micro-batch j: a pure function of (j, seed), so the data position is just the step
-    count (exact resume) and the global batch does not depend on the number of processes."""
-    epoch, pos = divmod(j, per_epoch)
-    return list(_epoch_order(num_pairs, seed, epoch, micro, lengths)[pos * micro : (pos + 1) * micro])
+def scale_param_groups(cfg: Config, state: BetaDPOState) -> list[dict]:
+    """With learn_scale, c is trained in its own parameter group: its own learning rate, no weight decay."""
+    if not cfg.loss.learn_scale:
+        return []
+    return [{"params": [state.c], "weight_decay": 0.0, "lr": cfg.loss.scale_lr or cfg.train.lr}]
 
 
 def gather(accelerator, stats: dict) -> dict:
     """Detach and all-gather per-pair stats: (B,) on each process → (P·B,) in process order, on every process."""
     return accelerator.gather({k: v.detach() for k, v in stats.items()})
-
-
-def latest_checkpoint(output_dir: Path):
-    ckpts = sorted((output_dir / "checkpoints").glob("step-*"))
-    return ckpts[-1] if ckpts else None
-
-
-def save_checkpoint(accelerator, output_dir: Path, step: int):
-    """Write to a temporary directory, then rename: a crash mid-write never destroys the last checkpoint."""
-    root = output_dir / "checkpoints"
-    tmp, final = root / f".tmp-step-{step:08d}", root / f"step-{step:08d}"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        os.replace(tmp, final)  # atomic on POSIX
-        for old in root.glob("step-*"):
-            if old != final:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-def save_final(accelerator, policy, tokenizer, state: BetaDPOState, cfg: Config, path: Path):
-    """`save_pretrained` model + tokenizer (plain transformers can load them) and the learned β-scale."""
-    state_dict = accelerator.get_state_dict(policy)  # gathers FSDP shards
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(policy).save_pretrained(path, state_dict=state_dict)
-        tokenizer.save_pretrained(path)
-        scale = {"c": state.c.item(), "beta_scale": F.softplus(state.c).item(), "ppl_scale": cfg.loss.ppl_scale,
-                 "learn_scale": cfg.loss.learn_scale, "M0": state.M0.item(), "sigma": state.sigma.item(), "step": state.step}
-        (path / "beta_scale.json").write_text(json.dumps(scale, indent=2) + "\n")
-    accelerator.wait_for_everyone()
-
-
-def make_optimizer(cfg: Config, policy, state: BetaDPOState):
-    """The model's parameters, plus c in its own group: no weight decay, its own learning rate.
-
-    AdamW is `fused` on CPU and CUDA: one kernel updates every parameter, where the default runs about ten
-    per tensor. Same numbers; the step of the benchmark's 13.4M-parameter model takes 6 ms instead of 29 ms on 2 cores.
-    """
-    groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "weight_decay": cfg.train.weight_decay}]
-    if cfg.loss.learn_scale:
-        groups.append({"params": [state.c], "weight_decay": 0.0, "lr": cfg.loss.scale_lr or cfg.train.lr})
-    if cfg.train.optimizer == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=cfg.train.lr)
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, fused=state.c.device.type in ("cpu", "cuda"))
 
 
 def score_pairs(accelerator, policy, reference, pairs, pad_id, batch_size: int, ref_values: dict | None = None) -> dict:
@@ -684,6 +438,8 @@ def train(cfg: Config):
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     P, rank = accelerator.num_processes, accelerator.process_index
     validate(cfg, P)
+    preflight(cfg)  # before anything is loaded or written: wandb login, a resumed run's config
+    out = Path(cfg.train.output_dir)
     # ---- seed -----------------------------------------------------------------------------------------
     seed_everything(cfg.train.seed)
     # ---- data -----------------------------------------------------------------------------------------
@@ -699,6 +455,9 @@ def train(cfg: Config):
     if steps_per_epoch == 0:
         raise UserError(f"data: {len(train_pairs)} training pairs is fewer than train.batch_size={cfg.train.batch_size}")
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    ckpt, finished = resume_point(accelerator, out, total_steps)
+    if finished:
+        return out
     # ---- models ---------------------------------------------------------------------------------------
     policy = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
     if cfg.train.gradient_checkpointing:
@@ -707,18 +466,17 @@ def train(cfg: Config):
     # Precomputing from the policy's own starting point needs no second model: before step 1 the policy *is* it.
     reference = None
     if needs_ref and not (cfg.train.precompute_ref and not cfg.model.ref_name_or_path):
-        reference = load_model(cfg.model.ref_name_or_path or cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
+        ref_key = "model.ref_name_or_path" if cfg.model.ref_name_or_path else "model.name_or_path"
+        reference = load_model(cfg.model.ref_name_or_path or cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code, ref_key)
         reference.requires_grad_(False).eval()
     # ---- optimizer ------------------------------------------------------------------------------------
     state = BetaDPOState(cfg.loss, cfg.train.seed, accelerator.device)
-    optimizer = make_optimizer(cfg, policy, state)
-    warmup = cfg.train.warmup_steps  # lr ∝ min(1, (step + 1) / (warmup + 1)): max_steps never changes it
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    optimizer = make_optimizer(cfg.train, policy, accelerator.device, scale_param_groups(cfg, state))
+    scheduler = make_scheduler(optimizer, cfg.train.warmup_steps)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     if reference is not None:  # sharded like the policy under FSDP; a plain copy per process otherwise
         is_fsdp = accelerator.distributed_type.name == "FSDP"
         reference = accelerator.prepare_model(reference, evaluation_mode=True) if is_fsdp else reference.to(accelerator.device)
-    # The scheduler is not `prepare`d: accelerate would step it once per process.
     accelerator.register_for_checkpointing(scheduler, state)
     ref_train = ref_eval = None
     if cfg.train.precompute_ref and needs_ref:  # before resuming: the policy still holds its initial weights
@@ -728,19 +486,9 @@ def train(cfg: Config):
         reference = None  # freed: from here on its log-probs come with each batch
     lengths = tuple(len(p) + max(len(c), len(r)) for p, c, r in train_pairs) if cfg.train.group_by_length else None
     # ---- resume ---------------------------------------------------------------------------------------
-    out = Path(cfg.train.output_dir)
-    ckpt = latest_checkpoint(out)
     if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        accelerator.print(f"resumed from {ckpt} (step {state.step})")
-    if state.step >= total_steps and (out / "final").exists():
-        accelerator.print(f"{out} already finished {state.step} steps (train.max_steps={total_steps}); nothing to do")
-        return out
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process, init_wandb(cfg, accelerator.is_main_process))
-    log.truncate_after(state.step)
+        load_checkpoint(accelerator, ckpt, state)
+    log = open_run(cfg, accelerator, state.step)  # config.yaml, metrics.jsonl (rows after state.step dropped), wandb
     # ---- loop -----------------------------------------------------------------------------------------
     bar = tqdm(total=total_steps, initial=state.step, desc="β-DPO", disable=not accelerator.is_main_process)
     policy.train()
@@ -754,8 +502,7 @@ def train(cfg: Config):
             batch = collate_pairs([train_pairs[i] for i in mine], tokenizer.pad_token_id)
             batch.update({key: v[mine] for key, v in (ref_train or {}).items()})
             batch = {key: v.to(accelerator.device) for key, v in batch.items()}
-            sync = contextlib.nullcontext() if k == cfg.train.grad_accum - 1 else accelerator.no_sync(policy)
-            with sync, accelerator.autocast():
+            with no_sync_unless_last(accelerator, policy, k, cfg.train.grad_accum), accelerator.autocast():
                 stats = pair_logps(policy, reference, batch)
                 loss, summary = betadpo_loss(stats, gather(accelerator, stats), state, cfg.loss, rank, P, train=True)
                 accelerator.backward(loss / cfg.train.grad_accum)
@@ -763,31 +510,30 @@ def train(cfg: Config):
             summaries.append(summary)
         if cfg.loss.learn_scale:  # c lives outside the DDP/FSDP model: average its gradient ourselves
             state.c.grad = accelerator.reduce(state.c.grad, reduction="mean")
-        grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.train.max_grad_norm or float("inf"))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = optimizer_step(accelerator, policy, optimizer, scheduler, cfg.train.max_grad_norm)
         state.step += 1
         # ---- logging (one host sync per step) ---------------------------------------------------------
         row = {key: torch.stack([s[key] for s in summaries]).float() for key in summaries[0]}
         row = {key: v.sum() if key in SUMMED else v[-1] if key in LAST else v.mean() for key, v in row.items()}
         row["loss"] = accelerator.reduce(step_loss, reduction="sum") / P
-        row["grad_norm"] = grad_norm
+        if grad_norm is not None:  # None: fp16's loss scaler skipped this step
+            row["grad_norm"] = grad_norm
         values = dict(zip(row, torch.stack([torch.as_tensor(v, device=accelerator.device).float() for v in row.values()]).tolist()))
         dt = time.perf_counter() - t0
         tokens = values.pop("tokens")
-        log.write({"step": state.step, "lr": lr, **values, "pairs_per_s": values["pairs"] / dt, "tokens_per_s": tokens / dt})
+        log.write({"step": state.step, "lr": lr, **values, "pairs_per_s": values["pairs"] / dt, "tokens_per_s": tokens / dt})  # stops on NaN/inf
         bar.update(1)
         bar.set_postfix(loss=f"{values['loss']:.4f}", beta=f"{values['beta']:.4f}", kept=f"{values['kept'] / values['pairs']:.2f}")
         last = state.step == total_steps
         if eval_pairs and ((cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or last):
             log.write({"step": state.step, "split": "eval", **evaluate(accelerator, policy, reference, eval_pairs, tokenizer.pad_token_id, state, cfg, ref_eval)})
         if state.step % cfg.train.save_every == 0 or last:
-            save_checkpoint(accelerator, out, state.step)
+            save_checkpoint(accelerator, out, state.step, [*policy.parameters(), state.c])
     bar.close()
     # ---- save -----------------------------------------------------------------------------------------
-    save_final(accelerator, policy, tokenizer, state, cfg, out / "final")
+    scale = {"c": state.c.item(), "beta_scale": F.softplus(state.c).item(), "ppl_scale": cfg.loss.ppl_scale,
+             "learn_scale": cfg.loss.learn_scale, "M0": state.M0.item(), "sigma": state.sigma.item(), "step": state.step}
+    save_final(accelerator, policy, tokenizer, out, state.step, {"beta_scale.json": scale})  # + the learned β-scale
     accelerator.print(f"model: {out / 'final'}\nmetrics: {out / 'metrics.jsonl'}")
     accelerator.wait_for_everyone()  # no process tears down the process group while another still uses it
     accelerator.end_training()

@@ -1,4 +1,5 @@
-"""Data for all three scripts: where pairs come from, how they are tokenized, how batches are padded.
+"""Data for all three scripts: where pairs come from, how they are tokenized, how batches are padded, and
+in which order they are trained on.
 
 Three sources behind `load_pairs` (preference pairs) and `load_sft` (prompt → response):
     sort              the built-in task (sort_task.py), generated from `data.seed`
@@ -14,8 +15,10 @@ what the response answers); the response is then cut, keeping its start, so that
 `max_length`. Labels are -100 on prompt and padding, so only response tokens are scored.
 """
 
+import functools
 import gzip
 import json
+import zlib
 from pathlib import Path
 
 import torch
@@ -24,7 +27,8 @@ import sort_task
 from common import UserError
 
 HH_MARKER = "\n\nAssistant:"
-HH_MAX_SKIPPED = 0.01  # more than 1% malformed public rows means the parser (or the data) is wrong: stop
+HH_MAX_SKIPPED = 0.01  # more than 1% malformed public rows means the parser (or the data) is wrong: stop,
+HH_MAX_SKIPPED_ROWS = 5  # unless they are only a handful (real HH has single blemishes: a 96-row slice may hold one)
 
 
 class DataError(UserError):
@@ -81,34 +85,60 @@ def _load_hh_hub(data_cfg, split):
 
 
 def _read_rows(path: str) -> list[tuple[int, object]]:
-    """(1-based row number, row) for every row of a .jsonl(.gz) / .json / .parquet file."""
+    """(1-based row number, row) for every row of a .jsonl(.gz) / .json / .parquet file. A file that cannot
+    be read as such (truncated or corrupt gzip, not UTF-8, not parquet) stops with one line naming it."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise DataError(f"data file '{path}' does not exist")
+    if not p.is_file():
+        raise DataError(f"data file '{path}' is not a file")
     name = p.name.lower()
-    if name.endswith((".jsonl", ".jsonl.gz")):
-        rows = []
-        with (gzip.open(p, "rt", encoding="utf-8") if name.endswith(".gz") else p.open(encoding="utf-8")) as f:
-            for i, line in enumerate(f, 1):
+    if not name.endswith((".jsonl", ".jsonl.gz", ".json", ".parquet")):
+        raise DataError(f"data file '{path}': unsupported format (use .jsonl, .jsonl.gz, .json or .parquet)")
+    try:
+        if name.endswith(".parquet"):
+            return _read_parquet(p)
+        with gzip.open(p, "rb") if name.endswith(".gz") else p.open("rb") as f:
+            if name.endswith(".json"):
+                data = json.loads(_utf8(f.read(), path, None))
+                if not isinstance(data, list):
+                    raise DataError(f"{path}: expected a JSON list of rows")
+                return list(enumerate(data, 1))
+            rows = []
+            for i, raw in enumerate(f, 1):  # lines as bytes, decoded one by one: an encoding error names its row
+                line = _utf8(raw, path, i)
                 if line.strip():
                     try:
                         rows.append((i, json.loads(line)))
                     except json.JSONDecodeError as e:
                         raise DataError(f"{path} row {i}: not valid JSON ({e.msg})") from None
-        return rows
-    if name.endswith(".json"):
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of rows")
-        return list(enumerate(data, 1))
-    if name.endswith(".parquet"):
-        import pyarrow.parquet as pq
+            return rows
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: not a complete gzip file ({e}); download or compress it again") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
 
+
+def _utf8(raw: bytes, path: str, row: int | None) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = f" row {row}" if row is not None else ""
+        raise DataError(f"{path}{where}: not UTF-8 text (byte {e.start}{' of the row' if row else ''}); "
+                        "convert the file to UTF-8") from None
+
+
+def _read_parquet(p: Path) -> list[tuple[int, object]]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
         return list(enumerate(pq.read_table(p).to_pylist(), 1))
-    raise DataError(f"data file '{path}': unsupported format (use .jsonl, .jsonl.gz, .json or .parquet)")
+    except (pyarrow.ArrowException, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DataError(f"{p}: not a readable parquet file ({first})") from None
 
 
 def _load_file_pairs(path: str, tokenizer) -> list[dict]:
@@ -191,10 +221,20 @@ def _parse_hh(rows, source: str) -> list[dict]:
         share = len(skipped) / len(rows)
         msg = (f"{source}: {len(skipped)} of {len(rows)} rows have an empty response or chosen/rejected "
                f"prompts that differ (rows {', '.join(map(str, skipped[:5]))}{', ...' if len(skipped) > 5 else ''})")
-        if share > HH_MAX_SKIPPED:
+        if share > HH_MAX_SKIPPED and len(skipped) > HH_MAX_SKIPPED_ROWS:
             raise DataError(msg + f": more than {HH_MAX_SKIPPED:.0%}, is this really HH-format data?")
-        print(f"warning: {msg}; skipped", flush=True)
+        _warn_once(f"warning: {msg}; skipped")
     return pairs
+
+
+_warned = set()
+
+
+def _warn_once(message: str):
+    """The same file is parsed for the training and the held-out split: say what is wrong with it once."""
+    if message not in _warned:
+        _warned.add(message)
+        print(message, flush=True)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -243,3 +283,28 @@ def collate_pairs(pairs: list[tuple], pad_id: int) -> dict:
     """B pairs → one batch of 2B rows: chosen responses in rows [0, B), rejected in [B, 2B), so that both go
     through the model in one forward pass."""
     return collate([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], pad_id)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Data order: which pairs (or SFT examples) form global micro-batch j
+# --------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=2)
+def _epoch_order(num_pairs: int, seed: int, epoch: int, micro: int, lengths: tuple | None) -> tuple:
+    """A seeded shuffle of the pairs. With `lengths` (group_by_length): within windows of 64 micro-batches,
+    pairs are sorted by length and cut into micro-batches, whose order is then shuffled — far less padding,
+    but pairs of similar length now share a calibration batch (their M₀, σ, β and filter)."""
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    order = torch.randperm(num_pairs, generator=g).tolist()
+    if lengths is None:
+        return tuple(order)
+    window = 64 * micro
+    order = [i for w in range(0, num_pairs, window) for i in sorted(order[w : w + window], key=lambda i: lengths[i])]
+    batches = [order[i : i + micro] for i in range(0, num_pairs, micro)]
+    return tuple(i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b])
+
+
+def micro_batch_indices(j: int, num_pairs: int, micro: int, per_epoch: int, seed: int, lengths: tuple | None = None) -> list[int]:
+    """Pairs of global micro-batch j: a pure function of (j, seed), so the data position is just the step
+    count (exact resume) and the global batch does not depend on the number of processes."""
+    epoch, pos = divmod(j, per_epoch)
+    return list(_epoch_order(num_pairs, seed, epoch, micro, lengths)[pos * micro : (pos + 1) * micro])

@@ -56,8 +56,18 @@ import torch
 
 import plots
 import sort_task
-from betadpo import Config, implicit_rewards, score_pairs, token_logps, validate
-from common import UserError, generate, load_model, load_tokenizer, main_guard, parse_config
+from betadpo import implicit_rewards, score_pairs
+from common import (
+    Config,
+    UserError,
+    generate,
+    load_model,
+    load_tokenizer,
+    main_guard,
+    parse_config,
+    token_logps,
+    validate,
+)
 from data import collate, load_pairs, tokenize, tokenize_pairs
 
 LOGP_KEYS = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
@@ -208,6 +218,14 @@ def model_paths(cfg: Config) -> tuple[str, str]:
     return policy, cfg.eval.reference or cfg.model.ref_name_or_path or cfg.model.name_or_path
 
 
+def model_keys(cfg: Config) -> tuple[str, str]:
+    """The config keys model_paths took the two paths from, for error messages."""
+    policy = "eval.policy" if cfg.eval.policy else "train.output_dir (its final/)"
+    sources = (("eval.reference", cfg.eval.reference), ("model.ref_name_or_path", cfg.model.ref_name_or_path))
+    reference = next((key for key, value in sources if value), "model.name_or_path")
+    return policy, reference
+
+
 @torch.no_grad()
 def evaluate(cfg: Config, accelerator) -> dict:
     """→ {"metrics": {...}, "generations": [rows of generations.jsonl], "counts": {...}} on every process."""
@@ -215,8 +233,9 @@ def evaluate(cfg: Config, accelerator) -> dict:
     policy_path, ref_path = model_paths(cfg)
     trust = cfg.model.trust_remote_code
     # ---- tokenizers and data ----------------------------------------------------------------------------
-    tokenizer = load_tokenizer(policy_path, trust)
-    if tokenizer.get_vocab() != load_tokenizer(ref_path, trust).get_vocab():
+    policy_key, ref_key = model_keys(cfg)
+    tokenizer = load_tokenizer(policy_path, trust, policy_key)
+    if tokenizer.get_vocab() != load_tokenizer(ref_path, trust, ref_key).get_vocab():
         raise UserError(f"policy '{policy_path}' and reference '{ref_path}' have different tokenizers; "
                         "log-prob ratios need one vocabulary")
     rows = load_pairs(D, "eval", tokenizer)
@@ -226,8 +245,8 @@ def evaluate(cfg: Config, accelerator) -> dict:
     rows = rows[: E.num_prompts]  # prompts to complete: the first held-out ones
     prompts = [p for p, _ in tokenize(tokenizer, [r["prompt"] for r in rows], [""] * len(rows), D.max_length, D.max_prompt_length)]
     # ---- models (frozen, eval mode, one copy per process) ------------------------------------------------
-    models = {role: load_model(path, cfg.model.dtype, trust).requires_grad_(False).eval().to(accelerator.device)
-              for role, path in (("policy", policy_path), ("reference", ref_path))}
+    models = {role: load_model(path, cfg.model.dtype, trust, key).requires_grad_(False).eval().to(accelerator.device)
+              for role, path, key in (("policy", policy_path, policy_key), ("reference", ref_path, ref_key))}
     sizes = [m.get_output_embeddings().weight.shape[0] for m in models.values()]
     if sizes[0] != sizes[1]:
         raise UserError(f"policy '{policy_path}' has a vocabulary of {sizes[0]} tokens, reference '{ref_path}' "
@@ -301,6 +320,12 @@ def write_outputs(cfg: Config, result: dict, out: Path, num_processes: int, wall
 # ========================================================================================================
 # main
 # ========================================================================================================
+HELP = """Evaluate a trained policy against its reference (eval.policy, eval.reference). Two more modes:
+  python eval.py --plot RUN_DIR [RUN_DIR ...] [--plot_out PNG]   training curves of runs (their metrics.jsonl)
+  python eval.py --compare EVAL_DIR [EVAL_DIR ...]               several eval.json side by side
+"""
+
+
 def main():
     # Pictures and tables of finished runs are plots.py's; eval.py only routes its two flags there,
     # before the config parser (which knows neither).
@@ -311,7 +336,7 @@ def main():
     from accelerate import Accelerator
 
     t0 = time.perf_counter()
-    cfg = parse_config(Config)
+    cfg = parse_config(Config, description=HELP)
     validate(cfg)
     accelerator = Accelerator()
     result = evaluate(cfg, accelerator)

@@ -14,28 +14,41 @@ On the built-in task (`data.dataset: sort`) with `model.name_or_path: tiny`, it 
 tokenizer and a tiny Llama from scratch, trains on deliberately imperfect demonstrations, and prints the
 held-out exact-match rate at the end: a competent but imperfect policy for β-DPO to improve on.
 `final/` is a plain `save_pretrained` model + tokenizer: pass it to betadpo.py as `model.name_or_path`.
+
+Optimizer, checkpoints, resume and the final save are betadpo.py's (shared in common.py): re-running the same
+command resumes from the newest intact checkpoint, a finished run is not retrained, and a NaN stops the run.
 """
 
-import contextlib
 import time
 from pathlib import Path
 
 import torch
 
 import sort_task
-from betadpo import Config, micro_batch_indices, token_logps, validate
 from common import (
-    MetricsLog,
+    Config,
+    StepCount,
     UserError,
     generate,
+    load_checkpoint,
     load_model,
     load_tokenizer,
     main_guard,
+    make_optimizer,
+    make_scheduler,
+    no_sync_unless_last,
+    open_run,
+    optimizer_step,
     parse_config,
-    save_config,
+    preflight,
+    resume_point,
+    save_checkpoint,
+    save_final,
     seed_everything,
+    token_logps,
+    validate,
 )
-from data import collate, load_sft, tokenize
+from data import collate, load_sft, micro_batch_indices, tokenize
 
 
 def sft_loss(model, batch: dict, total_tokens, num_processes: int) -> torch.Tensor:
@@ -68,6 +81,8 @@ def main():
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     P, rank = accelerator.num_processes, accelerator.process_index
     validate(cfg, P)
+    preflight(cfg)  # before anything is loaded or written: wandb login, a resumed run's config
+    out = Path(cfg.train.output_dir)
     # ---- seed -----------------------------------------------------------------------------------------
     seed_everything(cfg.train.seed)
     # ---- data -----------------------------------------------------------------------------------------
@@ -80,53 +95,60 @@ def main():
     if steps_per_epoch == 0:
         raise UserError(f"data: {len(examples)} SFT examples is fewer than train.batch_size={cfg.train.batch_size}")
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    lengths = tuple(len(p) + len(r) for p, r in examples) if cfg.train.group_by_length else None
+    ckpt, finished = resume_point(accelerator, out, total_steps)
+    if finished:
+        return
     # ---- model ----------------------------------------------------------------------------------------
     if from_scratch:
         model = sort_task.build_tiny_llama(len(tokenizer), cfg.model.tiny_hidden_size, cfg.model.tiny_layers,
                                            cfg.train.seed, tokenizer.pad_token_id, tokenizer.eos_token_id)
     else:
         model = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # ---- optimizer ------------------------------------------------------------------------------------
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    warmup = cfg.train.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    optimizer = make_optimizer(cfg.train, model, accelerator.device)
+    scheduler = make_scheduler(optimizer, cfg.train.warmup_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    out = Path(cfg.train.output_dir)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
+    progress = StepCount()
+    accelerator.register_for_checkpointing(scheduler, progress)
+    # ---- resume ---------------------------------------------------------------------------------------
+    if ckpt is not None:
+        load_checkpoint(accelerator, ckpt, progress)
+    log = open_run(cfg, accelerator, progress.step)  # config.yaml, metrics.jsonl (rows after the step dropped), wandb
     # ---- loop -----------------------------------------------------------------------------------------
     model.train()
-    bar = tqdm(range(total_steps), desc="SFT", disable=not accelerator.is_main_process)
-    for step in bar:
+    bar = tqdm(total=total_steps, initial=progress.step, desc="SFT", disable=not accelerator.is_main_process)
+    while progress.step < total_steps:
         t0 = time.perf_counter()
         step_loss = torch.zeros((), device=accelerator.device)
         for k in range(cfg.train.grad_accum):
-            idx = micro_batch_indices(step * cfg.train.grad_accum + k, len(examples), micro, steps_per_epoch * cfg.train.grad_accum, cfg.train.seed)
+            j = progress.step * cfg.train.grad_accum + k  # global micro-batch number
+            idx = micro_batch_indices(j, len(examples), micro, steps_per_epoch * cfg.train.grad_accum, cfg.train.seed, lengths)
             mine = idx[rank * (micro // P) : (rank + 1) * (micro // P)]
             total_tokens = sum(len(examples[i][1]) for i in idx)  # response tokens of the global micro-batch
             batch = {key: v.to(accelerator.device) for key, v in collate([examples[i] for i in mine], tokenizer.pad_token_id).items()}
-            sync = contextlib.nullcontext() if k == cfg.train.grad_accum - 1 else accelerator.no_sync(model)
-            with sync, accelerator.autocast():
+            with no_sync_unless_last(accelerator, model, k, cfg.train.grad_accum), accelerator.autocast():
                 loss = sft_loss(model, batch, total_tokens, P)
                 accelerator.backward(loss / cfg.train.grad_accum)
             step_loss += loss.detach() / cfg.train.grad_accum
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or float("inf"))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = (accelerator.reduce(step_loss, reduction="sum") / P).item()
-        log.write({"step": step + 1, "loss": step_loss, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
-                   "pairs_per_s": cfg.train.batch_size / (time.perf_counter() - t0)})
-        bar.set_postfix(loss=f"{step_loss:.4f}")
+        grad_norm, lr = optimizer_step(accelerator, model, optimizer, scheduler, cfg.train.max_grad_norm)
+        progress.step += 1
+        # ---- logging (one host sync per step) ---------------------------------------------------------
+        row = {"loss": accelerator.reduce(step_loss, reduction="sum") / P}
+        if grad_norm is not None:  # None: fp16's loss scaler skipped this step
+            row["grad_norm"] = grad_norm
+        values = dict(zip(row, torch.stack([v.float() for v in row.values()]).tolist()))
+        log.write({"step": progress.step, **values, "lr": lr, "pairs_per_s": cfg.train.batch_size / (time.perf_counter() - t0)})  # stops on NaN/inf
+        bar.update(1)
+        bar.set_postfix(loss=f"{values['loss']:.4f}")
+        if progress.step % cfg.train.save_every == 0 or progress.step == total_steps:
+            save_checkpoint(accelerator, out, progress.step, model.parameters())
+    bar.close()
     # ---- save -----------------------------------------------------------------------------------------
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)
+    save_final(accelerator, model, tokenizer, out, progress.step)
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(out / "final", state_dict=state_dict)
-        tokenizer.save_pretrained(out / "final")
         print(f"model: {out / 'final'}")
         if cfg.data.dataset == "sort":
             held_out = load_sft(cfg.data, "eval")

@@ -236,8 +236,10 @@ def ours_command(bench: dict, out: Path, precompute: bool, extra: list[str]) -> 
 
 def read_ours(out: Path) -> dict:
     """Per-step numbers from our metrics.jsonl (training rows only)."""
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if r.get("split") != "eval"]
+    sys.path.insert(0, str(REPO))
+    from common import read_metrics
+
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if r.get("split") != "eval"]
     return {"loss": [r["loss"] for r in rows], "dt": [r["pairs"] / r["pairs_per_s"] for r in rows],
             "logps_chosen": [r["logps/chosen"] for r in rows], "logps_rejected": [r["logps/rejected"] for r in rows],
             "tokens": [r["tokens_per_s"] * r["pairs"] / r["pairs_per_s"] for r in rows], "kept": [r["kept"] for r in rows]}
@@ -466,7 +468,7 @@ def main():
     import transformers
 
     sys.path.insert(0, str(REPO))
-    from betadpo import micro_batch_indices
+    from data import micro_batch_indices
     from common import load_tokenizer
     from data import tokenize_pairs
 

@@ -38,7 +38,7 @@ from common import read_metrics  # noqa: E402
 # ========================================================================================================
 # THE STUDIES: variant name → config overrides of configs/sort.yaml
 # ========================================================================================================
-DATA_DEFAULTS = {"data.high_gap_ratio": 0.3, "data.flip_ratio": 0.0}  # betadpo.DataArgs' defaults (a test checks)
+DATA_DEFAULTS = {"data.high_gap_ratio": 0.3, "data.flip_ratio": 0.0}  # common.DataArgs' defaults (a test checks)
 DPO = {"loss.alpha": 0.0, "loss.filter_ratio": 0.0}
 # β-DPO with the reference code's settings (https://github.com/junkangwu/beta-DPO), β₀ = 0.1 from configs/sort.yaml.
 BETA_DPO = {"loss.alpha": 0.6, "loss.filter_ratio": 0.2}

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from betadpo import (
     BetaDPOState,
-    LossArgs,
     batch_beta,
     beta_scale,
     betadpo_loss,
@@ -19,6 +18,7 @@ from betadpo import (
     preference_losses,
     update_statistics,
 )
+from common import LossArgs
 
 
 def random_stats(n=8, seed=0, grad=False):

@@ -2,8 +2,7 @@
 
 import pytest
 
-from betadpo import Config, validate
-from common import UserError, parse_config
+from common import Config, UserError, parse_config, validate
 
 
 def write(tmp_path, text):
@@ -34,9 +33,51 @@ def test_unknown_yaml_key_is_named(tmp_path):
         parse_config(Config, ["--config", str(write(tmp_path, "optimiser: {}\n"))])
 
 
-def test_unknown_cli_flag_rejected():
-    with pytest.raises(SystemExit):
+def test_unknown_cli_flag_rejected(capsys):
+    with pytest.raises(SystemExit) as stop:
         parse_config(Config, ["--loss.mode_weight", "0.2"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("error: unrecognized arguments: --loss.mode_weight 0.2")
+
+
+def test_misspelt_yaml_key_gets_a_suggestion(tmp_path):
+    with pytest.raises(UserError, match=r"unknown key 'train.max_step' \(did you mean 'train.max_steps'\?\)"):
+        parse_config(Config, ["--config", str(write(tmp_path, "train:\n  max_step: 3\n"))])
+
+
+def test_yaml_exponent_without_a_dot_is_a_float(tmp_path):
+    """YAML 1.1 (PyYAML) reads 1e-4 as a string; the command line reads it as a float; so do we."""
+    cfg = parse_config(Config, ["--config", str(write(tmp_path, "train:\n  lr: 1e-4\nloss:\n  beta: 5E-2\n"))])
+    assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float) and cfg.loss.beta == 0.05
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train:\n  lr: 1e-4\n  max_steps: 3\n  lr: 3e-4\n", r"c.yaml' line 4: key 'lr' appears twice"),
+        ("train:\n  lr: [1e-4\n", r"c.yaml' line 3: not valid YAML"),
+        ("- train\n- loss\n", r"c.yaml': expected a mapping of sections"),
+        (b"train:\n  output_dir: caf\xe9\n", r"c.yaml' is not UTF-8 text"),
+        ("train:\n  lr: .nan\n", r"train.lr must be a finite number"),
+    ],
+)
+def test_bad_yaml_files_are_one_line(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(UserError, match=message):
+        validate(parse_config(Config, ["--config", str(path)]))
+
+
+def test_help_shows_flags_not_dataclass_reprs(capsys):
+    import eval as ev
+
+    for description in ("", ev.HELP):
+        with pytest.raises(SystemExit):
+            parse_config(Config, ["--help"], description=description)
+        text = capsys.readouterr().out
+        assert "--train.lr float" in text and "--config FILE" in text
+        assert "<factory>" not in text and "Config(" not in text and "--config None" not in text and "(default: None)" not in text
+    assert "--plot RUN_DIR" in text and "--compare EVAL_DIR" in text  # eval.py's help names its other modes
 
 
 def test_bad_literal_in_yaml(tmp_path):

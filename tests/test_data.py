@@ -6,8 +6,7 @@ import os
 
 import pytest
 
-from betadpo import DataArgs
-from common import UserError, load_model
+from common import DataArgs, UserError, load_model
 from conftest import run_script
 from data import collate, collate_pairs, load_pairs, load_sft, split_hh, tokenize, tokenize_pairs
 from sort_task import build_tokenizer
@@ -59,9 +58,20 @@ def test_hh_warning_names_count_and_rows(tmp_path, capsys):
 
 
 def test_hh_too_many_blemishes_is_an_error(tmp_path):
-    rows = [hh_row(f"q{i}?", " a", " b") for i in range(20)] + [hh_row("q?", " ", " b")]
-    with pytest.raises(UserError, match="1 of 21 rows.*more than 1%"):
+    rows = [hh_row(f"q{i}?", " a", " b") for i in range(100)] + [hh_row("q?", " ", " b")] * 6
+    with pytest.raises(UserError, match="6 of 106 rows.*more than 1%"):
         load_pairs(file_cfg(write_jsonl(tmp_path / "hh.jsonl", rows)), "train")
+
+
+def test_hh_one_blemish_in_a_small_slice_is_only_a_warning_printed_once(tmp_path, capsys):
+    """Rows 1–96 of real HH harmless-base test hold one row with an empty response (row 87): 1% of a sample is
+    a single row, so the threshold is > 1% *and* more than a handful (5) rows."""
+    rows = [hh_row(f"q{i}?", " a", " b") for i in range(95)]
+    rows.insert(86, hh_row("q?", " ", " b"))
+    cfg = file_cfg(write_jsonl(tmp_path / "hh.jsonl", rows), eval_size=8)
+    assert len(load_pairs(cfg, "train")) == 95 - 8 and len(load_pairs(cfg, "eval")) == 8
+    out = capsys.readouterr().out
+    assert out.count("warning: ") == 1 and "1 of 96 rows" in out and "(rows 87)" in out
 
 
 def test_split_hh_uses_last_assistant_marker():
@@ -156,7 +166,7 @@ def test_missing_data_file():
 
 
 def test_missing_model_path(tmp_path):
-    with pytest.raises(UserError, match="model path .* does not exist"):
+    with pytest.raises(UserError, match="model.name_or_path: '.*nothing' does not exist"):
         load_model(str(tmp_path / "nothing"))
 
 
@@ -165,7 +175,7 @@ def test_hub_unreachable_gives_one_clear_message(tmp_path, tiny_model):
     offline, out = {"HF_HUB_OFFLINE": "1"}, tmp_path / "out"
     result = run_script("sft.py", "--model.name_or_path", "some-org/some-model", "--data.dataset", "hh",
                         "--train.output_dir", out, check=False, env=offline)
-    assert result.returncode == 2 and "could not load tokenizer 'some-org/some-model' from the Hugging Face Hub" in result.stderr
+    assert result.returncode == 2 and "could not load the tokenizer 'some-org/some-model' from the Hugging Face Hub" in result.stderr
     result = run_script("betadpo.py", "--model.name_or_path", tiny_model, "--data.dataset", "hh",
                         "--train.output_dir", out, check=False, env=offline)
     assert result.returncode == 2 and "error: could not load Anthropic/hh-rlhf" in result.stderr

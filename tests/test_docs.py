@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from betadpo import Config, validate
-from common import parse_config
+from common import Config, parse_config, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 
 import eval as ev
 import sort_task
-from betadpo import Config
-from common import generate, load_model, load_tokenizer, parse_config
+from common import Config, generate, load_model, load_tokenizer, parse_config
 from conftest import run_script, save_tiny_model
 from data import collate, load_pairs, tokenize, tokenize_pairs
 

@@ -41,7 +41,7 @@ def test_shared_variants_train_once():
     assert experiments.slug(experiments.STUDIES["mixture"]["DPO, high-gap 30%"]) == experiments.slug(experiments.DPO)
     assert experiments.slug(experiments.STUDIES["noise"]["β-DPO, flipped 0%"]) == experiments.slug(experiments.BETA_DPO)
     assert len(dirs) == total - 5  # DPO: in 3 studies (2 repeats); β-DPO: in 4 (ablation, mixture, noise, ρ = 0.2)
-    from betadpo import DataArgs
+    from common import DataArgs
 
     assert all(getattr(DataArgs(), k.split(".")[1]) == v for k, v in experiments.DATA_DEFAULTS.items())
 

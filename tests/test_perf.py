@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from betadpo import BetaDPOState, Config, _epoch_order, _takes_position_mask, make_optimizer, pair_logps, sequence_logps, token_logps
-from common import load_model
+from betadpo import BetaDPOState, _takes_position_mask, pair_logps, scale_param_groups, sequence_logps
+from common import Config, load_model, make_optimizer, token_logps
 from conftest import read_metrics, run_script
-from data import collate_pairs, tokenize_pairs
+from data import _epoch_order, collate_pairs, tokenize_pairs
 from sort_task import build_tokenizer
 from test_betadpo_train import flags
 
@@ -75,7 +75,7 @@ def test_fused_adamw_takes_the_same_steps_as_the_textbook_one():
     model, state = torch.nn.Linear(7, 5), BetaDPOState(cfg.loss, 0, "cpu")
     twin, twin_c = torch.nn.Linear(7, 5), torch.nn.Parameter(state.c.detach().clone())
     twin.load_state_dict(model.state_dict())
-    ours = make_optimizer(cfg, model, state)
+    ours = make_optimizer(cfg.train, model, "cpu", scale_param_groups(cfg, state))
     assert ours.defaults["fused"]
     plain = torch.optim.AdamW([{"params": list(twin.parameters()), "weight_decay": 0.1},
                                {"params": [twin_c], "weight_decay": 0.0, "lr": 3e-2}], lr=1e-2)

@@ -71,5 +71,5 @@ def test_read_metrics_ignores_a_torn_last_line_with_a_warning(tmp_path, capsys):
 def test_read_metrics_refuses_a_damaged_line_elsewhere(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
-    with pytest.raises(UserError, match=r"metrics\.jsonl: line 2 "):
+    with pytest.raises(UserError, match=r"metrics\.jsonl line 2: "):
         read_metrics(path)

@@ -27,6 +27,7 @@ def test_sft_two_processes_match_one(tmp_path):
     run_script("sft.py", *common, "--train.output_dir", tmp_path / "p1")
     run_script("sft.py", *common, "--train.output_dir", tmp_path / "p2", processes=2)
     one, two = read_metrics(tmp_path / "p1"), read_metrics(tmp_path / "p2")
-    for a, b in zip(one, two):
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two, strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"])
 

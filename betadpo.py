@@ -67,7 +67,7 @@ class ModelArgs:
     name_or_path: str = "tiny"  # hub id or local dir of the policy's starting point; "tiny" = build the built-in tiny Llama
     ref_name_or_path: str = ""  # reference model; "" = the policy's starting point (the usual DPO setup)
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"  # dtype the weights are loaded in (float64: exactness checks)
-    trust_remote_code: bool = False  # needed by models with custom code, e.g. InternLM2
+    trust_remote_code: bool = False  # run a hub model's own code (InternLM2 needs none: internlm2.py converts it)
     tiny_hidden_size: int = 128  # width of the "tiny" model (only used when name_or_path is "tiny")
     tiny_layers: int = 2  # depth of the "tiny" model (only used when name_or_path is "tiny")
 
@@ -255,7 +255,7 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 4
 
 def _takes_position_mask(model) -> bool:
     """transformers' own causal LMs (5.x) accept a boolean (B, T) `logits_to_keep` and return the logits of the
-    True positions only, (n, V). Remote code (`trust_remote_code`, e.g. InternLM2) may not: it gets all logits."""
+    True positions only, (n, V). Remote code (`trust_remote_code`) may not: it gets all logits."""
     model = getattr(model, "module", model)  # DDP keeps the model in .module; FSDP subclasses it in place
     return any(c.__module__.startswith("transformers.models.") for c in type(model).__mro__)
 

@@ -5,6 +5,7 @@ repeating the plumbing around it.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -15,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+
+import internlm2
 
 
 class UserError(Exception):
@@ -130,25 +133,64 @@ def _is_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.path.exists(name) or name.count("/") > 1
 
 
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Does the Hugging Face Hub answer within timeout_s? Asked once per process, before any hub id is loaded.
+
+    Without network, huggingface_hub retries every file five times with backoff: a hub id that is not in the
+    local cache would fail only after about a minute. When the Hub does not answer (or HF_HUB_OFFLINE=1),
+    models load with local_files_only: from the cache at once, or one line saying it is not there.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout_s)  # proxies and HF_ENDPOINT as the hub client's
+        return True
+    except Exception:
+        return False
+
+
 def _load(loader, name: str, what: str, **kwargs):
     """Call `loader.from_pretrained` and turn the usual failures into one clear sentence."""
     if _is_local(name) and not Path(name).expanduser().exists():
         raise UserError(f"{what} path '{name}' does not exist")
+    online = _is_local(name) or hub_reachable()
     try:
-        return loader.from_pretrained(name, **kwargs)
+        return loader.from_pretrained(name, local_files_only=not online, **kwargs)
     except OSError as e:
         if _is_local(name):
             raise UserError(f"could not load {what} from '{name}': {str(e).splitlines()[0]}") from None
+        where = "the Hugging Face Hub" if online else "the local Hugging Face cache, and the Hub does not answer (no network?)"
         raise UserError(
-            f"could not load {what} '{name}' from the Hugging Face Hub (no network here?). Download it on a "
+            f"could not load {what} '{name}' from {where}. Download it on a "
             f"machine with network (`hf download {name}`) and pass the local directory instead."
         ) from None
+
+
+def _internlm2_dir(name: str):
+    """The local directory of an InternLM2 checkpoint (see internlm2.py), or None for any other model."""
+    if _is_local(name) and not Path(name).expanduser().exists():
+        raise UserError(f"model path '{name}' does not exist")
+    return internlm2.checkpoint_dir(name, _is_local(name), local_files_only=not _is_local(name) and not hub_reachable())
+
+
+def _convert(load, name: str):
+    try:
+        return load()
+    except internlm2.ConversionError as e:
+        raise UserError(f"InternLM2 checkpoint '{name}': {e}") from None
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = _load(AutoTokenizer, name, "tokenizer", trust_remote_code=trust_remote_code)
+    if (internlm2_dir := _internlm2_dir(name)) is not None:  # InternLM2: converted, no remote code
+        tok = _convert(lambda: internlm2.load_tokenizer(internlm2_dir), name)
+    else:
+        tok = _load(AutoTokenizer, name, "tokenizer", trust_remote_code=trust_remote_code)
     if tok.eos_token_id is None:
         raise UserError(f"tokenizer '{name}' has no EOS token; responses must end with one")
     if tok.pad_token_id is None:  # padding is always masked out, so any id will do
@@ -164,7 +206,10 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise next to ours
-    model = _load(AutoModelForCausalLM, name, "model", dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    if (internlm2_dir := _internlm2_dir(name)) is not None:  # InternLM2: loaded as transformers' Llama
+        model = _convert(lambda: internlm2.load_model(internlm2_dir, DTYPES[dtype]), name)
+    else:
+        model = _load(AutoModelForCausalLM, name, "model", dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     disable_dropout(model)
     return model
 

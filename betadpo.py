@@ -47,6 +47,8 @@ import torch.nn.functional as F
 from common import (
     MetricsLog,
     UserError,
+    check_launch,
+    gathered_state_dict,
     init_wandb,
     load_model,
     load_tokenizer,
@@ -209,13 +211,17 @@ class _LabelLogProb(torch.autograd.Function):
     fp32 copies of bf16 logits for backward and builds several (B, T, V) temporaries there. Here:
       forward:  log p = log_softmax(logits) in fp32, `chunk_rows` rows at a time (one fused kernel per chunk),
                 and log p(y) gathered from it. When a gradient is needed, the chunk's softmax p = exp(log p) is
-                kept, in the logits' dtype, for backward. The logits themselves are not kept.
+                kept for backward, in the logits' dtype, or in autocast's dtype when autocast is on and narrower:
+                under accelerate's bf16 the policy's logits arrive as fp32 (one process and DDP: accelerate wraps
+                the model's forward in autocast and upcasts its outputs, `convert_outputs_to_fp32`; FSDP2 returns
+                bf16), and p stays bf16 either way. The logits themselves are not kept.
       backward: ∂ log p(y) / ∂ logits = onehot(y) − p, times the incoming gradient g: −p·g written over the
                 kept p in place, then (1 − p(y))·g at the target, from the fp32 log p(y) (bf16 p would lose
                 1 − p(y) when the model is confident). So backward runs no exp over the vocabulary and makes
                 no new (B, T, V) tensor. A second backward through the same graph fails loudly: autograd sees
                 that the saved p was modified.
-    Peak extra memory: one logits-sized tensor (p) plus chunk_rows × T × V × 4 bytes of fp32 work space.
+    Peak extra memory: one logits-sized tensor (p, bf16 under bf16 autocast) plus chunk_rows × T × V × 4 bytes of
+    fp32 work space. (Upcast fp32 logits get their gradient back in fp32: autograd casts the bf16 one on return.)
     (fp32 at least: float64 logits stay float64.) That is the peak of autograd's logits + gradient too.
     Why keep p rather than the logits: recomputing softmax in backward is a second exp over every logit,
     and each (B, T, V) temporary is a fresh allocation, which on a CPU costs a page fault per 4 KiB.
@@ -226,7 +232,10 @@ class _LabelLogProb(torch.autograd.Function):
     def forward(ctx, logits, targets, chunk_rows):
         acc = torch.promote_types(logits.dtype, torch.float32)  # bf16/fp16/fp32 → fp32; fp64 stays fp64
         picked = torch.empty(targets.shape, dtype=acc, device=logits.device)  # (B, T)
-        probs = torch.empty_like(logits) if ctx.needs_input_grad[0] else None  # (B, T, V): softmax, for backward
+        device = logits.device.type
+        keep = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else logits.dtype
+        keep = keep if keep.itemsize < logits.dtype.itemsize else logits.dtype  # the narrower of the two
+        probs = torch.empty_like(logits, dtype=keep) if ctx.needs_input_grad[0] else None  # (B, T, V): softmax, for backward
         for i in range(0, logits.shape[0], chunk_rows):
             rows = slice(i, i + chunk_rows)
             logp = torch.log_softmax(logits[rows].to(acc), -1)  # (b, T, V), fp32
@@ -569,7 +578,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int):
 
 def save_final(accelerator, policy, tokenizer, state: BetaDPOState, cfg: Config, path: Path):
     """`save_pretrained` model + tokenizer (plain transformers can load them) and the learned β-scale."""
-    state_dict = accelerator.get_state_dict(policy)  # gathers FSDP shards
+    state_dict = gathered_state_dict(accelerator, policy)  # gathers FSDP shards
     if accelerator.is_main_process:
         accelerator.unwrap_model(policy).save_pretrained(path, state_dict=state_dict)
         tokenizer.save_pretrained(path)
@@ -670,10 +679,13 @@ EVAL_KEYS = ("beta", "beta_mean", "margin_mean", "margin_std", "rewards/chosen",
 
 def train(cfg: Config):
     from accelerate import Accelerator
+    from accelerate.utils import fsdp2_prepare_model
+    from torch.distributed.tensor import DTensor
     from tqdm.auto import tqdm
 
     # ---- accelerator ----------------------------------------------------------------------------------
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    check_launch(accelerator)
     P, rank = accelerator.num_processes, accelerator.process_index
     validate(cfg, P)
     # ---- seed -----------------------------------------------------------------------------------------
@@ -704,14 +716,20 @@ def train(cfg: Config):
     # ---- optimizer ------------------------------------------------------------------------------------
     state = BetaDPOState(cfg.loss, cfg.train.seed, accelerator.device)
     optimizer = make_optimizer(cfg, policy, state)
+    # c is no parameter of the model, and FSDP2 maps every parameter of a prepared optimizer to one of the model's
+    # (to shard it, and to checkpoint it by name): c's group moves to an optimizer of its own, same kind and
+    # settings (so the same steps), which accelerate does not prepare and checkpoints as a plain object.
+    scale_optimizer = type(optimizer)([optimizer.param_groups.pop()]) if cfg.loss.learn_scale else None  # (a group holds all settings)
     warmup = cfg.train.warmup_steps  # lr ∝ min(1, (step + 1) / (warmup + 1)): max_steps never changes it
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    scale_scheduler = torch.optim.lr_scheduler.LambdaLR(scale_optimizer, scheduler.lr_lambdas[0]) if scale_optimizer else None
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    if reference is not None:  # sharded like the policy under FSDP; a plain copy per process otherwise
-        is_fsdp = accelerator.distributed_type.name == "FSDP"
-        reference = accelerator.prepare_model(reference, evaluation_mode=True) if is_fsdp else reference.to(accelerator.device)
+    if reference is not None:  # sharded like the policy under FSDP2 (and never saved: it is not in accelerator._models)
+        # (prepare_model(reference, evaluation_mode=True) would neither shard it nor move it to the GPU under FSDP.)
+        # DDP, one process and FSDP1: a whole frozen copy on every process.
+        reference = fsdp2_prepare_model(accelerator, reference) if accelerator.is_fsdp2 else reference.to(accelerator.device)
     # The scheduler is not `prepare`d: accelerate would step it once per process.
-    accelerator.register_for_checkpointing(scheduler, state)
+    accelerator.register_for_checkpointing(scheduler, state, *([scale_optimizer, scale_scheduler] if scale_optimizer else []))
     ref_train = ref_eval = None
     if cfg.train.precompute_ref and needs_ref:  # before resuming: the policy still holds its initial weights
         scorer = reference if reference is not None else policy
@@ -756,10 +774,16 @@ def train(cfg: Config):
         if cfg.loss.learn_scale:  # c lives outside the DDP/FSDP model: average its gradient ourselves
             state.c.grad = accelerator.reduce(state.c.grad, reduction="mean")
         grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.train.max_grad_norm or float("inf"))
+        if isinstance(grad_norm, DTensor):  # FSDP2: the norm of sharded gradients is itself a DTensor
+            grad_norm = grad_norm.full_tensor()
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if scale_optimizer is not None:
+            scale_optimizer.step()
+            scale_scheduler.step()
+            scale_optimizer.zero_grad(set_to_none=True)
         state.step += 1
         # ---- logging (one host sync per step) ---------------------------------------------------------
         row = {key: torch.stack([s[key] for s in summaries]).float() for key in summaries[0]}

@@ -121,6 +121,35 @@ def save_config(cfg, path: Path):
 
 
 # --------------------------------------------------------------------------------------------------------
+# Launch checks
+# --------------------------------------------------------------------------------------------------------
+def check_launch(accelerator):
+    """Catch the two launches where accelerate silently does something other than what was asked.
+
+    1. Processes that did not form one group: `accelerate launch --num_processes 2` (or torchrun) sets
+       WORLD_SIZE=2, but without a GPU (and without ACCELERATE_USE_CPU=true) accelerate initialises no process
+       group, so each process would train alone and all would write the same output directory. Stop, before
+       anything is written: rank 0 says why, the others exit quietly.
+    2. An FSDP config where accelerate falls back to DDP: accelerate sets the FSDP type only for GPU-like
+       devices (accelerate/state.py), so on CPUs FSDP settings are ignored. Run, but say so once.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and accelerator.num_processes == 1:
+        if int(os.environ.get("RANK", "0")) != 0:
+            sys.exit(2)
+        raise UserError(
+            f"launched as {world_size} processes (WORLD_SIZE={world_size}) that did not form one process group "
+            "(accelerate found no GPU), so each would train alone on the same output directory. On CPUs set "
+            "ACCELERATE_USE_CPU=true; on GPUs check that they are visible (nvidia-smi, CUDA_VISIBLE_DEVICES)"
+        )
+    fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp_asked and accelerator.distributed_type.name != "FSDP" and accelerator.is_main_process:
+        runs = "DDP" if accelerator.num_processes > 1 else "one process"
+        print(f"warning: the accelerate config asks for FSDP, but on {accelerator.device.type.upper()}s accelerate runs {runs}: "
+              "nothing is sharded, every process holds whole models", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------------
 # Seeding, models, tokenizers
 # --------------------------------------------------------------------------------------------------------
 def seed_everything(seed: int):
@@ -212,6 +241,18 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
         model = _load(AutoModelForCausalLM, name, "model", dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     disable_dropout(model)
     return model
+
+
+def gathered_state_dict(accelerator, model) -> dict:
+    """The whole model's state dict for `save_pretrained` (FSDP: gathered from the shards, on the main process).
+
+    FSDP gathers tied weights (e.g. lm_head = embed_tokens) as separate copies, which save_pretrained would then
+    write twice; the tied ones are dropped, as in a one-process save.
+    """
+    state_dict = accelerator.get_state_dict(model)
+    for tied in getattr(accelerator.unwrap_model(model), "all_tied_weights_keys", None) or {}:
+        state_dict.pop(tied, None)
+    return state_dict
 
 
 def disable_dropout(model: torch.nn.Module):

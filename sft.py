@@ -27,6 +27,8 @@ from betadpo import Config, micro_batch_indices, token_logps, validate
 from common import (
     MetricsLog,
     UserError,
+    check_launch,
+    gathered_state_dict,
     generate,
     load_model,
     load_tokenizer,
@@ -59,6 +61,7 @@ def exact_match(model, tokenizer, rows: list[dict], cfg: Config, batch_size: int
 
 def main():
     from accelerate import Accelerator
+    from torch.distributed.tensor import DTensor
     from tqdm.auto import tqdm
 
     # ---- config ---------------------------------------------------------------------------------------
@@ -66,6 +69,7 @@ def main():
     validate(cfg)
     # ---- accelerator ----------------------------------------------------------------------------------
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    check_launch(accelerator)
     P, rank = accelerator.num_processes, accelerator.process_index
     validate(cfg, P)
     # ---- seed -----------------------------------------------------------------------------------------
@@ -114,6 +118,8 @@ def main():
                 accelerator.backward(loss / cfg.train.grad_accum)
             step_loss += loss.detach() / cfg.train.grad_accum
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or float("inf"))
+        if isinstance(grad_norm, DTensor):  # FSDP2: the norm of sharded gradients is itself a DTensor
+            grad_norm = grad_norm.full_tensor()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -123,7 +129,7 @@ def main():
         bar.set_postfix(loss=f"{step_loss:.4f}")
     # ---- save -----------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = gathered_state_dict(accelerator, model)  # gathers FSDP shards
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(out / "final", state_dict=state_dict)
         tokenizer.save_pretrained(out / "final")

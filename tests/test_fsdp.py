@@ -159,3 +159,15 @@ def test_log_prob_step_keeps_softmax_in_the_autocast_dtype():
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_two_machine_config_gives_torchrun_two_nodes_of_eight():
+    """configs/accelerate/fsdp_2machines.yaml as accelerate launch reads it on machine 1 (nothing is started)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    argv = ["--config_file", str(ROOT / "configs/accelerate/fsdp_2machines.yaml"), "--machine_rank", "1", "betadpo.py"]
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
+    env = prepare_multi_gpu_env(args)
+    assert (args.nnodes, args.node_rank, args.nproc_per_node, args.main_process_ip) == ("2", 1, "8", "10.0.0.1")
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2" and env["FSDP_STATE_DICT_TYPE"] == "SHARDED_STATE_DICT"

@@ -188,3 +188,22 @@ def test_betadpo_trains_and_eval_generates(checkpoint, tmp_path):
                         "--eval.output_dir", tmp_path / "eval")
     generations = [json.loads(line) for line in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
     assert len(generations) == 2 and all(isinstance(g["policy"], str) for g in generations), result.stdout
+
+
+def test_headline_command_without_network_fails_in_seconds(tmp_path, tiny_model):
+    """No network (a hub endpoint that refuses connections), nothing cached: one line at once, not a minute of
+    hub retries. Likewise for the HH dataset with a local model."""
+    import os
+    import time
+
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": ""}
+    env = {**{k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}, **env}
+    for extra in ([], ["--model.name_or_path", tiny_model]):
+        out = tmp_path / "run"
+        start = time.perf_counter()
+        result = run_script("betadpo.py", "--config", "configs/internlm2.yaml", "--train.output_dir", out, *extra, check=False, env=env)
+        elapsed = time.perf_counter() - start
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: could not load"), result.stderr[-2000:]
+        assert ("Hub does not answer" if not extra else "Anthropic/hh-rlhf") in lines[0]
+        assert elapsed < 40 and not out.exists(), elapsed  # hub retries alone take about a minute

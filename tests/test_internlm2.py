@@ -35,8 +35,9 @@ CONFIG = {"model_type": "internlm2", "architectures": ["InternLM2ForCausalLM"], 
           "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "torch_dtype": "float32", "initializer_range": 0.02}
 
 
-def write_internlm2_checkpoint(path: Path, seed: int = 0) -> dict:
-    """A random InternLM2-layout checkpoint in `path`; → its weights (InternLM2 names), for the reference forward."""
+def write_internlm2_checkpoint(path: Path, seed: int = 0, bias: bool = False) -> dict:
+    """A random InternLM2-layout checkpoint in `path`; → its weights (InternLM2 names), for the reference forward.
+    bias: InternLM2's `bias` option, biases on wqkv and wo (no released model has them)."""
     import sentencepiece as spm
     from safetensors.torch import save_file
 
@@ -49,7 +50,7 @@ def write_internlm2_checkpoint(path: Path, seed: int = 0) -> dict:
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
     (path / "tokenizer.model").write_bytes(model.getvalue())
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
-    cfg = {**CONFIG, "vocab_size": sp.get_piece_size()}
+    cfg = {**CONFIG, "vocab_size": sp.get_piece_size(), "bias": bias}
     (path / "config.json").write_text(json.dumps(cfg))
     (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, sp.piece_to_id("<|im_end|>")]}))
     (path / "tokenizer_config.json").write_text(json.dumps({
@@ -71,6 +72,8 @@ def write_internlm2_checkpoint(path: Path, seed: int = 0) -> dict:
             p + "attention.wqkv.weight": rand((H + 2 * KV) * d, D), p + "attention.wo.weight": rand(D, H * d),
             p + "feed_forward.w1.weight": rand(I, D), p + "feed_forward.w3.weight": rand(I, D), p + "feed_forward.w2.weight": rand(D, I),
         })
+        if bias:
+            weights.update({p + "attention.wqkv.bias": rand((H + 2 * KV) * d), p + "attention.wo.bias": rand(D)})
     names = sorted(weights)  # two shards, as the real checkpoints come
     save_file({k: weights[k] for k in names[: len(names) // 2]}, path / "model-00001-of-00002.safetensors")
     save_file({k: weights[k] for k in names[len(names) // 2 :]}, path / "model-00002-of-00002.safetensors")
@@ -102,13 +105,13 @@ def internlm2_logits(w: dict, cfg: dict, ids: torch.Tensor) -> torch.Tensor:
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         h = rms(x, w[p + "attention_norm.weight"])
-        qkv = (h @ w[p + "attention.wqkv.weight"].T).view(B, T, KV, G + 2, d)  # per KV group: G queries, key, value
+        qkv = (h @ w[p + "attention.wqkv.weight"].T + w.get(p + "attention.wqkv.bias", 0)).view(B, T, KV, G + 2, d)  # per KV group: G queries, key, value
         q = rotate(qkv[:, :, :, :G].reshape(B, T, H, d))  # query head k·G + g belongs to group k
         k = rotate(qkv[:, :, :, G]).repeat_interleave(G, dim=2)  # (B, T, H, d)
         v = qkv[:, :, :, G + 1].repeat_interleave(G, dim=2)
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d)
         attn = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-        x = x + torch.einsum("bhqk,bkhd->bqhd", attn, v).reshape(B, T, H * d) @ w[p + "attention.wo.weight"].T
+        x = x + torch.einsum("bhqk,bkhd->bqhd", attn, v).reshape(B, T, H * d) @ w[p + "attention.wo.weight"].T + w.get(p + "attention.wo.bias", 0)
         h = rms(x, w[p + "ffn_norm.weight"])
         x = x + (F.silu(h @ w[p + "feed_forward.w1.weight"].T) * (h @ w[p + "feed_forward.w3.weight"].T)) @ w[p + "feed_forward.w2.weight"].T
     return rms(x, w["model.norm.weight"]) @ w["output.weight"].T
@@ -129,8 +132,9 @@ def checkpoint(tmp_path_factory):
     return path, write_internlm2_checkpoint(path)
 
 
-def test_native_load_matches_internlm2_forward(checkpoint):
-    path, weights = checkpoint
+@pytest.mark.parametrize("bias", [False, True])
+def test_native_load_matches_internlm2_forward(checkpoint, tmp_path, bias):
+    path, weights = checkpoint if not bias else (tmp_path / "biased", write_internlm2_checkpoint(tmp_path / "biased", bias=True))
     cfg = json.loads((path / "config.json").read_text())
     model = load_model(str(path)).eval()
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_key_value_heads < model.config.num_attention_heads

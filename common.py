@@ -192,9 +192,9 @@ def _load(loader, name: str, what: str, **kwargs):
     except OSError as e:
         if _is_local(name):
             raise UserError(f"could not load {what} from '{name}': {str(e).splitlines()[0]}") from None
-        where = "the Hugging Face Hub" if online else "the local Hugging Face cache, and the Hub does not answer (no network?)"
+        why = "(no network here?)" if online else "(it does not answer: no network?), nor from the local cache"
         raise UserError(
-            f"could not load {what} '{name}' from {where}. Download it on a "
+            f"could not load {what} '{name}' from the Hugging Face Hub {why}. Download it on a "
             f"machine with network (`hf download {name}`) and pass the local directory instead."
         ) from None
 

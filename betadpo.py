@@ -51,6 +51,7 @@ from common import (
     Config,
     LossArgs,
     UserError,
+    check_launch,
     load_checkpoint,
     load_model,
     load_tokenizer,
@@ -80,7 +81,7 @@ from data import collate_pairs, load_pairs, micro_batch_indices, tokenize_pairs
 # ========================================================================================================
 def _takes_position_mask(model) -> bool:
     """transformers' own causal LMs (5.x) accept a boolean (B, T) `logits_to_keep` and return the logits of the
-    True positions only, (n, V). Remote code (`trust_remote_code`, e.g. InternLM2) may not: it gets all logits."""
+    True positions only, (n, V). Remote code (`trust_remote_code`) may not: it gets all logits."""
     model = getattr(model, "module", model)  # DDP keeps the model in .module; FSDP subclasses it in place
     return any(c.__module__.startswith("transformers.models.") for c in type(model).__mro__)
 
@@ -343,13 +344,6 @@ SUMMED = ("kept", "pairs", "tokens")  # summed over a step's micro-batches; ever
 LAST = ("M0", "sigma", "beta_scale")  # state after the step
 
 
-def scale_param_groups(cfg: Config, state: BetaDPOState) -> list[dict]:
-    """With learn_scale, c is trained in its own parameter group: its own learning rate, no weight decay."""
-    if not cfg.loss.learn_scale:
-        return []
-    return [{"params": [state.c], "weight_decay": 0.0, "lr": cfg.loss.scale_lr or cfg.train.lr}]
-
-
 def gather(accelerator, stats: dict) -> dict:
     """Detach and all-gather per-pair stats: (B,) on each process → (P·B,) in process order, on every process."""
     return accelerator.gather({k: v.detach() for k, v in stats.items()})
@@ -432,10 +426,12 @@ EVAL_KEYS = ("beta", "beta_mean", "margin_mean", "margin_std", "rewards/chosen",
 
 def train(cfg: Config):
     from accelerate import Accelerator
+    from accelerate.utils import fsdp2_prepare_model
     from tqdm.auto import tqdm
 
     # ---- accelerator ----------------------------------------------------------------------------------
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    check_launch(accelerator)
     P, rank = accelerator.num_processes, accelerator.process_index
     validate(cfg, P)
     preflight(cfg)  # before anything is loaded or written: wandb login, a resumed run's config
@@ -471,13 +467,21 @@ def train(cfg: Config):
         reference.requires_grad_(False).eval()
     # ---- optimizer ------------------------------------------------------------------------------------
     state = BetaDPOState(cfg.loss, cfg.train.seed, accelerator.device)
-    optimizer = make_optimizer(cfg.train, policy, accelerator.device, scale_param_groups(cfg, state))
+    optimizer = make_optimizer(cfg.train, policy.parameters(), accelerator.device)
     scheduler = make_scheduler(optimizer, cfg.train.warmup_steps)
+    # c is no parameter of the model, and FSDP2 maps every parameter of a prepared optimizer to one of the model's
+    # (to shard it, and to checkpoint it by name): so c has an optimizer of its own, of the same kind, with its own
+    # lr and no weight decay, which accelerate does not prepare and checkpoints as a plain object. Not clipped.
+    scale_optimizer = scale_scheduler = None
+    if cfg.loss.learn_scale:
+        scale_optimizer = make_optimizer(cfg.train, [state.c], accelerator.device, lr=cfg.loss.scale_lr or cfg.train.lr, weight_decay=0.0)
+        scale_scheduler = make_scheduler(scale_optimizer, cfg.train.warmup_steps)
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    if reference is not None:  # sharded like the policy under FSDP; a plain copy per process otherwise
-        is_fsdp = accelerator.distributed_type.name == "FSDP"
-        reference = accelerator.prepare_model(reference, evaluation_mode=True) if is_fsdp else reference.to(accelerator.device)
-    accelerator.register_for_checkpointing(scheduler, state)
+    if reference is not None:  # sharded like the policy under FSDP2 (and never saved: it is not in accelerator._models)
+        # (prepare_model(reference, evaluation_mode=True) would neither shard it nor move it to the GPU under FSDP.)
+        # DDP, one process and FSDP1: a whole frozen copy on every process.
+        reference = fsdp2_prepare_model(accelerator, reference) if accelerator.is_fsdp2 else reference.to(accelerator.device)
+    accelerator.register_for_checkpointing(scheduler, state, *([scale_optimizer, scale_scheduler] if scale_optimizer else []))
     ref_train = ref_eval = None
     if cfg.train.precompute_ref and needs_ref:  # before resuming: the policy still holds its initial weights
         scorer = reference if reference is not None else policy
@@ -511,6 +515,10 @@ def train(cfg: Config):
         if cfg.loss.learn_scale:  # c lives outside the DDP/FSDP model: average its gradient ourselves
             state.c.grad = accelerator.reduce(state.c.grad, reduction="mean")
         grad_norm, lr = optimizer_step(accelerator, policy, optimizer, scheduler, cfg.train.max_grad_norm)
+        if scale_optimizer is not None:
+            scale_optimizer.step()
+            scale_scheduler.step()
+            scale_optimizer.zero_grad(set_to_none=True)
         state.step += 1
         # ---- logging (one host sync per step) ---------------------------------------------------------
         row = {key: torch.stack([s[key] for s in summaries]).float() for key in summaries[0]}

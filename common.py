@@ -7,6 +7,7 @@ repeating the plumbing around it.
 import contextlib
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import os
@@ -22,6 +23,8 @@ from typing import Literal
 import numpy as np
 import torch
 import yaml
+
+import internlm2
 
 
 class UserError(Exception):
@@ -88,7 +91,7 @@ class ModelArgs:
     name_or_path: str = "tiny"  # hub id or local dir of the policy's starting point; "tiny" = build the built-in tiny Llama
     ref_name_or_path: str = ""  # reference model; "" = the policy's starting point (the usual DPO setup)
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"  # dtype the weights are loaded in (float64: exactness checks)
-    trust_remote_code: bool = False  # needed by models with custom code, e.g. InternLM2
+    trust_remote_code: bool = False  # run a hub model's own code (InternLM2 needs none: internlm2.py converts it)
     tiny_hidden_size: int = 128  # width of the "tiny" model (only used when name_or_path is "tiny")
     tiny_layers: int = 2  # depth of the "tiny" model (only used when name_or_path is "tiny")
 
@@ -208,6 +211,9 @@ def validate(cfg: Config, num_processes: int = 1):
     require(0 <= L.label_smoothing < 0.5, "loss.label_smoothing", f"must be in [0, 0.5), got {L.label_smoothing}")
     require(L.beta_scale_init > 0, "loss.beta_scale_init", f"must be > 0, got {L.beta_scale_init}")
     require(L.scale_lr >= 0, "loss.scale_lr", f"must be ≥ 0, got {L.scale_lr}")
+    require(not (L.learn_scale and T.mixed_precision == "fp16"), "loss.learn_scale",
+            "does not work with train.mixed_precision fp16: c has an optimizer of its own, which fp16's loss scaler "
+            "does not unscale; use bf16")
     require(T.lr > 0, "train.lr", f"must be > 0, got {T.lr}")
     require(T.batch_size > 0, "train.batch_size", f"must be > 0, got {T.batch_size}")
     require(T.grad_accum > 0, "train.grad_accum", f"must be > 0, got {T.grad_accum}")
@@ -379,6 +385,35 @@ def save_config(cfg, path: Path):
 
 
 # --------------------------------------------------------------------------------------------------------
+# Launch checks
+# --------------------------------------------------------------------------------------------------------
+def check_launch(accelerator):
+    """Catch the two launches where accelerate silently does something other than what was asked.
+
+    1. Processes that did not form one group: `accelerate launch --num_processes 2` (or torchrun) sets
+       WORLD_SIZE=2, but without a GPU (and without ACCELERATE_USE_CPU=true) accelerate initialises no process
+       group, so each process would train alone and all would write the same output directory. Stop, before
+       anything is written: rank 0 says why, the others exit quietly.
+    2. An FSDP config where accelerate falls back to DDP: accelerate sets the FSDP type only for GPU-like
+       devices (accelerate/state.py), so on CPUs FSDP settings are ignored. Run, but say so once.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and accelerator.num_processes == 1:
+        if int(os.environ.get("RANK", "0")) != 0:
+            sys.exit(2)
+        raise UserError(
+            f"launched as {world_size} processes (WORLD_SIZE={world_size}) that did not form one process group "
+            "(accelerate found no GPU), so each would train alone on the same output directory. On CPUs set "
+            "ACCELERATE_USE_CPU=true; on GPUs check that they are visible (nvidia-smi, CUDA_VISIBLE_DEVICES)"
+        )
+    fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp_asked and accelerator.distributed_type.name != "FSDP" and accelerator.is_main_process:
+        runs = "DDP" if accelerator.num_processes > 1 else "one process"
+        print(f"warning: the accelerate config asks for FSDP, but on {accelerator.device.type.upper()}s accelerate runs {runs}: "
+              "nothing is sharded, every process holds whole models", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------------
 # Seeding, models, tokenizers
 # --------------------------------------------------------------------------------------------------------
 def seed_everything(seed: int):
@@ -389,6 +424,26 @@ def seed_everything(seed: int):
 
 def _is_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.path.exists(name) or name.count("/") > 1
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Does the Hugging Face Hub answer within timeout_s? Asked once per process, before any hub id is loaded.
+
+    Without network, huggingface_hub retries every file five times with backoff: a hub id that is not in the
+    local cache would fail only after about a minute. When the Hub does not answer (or HF_HUB_OFFLINE=1),
+    models load with local_files_only: from the cache at once, or one line saying it is not there.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout_s)  # proxies and HF_ENDPOINT as the hub client's
+        return True
+    except Exception:
+        return False
 
 
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
@@ -407,8 +462,9 @@ def _load(loader, name: str, what: str, key: str, **kwargs):
         if what == "tokenizer" and path.is_dir() and not any((path / f).is_file() for f in TOKENIZER_FILES):
             raise UserError(f"{key}: '{name}' has no tokenizer ({', '.join(TOKENIZER_FILES)}); save the tokenizer "
                             "next to the model (tokenizer.save_pretrained)")
+    online = local or hub_reachable()
     try:
-        return loader.from_pretrained(name, **kwargs)
+        return loader.from_pretrained(name, local_files_only=not online, **kwargs)
     except Exception as e:  # a local directory's files are the user's: any failure to read them is theirs to fix
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         if local:
@@ -416,16 +472,34 @@ def _load(loader, name: str, what: str, key: str, **kwargs):
                             "Copy or download it again") from None
         if not isinstance(e, OSError):
             raise
+        why = "(no network here?)" if online else "(it does not answer: no network?), nor from the local cache"
         raise UserError(
-            f"{key}: could not load the {what} '{name}' from the Hugging Face Hub (no network here?). Download it on "
-            f"a machine with network (`hf download {name}`) and pass the local directory instead."
+            f"{key}: could not load the {what} '{name}' from the Hugging Face Hub {why}. Download it on a "
+            f"machine with network (`hf download {name}`) and pass the local directory instead."
         ) from None
+
+
+def _internlm2_dir(name: str, key: str):
+    """The local directory of an InternLM2 checkpoint (see internlm2.py), or None for any other model."""
+    if _is_local(name) and not Path(name).expanduser().exists():
+        raise UserError(f"{key}: '{name}' does not exist")
+    return internlm2.checkpoint_dir(name, _is_local(name), local_files_only=not _is_local(name) and not hub_reachable())
+
+
+def _convert(load, name: str):
+    try:
+        return load()
+    except internlm2.ConversionError as e:
+        raise UserError(f"InternLM2 checkpoint '{name}': {e}") from None
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False, key: str = "model.name_or_path"):
     from transformers import AutoTokenizer
 
-    tok = _load(AutoTokenizer, name, "tokenizer", key, trust_remote_code=trust_remote_code)
+    if (internlm2_dir := _internlm2_dir(name, key)) is not None:  # InternLM2: converted, no remote code
+        tok = _convert(lambda: internlm2.load_tokenizer(internlm2_dir), name)
+    else:
+        tok = _load(AutoTokenizer, name, "tokenizer", key, trust_remote_code=trust_remote_code)
     if tok.eos_token_id is None:
         raise UserError(f"{key}: the tokenizer of '{name}' has no EOS token; responses must end with one")
     if tok.pad_token_id is None:  # padding is always masked out, so any id will do
@@ -442,9 +516,24 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise next to ours
-    model = _load(AutoModelForCausalLM, name, "model", key, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    if (internlm2_dir := _internlm2_dir(name, key)) is not None:  # InternLM2: loaded as transformers' Llama
+        model = _convert(lambda: internlm2.load_model(internlm2_dir, DTYPES[dtype]), name)
+    else:
+        model = _load(AutoModelForCausalLM, name, "model", key, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     disable_dropout(model)
     return model
+
+
+def gathered_state_dict(accelerator, model) -> dict:
+    """The whole model's state dict for `save_pretrained` (FSDP: gathered from the shards, on the main process).
+
+    FSDP gathers tied weights (e.g. lm_head = embed_tokens) as separate copies, which save_pretrained would then
+    write twice; the tied ones are dropped, as in a one-process save.
+    """
+    state_dict = accelerator.get_state_dict(model)
+    for tied in getattr(accelerator.unwrap_model(model), "all_tied_weights_keys", None) or {}:
+        state_dict.pop(tied, None)
+    return state_dict
 
 
 def disable_dropout(model: torch.nn.Module):
@@ -465,17 +554,19 @@ def disable_dropout(model: torch.nn.Module):
 # Training plumbing shared by sft.py and betadpo.py: optimizer, one optimizer step, checkpoints, final/.
 # Plain functions; each script keeps its own loop and calls them where a reader expects them.
 # --------------------------------------------------------------------------------------------------------
-def make_optimizer(train_cfg: TrainArgs, model: torch.nn.Module, device, extra_groups: tuple = ()):
-    """`train.optimizer` over the model's trainable parameters, plus any extra parameter groups (betadpo.py
-    adds the β-scale c there: its own learning rate, no weight decay).
+def make_optimizer(train_cfg: TrainArgs, params, device, lr: float | None = None, weight_decay: float | None = None):
+    """`train.optimizer` over `params` (their trainable ones), at `lr` and `weight_decay` (default: train.*).
+    betadpo.py makes a second one for the β-scale c: its own learning rate, no weight decay.
 
     AdamW is `fused` on CPU and CUDA: one kernel updates every parameter, where the default runs about ten
     per tensor. Same numbers; the step of the benchmark's 13.4M-parameter model takes 6 ms instead of 29 ms on 2 cores.
     """
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": train_cfg.weight_decay}, *extra_groups]
+    group = {"params": [p for p in params if p.requires_grad],
+             "weight_decay": train_cfg.weight_decay if weight_decay is None else weight_decay}
+    lr = train_cfg.lr if lr is None else lr
     if train_cfg.optimizer == "rmsprop":  # the original DPO code's optimizer
-        return torch.optim.RMSprop(groups, lr=train_cfg.lr)
-    return torch.optim.AdamW(groups, lr=train_cfg.lr, fused=torch.device(device).type in ("cpu", "cuda"))
+        return torch.optim.RMSprop([group], lr=lr)
+    return torch.optim.AdamW([group], lr=lr, fused=torch.device(device).type in ("cpu", "cuda"))
 
 
 def make_scheduler(optimizer, warmup_steps: int):
@@ -496,7 +587,11 @@ def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: floa
 
     With fp16 mixed precision the loss scaler skips a step whose gradients overflowed, and lowers its scale:
     that is routine, not divergence, so the gradient norm is None then (logged as null) instead of inf."""
+    from torch.distributed.tensor import DTensor
+
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
+    if isinstance(grad_norm, DTensor):  # FSDP2: the norm of sharded gradients is itself a DTensor
+        grad_norm = grad_norm.full_tensor()
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
@@ -522,7 +617,9 @@ def check_finite_weights(accelerator, tensors, step: int):
     """Stop before saving weights that are not finite (a diverged update after the step's logged loss).
 
     One host sync; under FSDP each process checks its shards and the verdict is summed over processes."""
-    tensors = [t.detach() for t in tensors]
+    from torch.distributed.tensor import DTensor
+
+    tensors = [t.to_local() if isinstance(t, DTensor) else t for t in (t.detach() for t in tensors)]  # FSDP2: own shard
     bad = torch.stack([~torch.isfinite(t).all() for t in tensors]).any().float().to(accelerator.device)
     if accelerator.reduce(bad, reduction="sum").item() > 0:
         raise TrainingStopped(f"step {step}: the model's weights are not finite after this step's update: training stopped, "
@@ -624,7 +721,7 @@ def save_final(accelerator, model, tokenizer, output_dir: Path, step: int, extra
     Test-only: the environment variable _TEST_PAUSE_IN_SAVE_FINAL=SECONDS sleeps before finished.json is
     written, so that a test can kill the process in the middle of a final save."""
     check_finite_weights(accelerator, model.parameters(), step)
-    state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards
+    state_dict = gathered_state_dict(accelerator, model)  # gathers FSDP shards
     if accelerator.is_main_process:
         tmp, final, old = output_dir / ".final-tmp", output_dir / "final", output_dir / ".final-old"
         for stale in (tmp, old):
@@ -885,13 +982,17 @@ class _LabelLogProb(torch.autograd.Function):
     fp32 copies of bf16 logits for backward and builds several (B, T, V) temporaries there. Here:
       forward:  log p = log_softmax(logits) in fp32, `chunk_rows` rows at a time (one fused kernel per chunk),
                 and log p(y) gathered from it. When a gradient is needed, the chunk's softmax p = exp(log p) is
-                kept, in the logits' dtype, for backward. The logits themselves are not kept.
+                kept for backward, in the logits' dtype, or in autocast's dtype when autocast is on and narrower:
+                under accelerate's bf16 the policy's logits arrive as fp32 (one process and DDP: accelerate wraps
+                the model's forward in autocast and upcasts its outputs, `convert_outputs_to_fp32`; FSDP2 returns
+                bf16), and p stays bf16 either way. The logits themselves are not kept.
       backward: ∂ log p(y) / ∂ logits = onehot(y) − p, times the incoming gradient g: −p·g written over the
                 kept p in place, then (1 − p(y))·g at the target, from the fp32 log p(y) (bf16 p would lose
                 1 − p(y) when the model is confident). So backward runs no exp over the vocabulary and makes
                 no new (B, T, V) tensor. A second backward through the same graph fails loudly: autograd sees
                 that the saved p was modified.
-    Peak extra memory: one logits-sized tensor (p) plus chunk_rows × T × V × 4 bytes of fp32 work space.
+    Peak extra memory: one logits-sized tensor (p, bf16 under bf16 autocast) plus chunk_rows × T × V × 4 bytes of
+    fp32 work space. (Upcast fp32 logits get their gradient back in fp32: autograd casts the bf16 one on return.)
     (fp32 at least: float64 logits stay float64.) That is the peak of autograd's logits + gradient too.
     Why keep p rather than the logits: recomputing softmax in backward is a second exp over every logit,
     and each (B, T, V) temporary is a fresh allocation, which on a CPU costs a page fault per 4 KiB.
@@ -902,7 +1003,10 @@ class _LabelLogProb(torch.autograd.Function):
     def forward(ctx, logits, targets, chunk_rows):
         acc = torch.promote_types(logits.dtype, torch.float32)  # bf16/fp16/fp32 → fp32; fp64 stays fp64
         picked = torch.empty(targets.shape, dtype=acc, device=logits.device)  # (B, T)
-        probs = torch.empty_like(logits) if ctx.needs_input_grad[0] else None  # (B, T, V): softmax, for backward
+        device = logits.device.type
+        keep = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else logits.dtype
+        keep = keep if keep.itemsize < logits.dtype.itemsize else logits.dtype  # the narrower of the two
+        probs = torch.empty_like(logits, dtype=keep) if ctx.needs_input_grad[0] else None  # (B, T, V): softmax, for backward
         for i in range(0, logits.shape[0], chunk_rows):
             rows = slice(i, i + chunk_rows)
             logp = torch.log_softmax(logits[rows].to(acc), -1)  # (b, T, V), fp32

@@ -74,6 +74,10 @@ def load_sft(data_cfg, split: str, tokenizer=None) -> list[dict]:
 def _load_hh_hub(data_cfg, split):
     import datasets
 
+    from common import hub_reachable
+
+    if not hub_reachable():  # the local datasets cache only: at once, instead of a minute of retries
+        datasets.config.HF_HUB_OFFLINE = True
     try:
         ds = datasets.load_dataset("Anthropic/hh-rlhf", data_dir=data_cfg.hh_subset or None, split=split)
     except Exception as e:  # offline, hub down, unknown subset: all end the same way for the user

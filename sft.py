@@ -29,6 +29,7 @@ from common import (
     Config,
     StepCount,
     UserError,
+    check_launch,
     generate,
     load_checkpoint,
     load_model,
@@ -79,6 +80,7 @@ def main():
     validate(cfg)
     # ---- accelerator ----------------------------------------------------------------------------------
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    check_launch(accelerator)
     P, rank = accelerator.num_processes, accelerator.process_index
     validate(cfg, P)
     preflight(cfg)  # before anything is loaded or written: wandb login, a resumed run's config
@@ -108,7 +110,7 @@ def main():
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # ---- optimizer ------------------------------------------------------------------------------------
-    optimizer = make_optimizer(cfg.train, model, accelerator.device)
+    optimizer = make_optimizer(cfg.train, model.parameters(), accelerator.device)
     scheduler = make_scheduler(optimizer, cfg.train.warmup_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     progress = StepCount()

@@ -103,6 +103,7 @@ def test_missing_config_file():
         (["--loss.momentum", "1.0"], "loss.momentum"),
         (["--train.batch_size", "10", "--train.grad_accum", "4"], "train.batch_size"),
         (["--data.max_prompt_length", "64", "--data.max_length", "64"], "data.max_prompt_length"),
+        (["--loss.learn_scale", "true", "--train.mixed_precision", "fp16"], "loss.learn_scale"),  # c's optimizer: no loss scaler
     ],
 )
 def test_out_of_range_values(flags, key):

@@ -59,13 +59,15 @@ def main_guard(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except TrainingStopped as e:
+    except TrainingStopped as e:  # every process stops at the same step: the main one says why
         _close_progress_bars()
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
     except KeyboardInterrupt:
         _close_progress_bars()
-        print(f"interrupted {STATUS.where()}; re-run the same command to resume", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"interrupted {STATUS.where()}; re-run the same command to resume", file=sys.stderr)
         sys.exit(130)
 
 
@@ -652,9 +654,11 @@ def _flat(values: dict, prefix: str = "") -> dict:
     return out
 
 
-def preflight(cfg: Config):
-    """Checks that need neither data nor model, before anything is loaded or written (each a UserError):
-    wandb online without a login; a run that would resume with a config it was not started with."""
+def preflight(cfg: Config, num_processes: int):
+    """Checks that need neither data nor model, before anything is loaded or written (each a UserError): the
+    config for this number of processes; an output directory that cannot be one; a run that would resume with
+    a config it was not started with; wandb online without a login."""
+    validate(cfg, num_processes)
     if cfg.log.wandb and cfg.log.wandb_mode == "online" and not _wandb_logged_in():
         raise UserError("log.wandb_mode: online needs a W&B login (`wandb login`, or WANDB_API_KEY); or use "
                         "log.wandb_mode: offline and `wandb sync` later")

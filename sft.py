@@ -25,28 +25,10 @@ from pathlib import Path
 import torch
 
 import sort_task
-from common import (
-    Config,
-    StepCount,
-    UserError,
-    generate,
-    load_checkpoint,
-    load_model,
-    load_tokenizer,
-    main_guard,
-    make_optimizer,
-    make_scheduler,
-    no_sync_unless_last,
-    open_run,
-    optimizer_step,
-    parse_config,
-    preflight,
-    resume_point,
-    save_checkpoint,
-    save_final,
-    seed_everything,
-    token_logps,
-    validate,
+from common import (  # the plumbing shared with betadpo.py
+    Config, StepCount, UserError, generate, load_checkpoint, load_model, load_tokenizer, main_guard, make_optimizer,
+    make_scheduler, no_sync_unless_last, open_run, optimizer_step, parse_config, preflight, resume_point,
+    save_checkpoint, save_final, seed_everything, token_logps, validate
 )
 from data import collate, load_sft, micro_batch_indices, tokenize
 
@@ -80,8 +62,7 @@ def main():
     # ---- accelerator ----------------------------------------------------------------------------------
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     P, rank = accelerator.num_processes, accelerator.process_index
-    validate(cfg, P)
-    preflight(cfg)  # before anything is loaded or written: wandb login, a resumed run's config
+    preflight(cfg, P)  # before anything is loaded or written: the config for P processes, a resumed run's, wandb login
     out = Path(cfg.train.output_dir)
     # ---- seed -----------------------------------------------------------------------------------------
     seed_everything(cfg.train.seed)

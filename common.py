@@ -497,7 +497,7 @@ def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: floa
     gradients. → (gradient norm before clipping, 0-dim tensor; learning rate this step used).
 
     With fp16 mixed precision the loss scaler skips a step whose gradients overflowed, and lowers its scale:
-    that is routine, not divergence, so the gradient norm is None then (logged as null) instead of inf."""
+    that is routine, not divergence, so the gradient norm is None then (and not logged) instead of inf."""
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
@@ -550,8 +550,11 @@ RESUMABLE_KEYS = ("train.max_steps", "train.epochs", "train.save_every", "train.
 def _sha256(path: Path) -> str:
     import hashlib
 
+    digest = hashlib.sha256()
     with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def checkpoint_problem(ckpt: Path, checksums: bool = True) -> str | None:
@@ -604,9 +607,9 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, tensors):
         if problem is not None:
             print(f"warning: the new checkpoint {final} is damaged ({problem}); the older ones are kept", file=sys.stderr)
         else:
+            STATUS.checkpoint = str(final)
             for old in _checkpoints(output_dir)[:-CHECKPOINTS_KEPT]:
                 shutil.rmtree(old)
-    STATUS.checkpoint = str(final)
     accelerator.wait_for_everyone()
 
 

@@ -429,7 +429,7 @@ def train(cfg: Config):
     if steps_per_epoch == 0:
         raise UserError(f"data: {len(train_pairs)} training pairs is fewer than train.batch_size={cfg.train.batch_size}")
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-    ckpt, finished = resume_point(accelerator, out, total_steps)
+    ckpt, finished = resume_point(accelerator, out, total_steps)  # the newest intact checkpoint, or a finished run
     if finished:
         return out
     # ---- models ---------------------------------------------------------------------------------------

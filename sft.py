@@ -77,7 +77,7 @@ def main():
         raise UserError(f"data: {len(examples)} SFT examples is fewer than train.batch_size={cfg.train.batch_size}")
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     lengths = tuple(len(p) + len(r) for p, r in examples) if cfg.train.group_by_length else None
-    ckpt, finished = resume_point(accelerator, out, total_steps)
+    ckpt, finished = resume_point(accelerator, out, total_steps)  # the newest intact checkpoint, or a finished run
     if finished:
         return
     # ---- model ----------------------------------------------------------------------------------------

@@ -47,28 +47,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import (
-    Config,
-    LossArgs,
-    UserError,
-    check_launch,
-    load_checkpoint,
-    load_model,
-    load_tokenizer,
-    main_guard,
-    make_optimizer,
-    make_scheduler,
-    no_sync_unless_last,
-    open_run,
-    optimizer_step,
-    parse_config,
-    preflight,
-    resume_point,
-    save_checkpoint,
-    save_final,
-    seed_everything,
-    token_logps,
-    validate,
+from common import (  # the plumbing shared with sft.py
+    Config, LossArgs, UserError, check_launch, load_checkpoint, load_model, load_tokenizer, main_guard, make_optimizer,
+    make_scheduler, no_sync_unless_last, open_run, optimizer_step, parse_config, preflight, resume_point,
+    save_checkpoint, save_final, seed_everything, token_logps, validate
 )
 from data import collate_pairs, load_pairs, micro_batch_indices, tokenize_pairs
 
@@ -433,8 +415,7 @@ def train(cfg: Config):
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     check_launch(accelerator)
     P, rank = accelerator.num_processes, accelerator.process_index
-    validate(cfg, P)
-    preflight(cfg)  # before anything is loaded or written: wandb login, a resumed run's config
+    preflight(cfg, P)  # before anything is loaded or written: the config for P processes, a resumed run's, wandb login
     out = Path(cfg.train.output_dir)
     # ---- seed -----------------------------------------------------------------------------------------
     seed_everything(cfg.train.seed)
@@ -451,7 +432,7 @@ def train(cfg: Config):
     if steps_per_epoch == 0:
         raise UserError(f"data: {len(train_pairs)} training pairs is fewer than train.batch_size={cfg.train.batch_size}")
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-    ckpt, finished = resume_point(accelerator, out, total_steps)
+    ckpt, finished = resume_point(accelerator, out, total_steps)  # the newest intact checkpoint, or a finished run
     if finished:
         return out
     # ---- models ---------------------------------------------------------------------------------------

@@ -62,13 +62,15 @@ def main_guard(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except TrainingStopped as e:
+    except TrainingStopped as e:  # every process stops at the same step: the main one says why
         _close_progress_bars()
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
     except KeyboardInterrupt:
         _close_progress_bars()
-        print(f"interrupted {STATUS.where()}; re-run the same command to resume", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"interrupted {STATUS.where()}; re-run the same command to resume", file=sys.stderr)
         sys.exit(130)
 
 
@@ -586,7 +588,7 @@ def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: floa
     gradients. → (gradient norm before clipping, 0-dim tensor; learning rate this step used).
 
     With fp16 mixed precision the loss scaler skips a step whose gradients overflowed, and lowers its scale:
-    that is routine, not divergence, so the gradient norm is None then (logged as null) instead of inf."""
+    that is routine, not divergence, so the gradient norm is None then (and not logged) instead of inf."""
     from torch.distributed.tensor import DTensor
 
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
@@ -645,8 +647,11 @@ RESUMABLE_KEYS = ("train.max_steps", "train.epochs", "train.save_every", "train.
 def _sha256(path: Path) -> str:
     import hashlib
 
+    digest = hashlib.sha256()
     with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def checkpoint_problem(ckpt: Path, checksums: bool = True) -> str | None:
@@ -699,9 +704,9 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, tensors):
         if problem is not None:
             print(f"warning: the new checkpoint {final} is damaged ({problem}); the older ones are kept", file=sys.stderr)
         else:
+            STATUS.checkpoint = str(final)
             for old in _checkpoints(output_dir)[:-CHECKPOINTS_KEPT]:
                 shutil.rmtree(old)
-    STATUS.checkpoint = str(final)
     accelerator.wait_for_everyone()
 
 
@@ -749,9 +754,11 @@ def _flat(values: dict, prefix: str = "") -> dict:
     return out
 
 
-def preflight(cfg: Config):
-    """Checks that need neither data nor model, before anything is loaded or written (each a UserError):
-    wandb online without a login; a run that would resume with a config it was not started with."""
+def preflight(cfg: Config, num_processes: int):
+    """Checks that need neither data nor model, before anything is loaded or written (each a UserError): the
+    config for this number of processes; an output directory that cannot be one; a run that would resume with
+    a config it was not started with; wandb online without a login."""
+    validate(cfg, num_processes)
     if cfg.log.wandb and cfg.log.wandb_mode == "online" and not _wandb_logged_in():
         raise UserError("log.wandb_mode: online needs a W&B login (`wandb login`, or WANDB_API_KEY); or use "
                         "log.wandb_mode: offline and `wandb sync` later")

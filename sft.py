@@ -25,29 +25,10 @@ from pathlib import Path
 import torch
 
 import sort_task
-from common import (
-    Config,
-    StepCount,
-    UserError,
-    check_launch,
-    generate,
-    load_checkpoint,
-    load_model,
-    load_tokenizer,
-    main_guard,
-    make_optimizer,
-    make_scheduler,
-    no_sync_unless_last,
-    open_run,
-    optimizer_step,
-    parse_config,
-    preflight,
-    resume_point,
-    save_checkpoint,
-    save_final,
-    seed_everything,
-    token_logps,
-    validate,
+from common import (  # the plumbing shared with betadpo.py
+    Config, StepCount, UserError, check_launch, generate, load_checkpoint, load_model, load_tokenizer, main_guard, make_optimizer,
+    make_scheduler, no_sync_unless_last, open_run, optimizer_step, parse_config, preflight, resume_point,
+    save_checkpoint, save_final, seed_everything, token_logps, validate
 )
 from data import collate, load_sft, micro_batch_indices, tokenize
 
@@ -82,8 +63,7 @@ def main():
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     check_launch(accelerator)
     P, rank = accelerator.num_processes, accelerator.process_index
-    validate(cfg, P)
-    preflight(cfg)  # before anything is loaded or written: wandb login, a resumed run's config
+    preflight(cfg, P)  # before anything is loaded or written: the config for P processes, a resumed run's, wandb login
     out = Path(cfg.train.output_dir)
     # ---- seed -----------------------------------------------------------------------------------------
     seed_everything(cfg.train.seed)
@@ -98,7 +78,7 @@ def main():
         raise UserError(f"data: {len(examples)} SFT examples is fewer than train.batch_size={cfg.train.batch_size}")
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     lengths = tuple(len(p) + len(r) for p, r in examples) if cfg.train.group_by_length else None
-    ckpt, finished = resume_point(accelerator, out, total_steps)
+    ckpt, finished = resume_point(accelerator, out, total_steps)  # the newest intact checkpoint, or a finished run
     if finished:
         return
     # ---- model ----------------------------------------------------------------------------------------

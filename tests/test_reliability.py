@@ -151,3 +151,12 @@ def test_read_metrics_skips_a_torn_last_line_and_names_a_damaged_one(tmp_path, c
     path.write_text('{"step": 1}\n[1, 2]\n')
     with pytest.raises(UserError, match=r"metrics.jsonl line 2: not a JSON object"):
         read_jsonl(path)
+
+
+def test_readme_names_the_keys_that_may_change_on_resume():
+    from common import RESUMABLE_KEYS
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## When something goes wrong") :][:3000]
+    listed = set(re.findall(r"`((?:train|log|eval)\.[\w*]+)`", section[section.index("Only") : section.index("may change")]))
+    assert listed == {k + "*" if k.endswith(".") else k for k in RESUMABLE_KEYS}

@@ -53,6 +53,7 @@ from common import (
     main_guard,
     parse_config,
     require,
+    resolve_model_name,
     save_config,
     seed_everything,
 )
@@ -64,7 +65,7 @@ from data import collate_pairs, load_pairs, tokenize_pairs
 # ========================================================================================================
 @dataclass
 class ModelArgs:
-    name_or_path: str = "tiny"  # hub id or local dir of the policy's starting point; "tiny" = build the built-in tiny Llama
+    name_or_path: str = "tiny"  # hub id, local dir or .gguf file of the policy's starting point; "smollm2-135m" = SmolLM2-135M-Instruct from pip; "tiny" = the built-in tiny Llama
     ref_name_or_path: str = ""  # reference model; "" = the policy's starting point (the usual DPO setup)
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"  # dtype the weights are loaded in (float64: exactness checks)
     trust_remote_code: bool = False  # needed by models with custom code, e.g. InternLM2
@@ -78,6 +79,7 @@ class DataArgs:
     eval_dataset: str = ""  # held-out pairs file for a local dataset; "" = hold out its last eval_size rows
     eval_size: int = 256  # held-out pairs (sort: generated; hh: first N of the test split, 0 = all; file: see above)
     hh_subset: str = ""  # Anthropic/hh-rlhf data_dir, e.g. "harmless-base"; "" = all of HH
+    chat_template: Literal["auto", "on", "off"] = "auto"  # HH dialogues through the tokenizer's chat template: auto = if it has one; off = raw "\n\nHuman: … \n\nAssistant:" text (the paper's)
     max_length: int = 64  # max tokens of prompt + response
     max_prompt_length: int = 32  # longer prompts keep their last max_prompt_length tokens
     seed: int = 0  # seed of the built-in task's data (fixed across training seeds)
@@ -641,8 +643,8 @@ def reference_logps(accelerator, cfg: Config, reference, pairs, pad_id, name: st
     """train.precompute_ref: the reference's log-probs of every pair, computed once (no grad) and cached in
     `train.ref_cache_dir` under a key of the reference model's files, the dtypes and the tokenized pairs.
     → {ref_chosen, ref_rejected, ref_chosen_avg, ref_rejected_avg}: (num_pairs,) CPU tensors."""
-    ref_path = cfg.model.ref_name_or_path or cfg.model.name_or_path
-    files = sorted(Path(ref_path).glob("*.safetensors")) + sorted(Path(ref_path).glob("*.bin"))
+    ref_path = resolve_model_name(cfg.model.ref_name_or_path or cfg.model.name_or_path)
+    files = [Path(ref_path)] if Path(ref_path).is_file() else sorted(Path(ref_path).glob("*.safetensors")) + sorted(Path(ref_path).glob("*.bin"))  # a .gguf is one file
     identity = {
         "reference": str(Path(ref_path).resolve()) if Path(ref_path).exists() else ref_path,
         "files": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files],

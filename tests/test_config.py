@@ -25,6 +25,15 @@ def test_cli_booleans_and_literals():
     assert cfg.loss.learn_scale is True and cfg.loss.type == "ipo"
 
 
+def test_yaml_on_off_is_the_choice_not_a_boolean(tmp_path):
+    """YAML reads a bare `off` as false; data.chat_template takes it as the choice "off" it means."""
+    for text, want in (("off", "off"), ("on", "on"), ("auto", "auto")):
+        cfg = parse_config(Config, ["--config", str(write(tmp_path, f"data:\n  chat_template: {text}\n"))])
+        assert cfg.data.chat_template == want
+    with pytest.raises(UserError, match="data.chat_template must be one of"):
+        parse_config(Config, ["--config", str(write(tmp_path, "data:\n  chat_template: maybe\n"))])
+
+
 def test_unknown_yaml_key_is_named(tmp_path):
     path = write(tmp_path, "loss:\n  mode_weight: 0.2\n")
     with pytest.raises(UserError, match="loss.mode_weight"):

@@ -8,7 +8,7 @@ import pytest
 
 from common import DataArgs, UserError, load_model
 from conftest import run_script
-from data import collate, collate_pairs, load_pairs, load_sft, split_hh, tokenize, tokenize_pairs
+from data import collate, collate_pairs, hh_messages, load_pairs, load_sft, special_prefix, split_hh, tokenize, tokenize_pairs
 from sort_task import build_tokenizer
 
 
@@ -110,6 +110,40 @@ def test_chat_format_rows_use_the_chat_template(tmp_path):
     assert pairs[0] == {"prompt": "user: sort 21\nassistant: ", "chosen": "12\n", "rejected": "21\n"}
 
 
+def test_hh_messages_parses_turns():
+    text = "\n\nHuman: hi \n\nAssistant: hello\n\nthere\n\nHuman: bye\n\nAssistant:"
+    assert hh_messages(text) == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello\n\nthere"},
+                                 {"role": "user", "content": "bye"}, {"role": "assistant", "content": ""}]
+    assert hh_messages("Human: hi\n\nAssistant: yo")[0] == {"role": "user", "content": "hi"}  # no leading blank line
+    assert hh_messages("preamble\n\nHuman: hi") is None
+
+
+def test_chat_template_switch_for_hh_dialogues(tmp_path):
+    """auto: the template when the tokenizer has one; off: the raw text; on: an error without a template."""
+    tok, no_template = build_tokenizer(), build_tokenizer()
+    no_template.chat_template = None
+    path = write_jsonl(tmp_path / "hh.jsonl", [hh_row(f"q{i}?", " yes", " no") for i in range(4)])
+    raw = {"prompt": "\n\nHuman: q0?\n\nAssistant: Sure.\n\nHuman: and then?\n\nAssistant:", "chosen": " yes", "rejected": " no"}
+    chat = {"prompt": "user: q0?\nassistant: Sure.\nuser: and then?\nassistant: ", "chosen": "yes\n", "rejected": "no\n"}
+    assert load_pairs(file_cfg(path), "train", tok)[0] == chat
+    assert load_pairs(file_cfg(path, chat_template="on"), "train", tok)[0] == chat
+    assert load_pairs(file_cfg(path, chat_template="off"), "train", tok)[0] == raw
+    assert load_pairs(file_cfg(path), "train", no_template)[0] == raw
+    assert load_pairs(file_cfg(path), "train")[0] == raw  # no tokenizer
+    with pytest.raises(UserError, match="data.chat_template is 'on' but the tokenizer has no chat template"):
+        load_pairs(file_cfg(path, chat_template="on"), "train", no_template)
+
+
+def test_dialogues_the_template_refuses_are_skipped_and_counted(tmp_path, capsys):
+    tok = build_tokenizer()  # a template that, like Llama-2's, insists on alternating roles
+    tok.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                         "{{ raise_exception('roles must alternate') }}{% endif %}{{ m['content'] }}\n{% endfor %}")
+    rows = [hh_row(f"q{i}?", " yes", " no") for i in range(199)]
+    rows.insert(3, {"chosen": "\n\nHuman: a\n\nHuman: b\n\nAssistant: yes", "rejected": "\n\nHuman: a\n\nHuman: b\n\nAssistant: no"})
+    pairs = load_pairs(file_cfg(write_jsonl(tmp_path / "hh.jsonl", rows)), "train", tok)
+    assert len(pairs) == 199 - 2 and "1 of 200 rows" in capsys.readouterr().out
+
+
 def test_sort_source_sizes():
     cfg = DataArgs(dataset="sort", num_train=40, eval_size=12, num_sft=30)
     assert len(load_pairs(cfg, "train")) == 40 and len(load_pairs(cfg, "eval")) == 12
@@ -135,6 +169,29 @@ def test_truncation_keeps_the_end_of_the_prompt_then_cuts_responses():
     (p, r), = tokenize(tok, ["abcdefghij"], ["0123456789"], max_length=12, max_prompt_length=4)
     assert tok.decode(p) == "ghij"  # last max_prompt_length tokens
     assert tok.decode(r) == "01234567" and len(p) + len(r) == 12  # response keeps its start
+
+
+def with_bos(tok):
+    """The character tokenizer, made to put <bos> before every text the way Llama's tokenizer does."""
+    from tokenizers import processors
+
+    tok.add_special_tokens({"bos_token": "<bos>"})
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)])
+    return tok
+
+
+def test_bos_where_the_tokenizer_adds_one_and_only_once():
+    tok = with_bos(build_tokenizer())
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    assert special_prefix(tok) == [bos] and special_prefix(build_tokenizer()) == []
+    (p, r), = tokenize(tok, ["ab: "], ["cd"], max_length=16, max_prompt_length=8)
+    assert p + r == tok("ab: cd")["input_ids"] + [eos] and p[0] == bos  # what the tokenizer gives for the whole text
+    (p, r), = tokenize(tok, ["<bos>ab: "], ["cd"], max_length=16, max_prompt_length=8)  # a template that writes BOS
+    assert p.count(bos) == 1 and p[0] == bos
+    (p, r), = tokenize(tok, ["abcdefghij"], ["xy"], max_length=8, max_prompt_length=4)
+    assert p[0] == bos and tok.decode(p[1:]) == "hij" and len(p) == 4  # truncated prompts keep their BOS
+    (p, r), = tokenize(build_tokenizer(), ["p"], ["x<eos>\n"], max_length=16, max_prompt_length=8)
+    assert r.count(build_tokenizer().eos_token_id) == 1  # a response that already contains EOS gets no second one
 
 
 def test_pairs_are_concatenated_chosen_first():

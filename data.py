@@ -251,7 +251,7 @@ def _hh_template(data_cfg, tokenizer):
     return tokenizer if has_template and data_cfg.chat_template != "off" else None
 
 
-def _render_hh(tokenizer, prompt: str, responses: tuple[str, ...]) -> tuple[str, tuple[str, ...]] | None:
+def _render_hh(tokenizer, prompt: str, responses: tuple[str, ...], where: str) -> tuple[str, tuple[str, ...]] | None:
     """Raw HH prompt and responses → (chat-rendered prompt, rendered responses), or None if the template refuses
     the dialogue (e.g. one that insists on alternating roles)."""
     from jinja2 import TemplateError
@@ -266,8 +266,8 @@ def _render_hh(tokenizer, prompt: str, responses: tuple[str, ...]) -> tuple[str,
         for response in responses:
             full = tokenizer.apply_chat_template(turns + [{"role": "assistant", "content": response.strip()}], tokenize=False)
             if not full.startswith(rendered):
-                raise DataError("the chat template does not render an HH prompt as the start of its dialogue; "
-                                "set data.chat_template: off")
+                raise DataError(f"{where}: the chat template does not render the prompt as the start of the whole "
+                                "dialogue, so the response cannot be cut off it; set data.chat_template: off")
             out.append(full[len(rendered) :])
     except TemplateError:
         return None
@@ -291,7 +291,7 @@ def _parse_hh(rows, source: str, chat_tokenizer=None) -> list[dict]:
             skipped.append(i)
             continue
         if chat_tokenizer is not None:
-            rendered = _render_hh(chat_tokenizer, prompt, (chosen, rejected))
+            rendered = _render_hh(chat_tokenizer, prompt, (chosen, rejected), f"{source} row {i}")
             if rendered is None:
                 skipped.append(i)
                 continue

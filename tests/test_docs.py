@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import run as experiments  # noqa: E402
 
 SOURCES = ["betadpo.py", "sft.py", "eval.py", "plots.py", "README.md", "demo.sh", "experiments/run.py",
-           "docs/RESULTS.md", "docs/ALGORITHM.md", "benchmarks/bench_vs_trl.py",
+           *(f"docs/{p.name}" for p in sorted(ROOT.glob("docs/*.md"))), "benchmarks/bench_vs_trl.py",
            *(f"configs/{p.name}" for p in ROOT.glob("configs/*.yaml"))]
 COMMAND = re.compile(r"(?:python|accelerate launch)\s[^\n`]*?(?<![\w/])([\w/]+\.py)\b([^\n`#]*)")
 
@@ -128,6 +128,14 @@ def broken_references(name: str, text: str) -> list[str]:
 def test_in_repository_paths_and_links_exist():
     found = [problem for name, text in FILES.items() for problem in broken_references(name, text)]
     assert not found, "\n".join(found)
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    """Detail lives in docs/; the README is where a reader finds it, so a page it does not link is lost."""
+    readme = (ROOT / "README.md").read_text()
+    pages = sorted(p.name for p in (ROOT / "docs").glob("*.md"))
+    assert {"ALGORITHM.md", "RESULTS.md", "PERFORMANCE.md", "ERRORS.md"} <= set(pages)
+    assert [p for p in pages if f"](docs/{p})" not in readme and f"](docs/{p}#" not in readme] == []
 
 
 def test_the_reference_checks_catch_what_they_are_for():

@@ -24,7 +24,7 @@ What it does, top to bottom:
    token ids are prompt, then response, then EOS, no BOS: TRL's tokenized data set is compared with our
    `data.tokenize_pairs` id for id. Hence the per-step losses must agree to 1e-5 and the per-step policy
    log-probs to a relative 1e-5; the benchmark fails if they do not.
-4. TABLES (markdown, paste into the README): time per step, pairs/s, tokens/s, peak RSS, achieved FLOP/s and
+4. TABLES (markdown, paste into docs/PERFORMANCE.md): time per step, pairs/s, tokens/s, peak RSS, achieved FLOP/s and
    model FLOPs utilisation (MFU) against a GEMM peak measured on the same machine with the same threads, and
    the ratio to TRL; then the cost of β-DPO's filter/statistics/gathers/learnable scale relative to plain DPO.
 

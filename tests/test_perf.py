@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from betadpo import BetaDPOState, _takes_position_mask, pair_logps, scale_param_groups, sequence_logps
+from betadpo import BetaDPOState, _takes_position_mask, pair_logps, sequence_logps
 from common import Config, load_model, make_optimizer, token_logps
 from conftest import read_metrics, run_script
 from data import _epoch_order, collate_pairs, tokenize_pairs
@@ -75,18 +75,20 @@ def test_fused_adamw_takes_the_same_steps_as_the_textbook_one():
     model, state = torch.nn.Linear(7, 5), BetaDPOState(cfg.loss, 0, "cpu")
     twin, twin_c = torch.nn.Linear(7, 5), torch.nn.Parameter(state.c.detach().clone())
     twin.load_state_dict(model.state_dict())
-    ours = make_optimizer(cfg.train, model, "cpu", scale_param_groups(cfg, state))
-    assert ours.defaults["fused"]
-    plain = torch.optim.AdamW([{"params": list(twin.parameters()), "weight_decay": 0.1},
-                               {"params": [twin_c], "weight_decay": 0.0, "lr": 3e-2}], lr=1e-2)
+    # betadpo.py's two optimizers: the policy's, and c's own (its lr, no weight decay)
+    ours = [make_optimizer(cfg.train, model.parameters(), "cpu"),
+            make_optimizer(cfg.train, [state.c], "cpu", lr=cfg.loss.scale_lr, weight_decay=0.0)]
+    assert all(o.defaults["fused"] for o in ours)
+    plain = [torch.optim.AdamW(twin.parameters(), lr=1e-2, weight_decay=0.1),
+             torch.optim.AdamW([twin_c], lr=3e-2, weight_decay=0.0)]
     pairs = list(zip([*model.parameters(), state.c], [*twin.parameters(), twin_c]))
     start = [a.detach().clone() for a, _ in pairs]
     for _ in range(3):
         for a, b in pairs:
             a.grad = torch.randn_like(a)
             b.grad = a.grad.clone()
-        ours.step()
-        plain.step()
+        for o in (*ours, *plain):
+            o.step()
     for (a, b), a0 in zip(pairs, start):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7) and not torch.allclose(a, a0)  # moved, and alike
 

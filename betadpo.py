@@ -47,29 +47,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import (
-    Config,
-    LossArgs,
-    UserError,
-    check_launch,
-    load_checkpoint,
-    load_model,
-    load_tokenizer,
-    main_guard,
-    make_optimizer,
-    make_scheduler,
-    no_sync_unless_last,
-    open_run,
-    optimizer_step,
-    parse_config,
-    preflight,
-    resume_point,
-    save_checkpoint,
-    save_final,
-    seed_everything,
-    token_logps,
-    validate,
-)
+from common import Config, LossArgs, UserError, main_guard, parse_config, validate  # config, one-line errors
+from common import load_model, load_tokenizer, seed_everything, token_logps  # models; the log-prob kernel (APPENDIX)
+from common import (check_launch, load_checkpoint, make_optimizer, make_scheduler, no_sync_unless_last, open_run,  # training
+                    optimizer_step, preflight, resume_point, save_checkpoint, save_final)  # plumbing shared with sft.py
 from data import collate_pairs, load_pairs, micro_batch_indices, tokenize_pairs
 
 # ========================================================================================================

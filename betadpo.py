@@ -48,9 +48,9 @@ import torch
 import torch.nn.functional as F
 
 from common import Config, LossArgs, UserError, main_guard, parse_config, validate  # config, one-line errors
-from common import load_model, load_tokenizer, seed_everything, token_logps  # models; the log-prob kernel (APPENDIX)
-from common import (check_launch, load_checkpoint, make_optimizer, make_scheduler, no_sync_unless_last, open_run,  # training
-                    optimizer_step, preflight, resume_point, save_checkpoint, save_final)  # plumbing shared with sft.py
+from common import load_model, load_tokenizer, token_logps  # models; the log-prob kernel (APPENDIX)
+from common import (load_checkpoint, make_optimizer, make_scheduler, no_sync_unless_last, open_run, optimizer_step,  # training
+                    resume_point, save_checkpoint, save_final, start_run)  # plumbing shared with sft.py
 from data import collate_pairs, load_pairs, micro_batch_indices, tokenize_pairs
 
 # ========================================================================================================
@@ -453,18 +453,13 @@ def make_scale_optimizer(cfg: Config, state: BetaDPOState, device):
 
 
 def train(cfg: Config):
-    from accelerate import Accelerator
     from accelerate.utils import fsdp2_prepare_model
     from tqdm.auto import tqdm
 
-    # ---- 1. accelerator, config checks, seed -----------------------------------------------------------
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
-    check_launch(accelerator)
+    # ---- 1. accelerator, launch and config checks, seed ------------------------------------------------
+    accelerator = start_run(cfg)  # common.py; stops with one line, before anything is written, on a bad launch/config
     P, rank = accelerator.num_processes, accelerator.process_index
-    validate(cfg, P)
-    preflight(cfg)  # before anything is loaded or written: wandb login, a resumed run's config
     out = Path(cfg.train.output_dir)
-    seed_everything(cfg.train.seed)
     # ---- 2. data ---------------------------------------------------------------------------------------
     if cfg.model.name_or_path == "tiny":
         raise UserError("model.name_or_path: β-DPO starts from a trained policy; run sft.py first and pass its final/ dir")

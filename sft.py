@@ -29,7 +29,6 @@ from common import (
     Config,
     StepCount,
     UserError,
-    check_launch,
     generate,
     load_checkpoint,
     load_model,
@@ -41,11 +40,10 @@ from common import (
     open_run,
     optimizer_step,
     parse_config,
-    preflight,
     resume_point,
     save_checkpoint,
     save_final,
-    seed_everything,
+    start_run,
     token_logps,
     validate,
 )
@@ -72,21 +70,15 @@ def exact_match(model, tokenizer, rows: list[dict], cfg: Config, batch_size: int
 
 
 def main():
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     # ---- config ---------------------------------------------------------------------------------------
     cfg = parse_config(Config)
     validate(cfg)
-    # ---- accelerator ----------------------------------------------------------------------------------
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
-    check_launch(accelerator)
+    # ---- accelerator, launch and config checks, seed --------------------------------------------------
+    accelerator = start_run(cfg)
     P, rank = accelerator.num_processes, accelerator.process_index
-    validate(cfg, P)
-    preflight(cfg)  # before anything is loaded or written: wandb login, a resumed run's config
     out = Path(cfg.train.output_dir)
-    # ---- seed -----------------------------------------------------------------------------------------
-    seed_everything(cfg.train.seed)
     # ---- data -----------------------------------------------------------------------------------------
     from_scratch = cfg.model.name_or_path == "tiny"
     tokenizer = sort_task.build_tokenizer() if from_scratch else load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)

@@ -277,6 +277,7 @@ def plain_sequence_logps(model, batch: dict, prompt_rows: int = 0) -> dict:
     ids = batch["input_ids"]  # (B, T)
     logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, :-1]  # (B, T−1, V): position t predicts token t+1
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least (bf16 → fp32; fp64 stays)
+    # A full (B, T−1, V) fp32 log-softmax: the memory the APPENDIX's sequence_logps avoids holding.
     logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]  # (B, T−1): log π(token t+1 | tokens ≤ t)
     response, in_prompt = position_masks(batch, prompt_rows)
     return logp_sums(logp, response, in_prompt)
@@ -466,6 +467,7 @@ def train(cfg: Config):
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     train_pairs = load_pairs_for(cfg, tokenizer, "train")
     eval_pairs = load_pairs_for(cfg, tokenizer, "eval")
+    lengths = tuple(len(p) + max(len(c), len(r)) for p, c, r in train_pairs) if cfg.train.group_by_length else None  # for batching similar lengths
     calib_size = cfg.train.batch_size // cfg.train.grad_accum  # N: pairs in one calibration batch (all processes)
     per_process = calib_size // P  # B
     steps_per_epoch = len(train_pairs) // cfg.train.batch_size
@@ -495,7 +497,6 @@ def train(cfg: Config):
         ref_train = precompute_reference_logps(accelerator, cfg, scorer, train_pairs, tokenizer.pad_token_id, "train")
         ref_eval = precompute_reference_logps(accelerator, cfg, scorer, eval_pairs, tokenizer.pad_token_id, "eval") if eval_pairs else None
         reference = None  # freed: from here on its log-probs come with each batch
-    lengths = tuple(len(p) + max(len(c), len(r)) for p, c, r in train_pairs) if cfg.train.group_by_length else None
     # ---- 6. resume -------------------------------------------------------------------------------------
     if ckpt is not None:
         load_checkpoint(accelerator, ckpt, state)

@@ -467,7 +467,7 @@ def train(cfg: Config):
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     train_pairs = load_pairs_for(cfg, tokenizer, "train")
     eval_pairs = load_pairs_for(cfg, tokenizer, "eval")
-    lengths = tuple(len(p) + max(len(c), len(r)) for p, c, r in train_pairs) if cfg.train.group_by_length else None  # for batching similar lengths
+    lengths = tuple(len(p) + max(len(c), len(r)) for p, c, r in train_pairs) if cfg.train.group_by_length else None
     calib_size = cfg.train.batch_size // cfg.train.grad_accum  # N: pairs in one calibration batch (all processes)
     per_process = calib_size // P  # B
     steps_per_epoch = len(train_pairs) // cfg.train.batch_size

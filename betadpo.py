@@ -31,9 +31,9 @@ original code: https://github.com/eric-mitchell/direct-preference-optimization).
 docs/ALGORITHM.md: the same equations with the reasons behind them, where we differ from the reference code
 and why, and its flags mapped to ours.
 
-File layout: LOG-PROBS → ALGO LOGIC (the pure β-DPO functions and their state) → TRAINING LOOP (the loop,
-around it the boilerplate: accelerator, data, models, evaluation) → main. The config (every field a flag) and
-the plumbing shared with sft.py (optimizer, checkpoints, final save, metrics) are in common.py; data order in data.py.
+File layout: CONFIG (a note) → THE β-DPO MATH (pure functions of tensors, the state they update, the loss) →
+LOG-PROBS (the textbook computation) → TRAINING LOOP (setup in named steps, then the loop) → main →
+APPENDIX (the memory-saving log-prob path; skip on first read). Shared plumbing is in common.py, data in data.py.
 """
 
 import array
@@ -47,85 +47,27 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import (  # the plumbing shared with sft.py
-    Config, LossArgs, UserError, check_launch, load_checkpoint, load_model, load_tokenizer, main_guard, make_optimizer,
-    make_scheduler, no_sync_unless_last, open_run, optimizer_step, parse_config, preflight, resume_point,
-    resolve_model_name, save_checkpoint, save_final, seed_everything, token_logps, validate
-)
+from common import Config, LossArgs, UserError, main_guard, parse_config, validate  # config, one-line errors
+from common import load_model, load_tokenizer, resolve_model_name, token_logps  # models; the log-prob kernel (APPENDIX)
+from common import (load_checkpoint, make_optimizer, make_scheduler, no_sync_unless_last, open_run, optimizer_step,  # training
+                    resume_point, save_checkpoint, save_final, start_run)  # plumbing shared with sft.py
 from data import collate_pairs, load_pairs, micro_batch_indices, tokenize_pairs
 
-
 # ========================================================================================================
-# LOG-PROBS
-# token_logps(logits, targets) = log softmax(logits)[target], 0 where the target is masked (-100): plainly
-#     torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
-# computed in common.py by a memory-saving kernel with the same numbers and gradients.
+# CONFIG: the dataclasses live in common.py (every field is a flag; `python betadpo.py --help` lists them).
+# The β-DPO knobs, with their symbols:
+#   loss.beta β₀ · loss.alpha α (the paper's α·β₀; 0 = static β) · loss.filter_ratio ρ (fraction dropped; 0 = off)
+#   loss.momentum m (of M₀ and σ) · loss.beta_min β_min · loss.type (dpo | ipo | simpo | orpo)
+#   β(x) extension: loss.ppl_scale, loss.learn_scale (c), loss.beta_scale_init (softplus(c₀)), loss.scale_lr
+#   N, the calibration batch = train.batch_size / train.grad_accum pairs, over all processes together.
+# A new knob: a field of LossArgs in common.py (it becomes --loss.<name>; its range check goes in validate()).
 # ========================================================================================================
-def _takes_position_mask(model) -> bool:
-    """transformers' own causal LMs (5.x) accept a boolean (B, T) `logits_to_keep` and return the logits of the
-    True positions only, (n, V). Remote code (`trust_remote_code`) may not: it gets all logits."""
-    model = getattr(model, "module", model)  # DDP keeps the model in .module; FSDP subclasses it in place
-    return any(c.__module__.startswith("transformers.models.") for c in type(model).__mro__)
-
-
-def sequence_logps(model, batch: dict, prompt_rows: int = 0) -> dict:
-    """One forward pass → per-row response log-prob sums/means, and the prompt's mean log-prob for rows [0, prompt_rows).
-
-    Returns (B,) tensors: `sum` = Σ_t log π(y_t|x,y_<t) over response tokens, `avg` = sum / #response
-    tokens, `prompt` = mean_t log π(x_t|x_<t) over prompt tokens 1…|x|−1 (token 0 has no context; 0 for rows
-    ≥ prompt_rows). The LM head and log-softmax run only at the positions these need — never on padding, on
-    prompt tokens only in the first prompt_rows rows — because logits (positions × V) are a DPO step's largest tensors.
-    """
-    ids = batch["input_ids"]  # (B, T)
-    response = batch["labels"][:, 1:] != -100  # (B, T−1): position t predicts response token t+1
-    predicted = torch.arange(1, ids.shape[1], device=ids.device)  # index of the token position t predicts
-    in_prompt = predicted[None, :] < batch["prompt_lens"][:, None]  # (B, T−1): it predicts a prompt token
-    in_prompt[prompt_rows:] = False
-    needed = response | in_prompt  # (B, T−1)
-    if _takes_position_mask(model):
-        keep = torch.cat([needed, torch.zeros_like(needed[:, :1])], 1)  # (B, T): the last position predicts nothing
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"], logits_to_keep=keep).logits  # (n, V)
-    else:
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, :-1][needed]  # (n, V)
-    # 256 positions a chunk: 16 MiB of fp32 work space at V = 16k (reused by the allocator), 90 MiB at InternLM2's 92k.
-    picked = token_logps(logits, ids[:, 1:][needed], chunk_rows=256)  # (n,), in row-major order of `needed`
-    logp = torch.zeros(needed.shape, dtype=picked.dtype, device=picked.device).masked_scatter(needed, picked)  # (B, T−1)
-    total = (logp * response).sum(-1)
-    return {"sum": total, "avg": total / response.sum(-1).clamp(min=1), "prompt": (logp * in_prompt).sum(-1) / in_prompt.sum(-1).clamp(min=1)}
-
-
-REF_KEYS = ("ref_chosen", "ref_rejected", "ref_chosen_avg", "ref_rejected_avg")
-
-
-def pair_logps(policy, reference, batch: dict) -> dict:
-    """Chosen rows [0, B) and rejected rows [B, 2B) of one concatenated batch → per-pair (B,) tensors.
-
-    Keys: policy_{chosen,rejected}[_avg], ref_{chosen,rejected}[_avg] (absent when reference is None:
-    SimPO and ORPO need none; taken from the batch when precomputed), log_ppl = log PPL_θ(x) = −mean log π_θ(x_t|x_<t) of the prompt (detached;
-    from the chosen rows, no extra forward), tokens = non-padding tokens of the pair.
-    """
-    B = batch["input_ids"].shape[0] // 2
-    pol = sequence_logps(policy, batch, prompt_rows=B)  # chosen and rejected rows share the prompt
-    out = {
-        "policy_chosen": pol["sum"][:B], "policy_rejected": pol["sum"][B:],
-        "policy_chosen_avg": pol["avg"][:B], "policy_rejected_avg": pol["avg"][B:],
-        "log_ppl": -pol["prompt"][:B].detach(),
-        "tokens": (batch["attention_mask"][:B].sum(-1) + batch["attention_mask"][B:].sum(-1)).float(),
-    }
-    if "ref_chosen" in batch:  # precomputed (train.precompute_ref): no reference forward at all
-        out.update({k: batch[k] for k in REF_KEYS})
-    elif reference is not None:
-        with torch.no_grad():
-            ref = sequence_logps(reference, batch)
-        out.update({
-            "ref_chosen": ref["sum"][:B], "ref_rejected": ref["sum"][B:],
-            "ref_chosen_avg": ref["avg"][:B], "ref_rejected_avg": ref["avg"][B:],
-        })
-    return out
 
 
 # ========================================================================================================
-# ALGO LOGIC: β-DPO as pure functions of tensors, and the small state they update
+# THE β-DPO MATH: pure functions of tensors, the small state they update, and the loss that calls them.
+# To try a new β schedule, change `batch_beta` (per batch) or `beta_scale` (per pair); betadpo_loss calls
+# each once (steps 4 and 5), with the state (M₀, σ, c, step) at hand.
 # ========================================================================================================
 REFERENCE_FREE = ("simpo", "orpo")
 SIGMA_FLOOR = 1e-6  # below this σ the Gaussian weights are meaningless: filter uniformly
@@ -148,28 +90,28 @@ def margins(stats: dict, loss_type: str) -> torch.Tensor:
     return chosen - rejected
 
 
-def update_statistics(M0, sigma, margins, momentum: float):
-    """M₀ ← m·M₀ + (1−m)·mean(M),  σ ← m·σ + (1−m)·std(M)  (unbiased std, as the reference code).
+def update_statistics(M0, sigma, M, momentum: float):
+    """M₀ ← m·M₀ + (1−m)·mean(M),  σ ← m·σ + (1−m)·std(M)  (unbiased std, as the reference code). M: (N,)
 
     Both start at 0 (reference code). Called on training batches only: the reference code also updated them
     on evaluation batches, which lets held-out data steer training; we don't.
     """
-    std = margins.std() if margins.numel() > 1 else torch.zeros_like(margins.sum())
-    return momentum * M0 + (1 - momentum) * margins.mean(), momentum * sigma + (1 - momentum) * std
+    std = M.std() if M.numel() > 1 else torch.zeros_like(M.sum())
+    return momentum * M0 + (1 - momentum) * M.mean(), momentum * sigma + (1 - momentum) * std
 
 
-def filter_log_weights(margins, M0, sigma) -> torch.Tensor:
+def filter_log_weights(M, M0, sigma) -> torch.Tensor:
     """log w_i = −(M_i − M₀)² / 2σ²: pairs whose margin is near the running mean are the informative ones.
 
     Uniform (all zeros) when σ < SIGMA_FLOOR or every w_i underflows to 0. At step 0 the policy equals the
     reference, every M_i = 0 and σ = 0: the reference code divides by zero there and samples from NaNs.
     """
-    log_w = -((margins - M0) ** 2) / (2 * sigma.clamp(min=SIGMA_FLOOR) ** 2)
+    log_w = -((M - M0) ** 2) / (2 * sigma.clamp(min=SIGMA_FLOOR) ** 2)
     degenerate = (sigma < SIGMA_FLOOR) | (log_w.exp().sum() == 0)
     return torch.where(degenerate, torch.zeros_like(log_w), log_w)
 
 
-def filter_mask(margins, M0, sigma, filter_ratio: float, generator: torch.Generator) -> torch.Tensor:
+def filter_mask(M, M0, sigma, filter_ratio: float, generator: torch.Generator) -> torch.Tensor:
     """Keep K = max(1, ⌊N(1−ρ)⌋) of N pairs, drawn without replacement with probability ∝ w_i. (N,) bool.
 
     Drawn with the Gumbel-top-k trick: the K largest log w_i + Gumbel_i are distributed exactly as K draws
@@ -177,23 +119,23 @@ def filter_mask(margins, M0, sigma, filter_ratio: float, generator: torch.Genera
     can still fill the K places. `generator` is shared and in the same state on every process, and the
     margins are gathered, so every rank computes the same mask (the reference code drew per rank).
     """
-    N = margins.numel()
+    N = M.numel()
     keep = max(1, math.floor(N * (1 - filter_ratio)))
     if keep == N:
-        return torch.ones(N, dtype=torch.bool, device=margins.device)
-    u = torch.rand(N, generator=generator, device=generator.device).to(margins.device)
+        return torch.ones(N, dtype=torch.bool, device=M.device)
+    u = torch.rand(N, generator=generator, device=generator.device).to(M.device)
     gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1 - 1e-7)))
-    chosen = (filter_log_weights(margins, M0, sigma) + gumbel).topk(keep).indices
-    return torch.zeros(N, dtype=torch.bool, device=margins.device).index_fill_(0, chosen, True)
+    chosen = (filter_log_weights(M, M0, sigma) + gumbel).topk(keep).indices
+    return torch.zeros(N, dtype=torch.bool, device=M.device).index_fill_(0, chosen, True)
 
 
-def batch_beta(beta0: float, alpha: float, margins, kept, M0, beta_min: float) -> torch.Tensor:
-    """β_batch = β₀ · (1 + α · (mean_{kept} M_i − M₀)), clamped to ≥ β_min and detached. kept: (N,) bool.
+def batch_beta(beta0: float, alpha: float, M, kept, M0, beta_min: float) -> torch.Tensor:
+    """β_batch = β₀ · (1 + α · (mean_{kept} M_i − M₀)), clamped to ≥ β_min and detached. M: (N,), kept: (N,) bool.
 
     Batches whose margins run above the running mean (easy pairs, large gap) get a larger β, i.e. stay
     closer to the reference; batches below it get a smaller β and move more aggressively.
     """
-    return (beta0 * (1 + alpha * (kept_mean(margins, kept) - M0))).clamp(min=beta_min).detach()
+    return (beta0 * (1 + alpha * (kept_mean(M, kept) - M0))).clamp(min=beta_min).detach()
 
 
 def kept_mean(values, kept):
@@ -266,16 +208,17 @@ class BetaDPOState:
         self.generator.set_state(sd["generator"])
 
 
-def betadpo_loss(stats: dict, everyone: dict, state: BetaDPOState, cfg: LossArgs, rank: int, num_processes: int, train: bool):
+def betadpo_loss(stats: dict, batch_stats: dict, state: BetaDPOState, cfg: LossArgs, rank: int, num_processes: int, train: bool):
     """One calibration batch of β-DPO (docs/ALGORITHM.md, steps 1–6).
 
-    stats:    this process's pairs, (B,) tensors with the policy's graph (from `pair_logps`).
-    everyone: the same stats detached and gathered over all processes, (N,) = (P·B,), identical on all.
-    train:    update M₀/σ and filter; at evaluation neither happens and every pair counts.
+    stats:       this process's pairs, (B,) tensors with the policy's graph (from `pair_logps`).
+    batch_stats: the whole calibration batch's stats: the same stats detached and gathered over all processes,
+                 (N,) = (P·B,), identical on every process.
+    train:       update M₀/σ and filter; at evaluation neither happens and every pair counts.
     Returns (loss to backpropagate on this process, summary of the whole calibration batch).
     """
     # 1. Margins of the whole calibration batch, the same on every process.
-    M = margins(everyone, cfg.type)  # (N,)
+    M = margins(batch_stats, cfg.type)  # (N,)
     # 2. Moving averages, on training batches only.
     if train:
         state.M0, state.sigma = update_statistics(state.M0, state.sigma, M, cfg.momentum)
@@ -296,34 +239,106 @@ def betadpo_loss(stats: dict, everyone: dict, state: BetaDPOState, cfg: LossArgs
     per_pair = preference_losses(cfg.type, beta_i, stats, cfg.label_smoothing, cfg.simpo_gamma)
     K = kept.sum()
     loss = (per_pair * kept_here).sum() * num_processes / K
-    return loss, summarize(everyone, M, kept, beta_b, state, cfg)
+    return loss, summarize(batch_stats, M, kept, beta_b, state, cfg)
 
 
-def summarize(everyone: dict, M, kept, beta_b, state: BetaDPOState, cfg: LossArgs) -> dict:
+def summarize(batch_stats: dict, M, kept, beta_b, state: BetaDPOState, cfg: LossArgs) -> dict:
     """Logged numbers of one calibration batch (0-dim tensors). Rewards use the β actually applied, β_i —
     the reference code logged them with the static β₀."""
     with torch.no_grad():
-        beta_i = beta_b * beta_scale(state.c, everyone["log_ppl"], cfg.ppl_scale, cfg.learn_scale)  # (N,)
-        r_w, r_l = implicit_rewards(everyone, cfg.type)
+        beta_i = beta_b * beta_scale(state.c, batch_stats["log_ppl"], cfg.ppl_scale, cfg.learn_scale)  # (N,)
+        r_w, r_l = implicit_rewards(batch_stats, cfg.type)
         return {
             "beta": beta_b, "beta_mean": beta_i.mean(),
             "beta_scale": F.softplus(state.c) if (cfg.ppl_scale or cfg.learn_scale) else torch.ones_like(beta_b),
             "M0": state.M0, "sigma": state.sigma,
             "margin_mean": M.mean(), "margin_std": M.std() if M.numel() > 1 else torch.zeros_like(beta_b),
             "kept_margin_mean": kept_mean(M, kept), "kept": kept.sum().float(), "pairs": torch.full_like(beta_b, M.numel()),
-            "log_ppl": everyone["log_ppl"].mean(),
+            "log_ppl": batch_stats["log_ppl"].mean(),
             "rewards/chosen": (beta_i * r_w).mean(), "rewards/rejected": (beta_i * r_l).mean(),
             "rewards/margins": (beta_i * (r_w - r_l)).mean(), "rewards/accuracies": (r_w > r_l).float().mean(),
-            "logps/chosen": everyone["policy_chosen"].mean(), "logps/rejected": everyone["policy_rejected"].mean(),
-            "tokens": everyone["tokens"].sum(),
+            "logps/chosen": batch_stats["policy_chosen"].mean(), "logps/rejected": batch_stats["policy_rejected"].mean(),
+            "tokens": batch_stats["tokens"].sum(),
         }
 
 
 # ========================================================================================================
-# TRAINING LOOP (boilerplate around the algorithm: batches, evaluation, the loop)
+# LOG-PROBS: the numbers the math consumes, from one forward pass per model and batch.
+# plain_sequence_logps is the textbook computation. Training calls sequence_logps (APPENDIX), its documented
+# equivalent: the same numbers and gradients (tests/test_perf.py) with far less memory.
+# ========================================================================================================
+def plain_sequence_logps(model, batch: dict, prompt_rows: int = 0) -> dict:
+    """One forward pass → per-row response log-prob sums/means, and the prompt's mean log-prob for rows [0, prompt_rows).
+
+    batch: as `data.collate_pairs` makes it: input_ids, attention_mask, labels (-100 on prompt and padding), prompt_lens.
+    Returns (B,) tensors: `sum` = Σ_t log π(y_t|x,y_<t) over response tokens, `avg` = sum / #response tokens,
+    `prompt` = mean_t log π(x_t|x_<t) over prompt tokens 1…|x|−1 (token 0 has no context; 0 for rows ≥ prompt_rows).
+    """
+    ids = batch["input_ids"]  # (B, T)
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, :-1]  # (B, T−1, V): position t predicts token t+1
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least (bf16 → fp32; fp64 stays)
+    # A full (B, T−1, V) fp32 log-softmax: the memory the APPENDIX's sequence_logps avoids holding.
+    logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]  # (B, T−1): log π(token t+1 | tokens ≤ t)
+    response, in_prompt = position_masks(batch, prompt_rows)
+    return logp_sums(logp, response, in_prompt)
+
+
+def position_masks(batch: dict, prompt_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which positions t (predicting token t+1) count: (response, in_prompt), (B, T−1) bool each.
+    in_prompt: the predicted token is a prompt token (1…|x|−1), only in rows [0, prompt_rows)."""
+    ids = batch["input_ids"]  # (B, T)
+    response = batch["labels"][:, 1:] != -100  # (B, T−1)
+    predicted = torch.arange(1, ids.shape[1], device=ids.device)  # (T−1,): the index of the token position t predicts
+    in_prompt = predicted[None, :] < batch["prompt_lens"][:, None]  # (B, T−1)
+    in_prompt[prompt_rows:] = False
+    return response, in_prompt
+
+
+def logp_sums(logp, response, in_prompt) -> dict:
+    """Per-token log-probs (B, T−1) → {sum, avg} over response tokens and the prompt's mean, (B,) each."""
+    total = (logp * response).sum(-1)
+    return {"sum": total, "avg": total / response.sum(-1).clamp(min=1), "prompt": (logp * in_prompt).sum(-1) / in_prompt.sum(-1).clamp(min=1)}
+
+
+REF_KEYS = ("ref_chosen", "ref_rejected", "ref_chosen_avg", "ref_rejected_avg")
+
+
+def pair_logps(policy, reference, batch: dict) -> dict:
+    """Chosen rows [0, B) and rejected rows [B, 2B) of one concatenated batch → per-pair (B,) tensors.
+
+    Keys: policy_{chosen,rejected}[_avg], ref_{chosen,rejected}[_avg] (absent when reference is None:
+    SimPO and ORPO need none; taken from the batch when precomputed), log_ppl = log PPL_θ(x) = −mean log π_θ(x_t|x_<t) of the prompt (detached;
+    from the chosen rows, no extra forward), tokens = non-padding tokens of the pair.
+    sequence_logps (APPENDIX) is plain_sequence_logps computed with less memory.
+    """
+    B = batch["input_ids"].shape[0] // 2
+    pol = sequence_logps(policy, batch, prompt_rows=B)  # chosen and rejected rows share the prompt
+    out = {
+        "policy_chosen": pol["sum"][:B], "policy_rejected": pol["sum"][B:],
+        "policy_chosen_avg": pol["avg"][:B], "policy_rejected_avg": pol["avg"][B:],
+        "log_ppl": -pol["prompt"][:B].detach(),
+        "tokens": (batch["attention_mask"][:B].sum(-1) + batch["attention_mask"][B:].sum(-1)).float(),
+    }
+    if "ref_chosen" in batch:  # precomputed (train.precompute_ref): no reference forward at all
+        out.update({k: batch[k] for k in REF_KEYS})
+    elif reference is not None:
+        with torch.no_grad():
+            ref = sequence_logps(reference, batch)
+        out.update({
+            "ref_chosen": ref["sum"][:B], "ref_rejected": ref["sum"][B:],
+            "ref_chosen_avg": ref["avg"][:B], "ref_rejected_avg": ref["avg"][B:],
+        })
+    return out
+
+
+# ========================================================================================================
+# TRAINING LOOP: the setup in a few named steps, then one loop. Around the algorithm only: batches spread
+# over processes, held-out evaluation, the optional precomputed reference.
 # ========================================================================================================
 SUMMED = ("kept", "pairs", "tokens")  # summed over a step's micro-batches; everything else is averaged
 LAST = ("M0", "sigma", "beta_scale")  # state after the step
+EVAL_KEYS = ("beta", "beta_mean", "margin_mean", "margin_std", "rewards/chosen", "rewards/rejected",
+             "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "pairs")  # held-out rows
 
 
 def gather(accelerator, stats: dict) -> dict:
@@ -356,15 +371,16 @@ def score_pairs(accelerator, policy, reference, pairs, pad_id, batch_size: int, 
             if c < len(chunks):
                 mine.append((c, {k: v.float().cpu() for k, v in stats.items()}))
     policy.train(was_training)
-    everyone = [stats for _, stats in sorted(gather_object(mine), key=lambda item: item[0])]
-    return {k: torch.cat([s[k] for s in everyone]).to(accelerator.device) for k in everyone[0]}
+    gathered = [stats for _, stats in sorted(gather_object(mine), key=lambda item: item[0])]  # every chunk, in order
+    return {k: torch.cat([s[k] for s in gathered]).to(accelerator.device) for k in gathered[0]}
 
 
-def evaluate(accelerator, policy, reference, pairs, pad_id, state, cfg: Config, ref_values=None) -> dict:
+def evaluate_held_out(accelerator, policy, reference, pairs, pad_id, state, cfg: Config, ref_values=None) -> dict:
     """Held-out pairs summarised as one calibration batch with `train=False`: no M₀/σ update, no filtering
-    (the reference code updated both on evaluation batches). Numbers do not depend on the process count."""
-    everyone = score_pairs(accelerator, policy, reference, pairs, pad_id, cfg.eval.batch_size, ref_values)
-    loss, summary = betadpo_loss(everyone, everyone, state, cfg.loss, 0, 1, train=False)
+    (the reference code updated both on evaluation batches). Numbers do not depend on the process count.
+    (eval.py's `evaluate` is the separate, full evaluation of a saved model.)"""
+    batch_stats = score_pairs(accelerator, policy, reference, pairs, pad_id, cfg.eval.batch_size, ref_values)
+    loss, summary = betadpo_loss(batch_stats, batch_stats, state, cfg.loss, 0, 1, train=False)
     return {"loss": loss.item(), **{k: v.item() for k, v in summary.items() if k in EVAL_KEYS}}
 
 
@@ -375,7 +391,7 @@ def _token_hash(pairs) -> str:
     return h.hexdigest()
 
 
-def reference_logps(accelerator, cfg: Config, reference, pairs, pad_id, name: str) -> dict:
+def precompute_reference_logps(accelerator, cfg: Config, reference, pairs, pad_id, name: str) -> dict:
     """train.precompute_ref: the reference's log-probs of every pair, computed once (no grad) and cached in
     `train.ref_cache_dir` under a key of the reference model's files, the dtypes and the tokenized pairs.
     → {ref_chosen, ref_rejected, ref_chosen_avg, ref_rejected_avg}: (num_pairs,) CPU tensors."""
@@ -402,32 +418,58 @@ def reference_logps(accelerator, cfg: Config, reference, pairs, pad_id, name: st
     return values
 
 
-EVAL_KEYS = ("beta", "beta_mean", "margin_mean", "margin_std", "rewards/chosen", "rewards/rejected",
-             "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "pairs")
+def load_pairs_for(cfg: Config, tokenizer, split: str) -> list:
+    """The tokenized (prompt, chosen, rejected) id lists of one split, "train" or "eval" (data.py)."""
+    rows = load_pairs(cfg.data, split, tokenizer)
+    return tokenize_pairs(tokenizer, rows, cfg.data.max_length, cfg.data.max_prompt_length)
+
+
+def load_policy_and_reference(cfg: Config):
+    """→ (policy to train, frozen reference π_ref or None). None for the reference-free losses (SimPO, ORPO),
+    and when the reference log-probs are precomputed from the policy's own start: before step 1 the policy
+    *is* the reference, so no second model is loaded."""
+    policy = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
+    if cfg.train.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    needs_reference = cfg.loss.type not in REFERENCE_FREE
+    policy_scores_itself = cfg.train.precompute_ref and not cfg.model.ref_name_or_path
+    if not needs_reference or policy_scores_itself:
+        return policy, None
+    ref_key = "model.ref_name_or_path" if cfg.model.ref_name_or_path else "model.name_or_path"
+    reference = load_model(cfg.model.ref_name_or_path or cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code, ref_key)
+    return policy, reference.requires_grad_(False).eval()
+
+
+def make_scale_optimizer(cfg: Config, state: BetaDPOState, device):
+    """With loss.learn_scale: (optimizer, scheduler) for c alone; else (None, None).
+
+    c is no parameter of the model, and FSDP2 maps every parameter of a prepared optimizer to one of the model's
+    (to shard it, and to checkpoint it by name): so c has an optimizer of its own, of the same kind, with its own
+    lr and no weight decay, which accelerate does not prepare and checkpoints as a plain object. Not clipped.
+    """
+    if not cfg.loss.learn_scale:
+        return None, None
+    optimizer = make_optimizer(cfg.train, [state.c], device, lr=cfg.loss.scale_lr or cfg.train.lr, weight_decay=0.0)
+    return optimizer, make_scheduler(optimizer, cfg.train.warmup_steps)
 
 
 def train(cfg: Config):
-    from accelerate import Accelerator
     from accelerate.utils import fsdp2_prepare_model
     from tqdm.auto import tqdm
 
-    # ---- accelerator ----------------------------------------------------------------------------------
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
-    check_launch(accelerator)
+    # ---- 1. accelerator, launch and config checks, seed ------------------------------------------------
+    accelerator = start_run(cfg)  # common.py; stops with one line, before anything is written, on a bad launch/config
     P, rank = accelerator.num_processes, accelerator.process_index
-    preflight(cfg, P)  # before anything is loaded or written: the config for P processes, a resumed run's, wandb login
     out = Path(cfg.train.output_dir)
-    # ---- seed -----------------------------------------------------------------------------------------
-    seed_everything(cfg.train.seed)
-    # ---- data -----------------------------------------------------------------------------------------
+    # ---- 2. data ---------------------------------------------------------------------------------------
     if cfg.model.name_or_path == "tiny":
         raise UserError("model.name_or_path: β-DPO starts from a trained policy; run sft.py first and pass its final/ dir")
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    args = (tokenizer, cfg.data.max_length, cfg.data.max_prompt_length)
-    train_pairs = tokenize_pairs(args[0], load_pairs(cfg.data, "train", tokenizer), *args[1:])
-    eval_pairs = tokenize_pairs(args[0], load_pairs(cfg.data, "eval", tokenizer), *args[1:])
-    micro = cfg.train.batch_size // cfg.train.grad_accum  # N: pairs in one calibration batch (all processes)
-    per_process = micro // P  # B
+    train_pairs = load_pairs_for(cfg, tokenizer, "train")
+    eval_pairs = load_pairs_for(cfg, tokenizer, "eval")
+    lengths = tuple(len(p) + max(len(c), len(r)) for p, c, r in train_pairs) if cfg.train.group_by_length else None
+    calib_size = cfg.train.batch_size // cfg.train.grad_accum  # N: pairs in one calibration batch (all processes)
+    per_process = calib_size // P  # B
     steps_per_epoch = len(train_pairs) // cfg.train.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"data: {len(train_pairs)} training pairs is fewer than train.batch_size={cfg.train.batch_size}")
@@ -435,46 +477,31 @@ def train(cfg: Config):
     ckpt, finished = resume_point(accelerator, out, total_steps)  # the newest intact checkpoint, or a finished run
     if finished:
         return out
-    # ---- models ---------------------------------------------------------------------------------------
-    policy = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
-    if cfg.train.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    needs_ref = cfg.loss.type not in REFERENCE_FREE
-    # Precomputing from the policy's own starting point needs no second model: before step 1 the policy *is* it.
-    reference = None
-    if needs_ref and not (cfg.train.precompute_ref and not cfg.model.ref_name_or_path):
-        ref_key = "model.ref_name_or_path" if cfg.model.ref_name_or_path else "model.name_or_path"
-        reference = load_model(cfg.model.ref_name_or_path or cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code, ref_key)
-        reference.requires_grad_(False).eval()
-    # ---- optimizer ------------------------------------------------------------------------------------
+    # ---- 3. models, β-DPO state, optimizers ------------------------------------------------------------
+    policy, reference = load_policy_and_reference(cfg)
     state = BetaDPOState(cfg.loss, cfg.train.seed, accelerator.device)
     optimizer = make_optimizer(cfg.train, policy.parameters(), accelerator.device)
     scheduler = make_scheduler(optimizer, cfg.train.warmup_steps)
-    # c is no parameter of the model, and FSDP2 maps every parameter of a prepared optimizer to one of the model's
-    # (to shard it, and to checkpoint it by name): so c has an optimizer of its own, of the same kind, with its own
-    # lr and no weight decay, which accelerate does not prepare and checkpoints as a plain object. Not clipped.
-    scale_optimizer = scale_scheduler = None
-    if cfg.loss.learn_scale:
-        scale_optimizer = make_optimizer(cfg.train, [state.c], accelerator.device, lr=cfg.loss.scale_lr or cfg.train.lr, weight_decay=0.0)
-        scale_scheduler = make_scheduler(scale_optimizer, cfg.train.warmup_steps)
+    scale_optimizer, scale_scheduler = make_scale_optimizer(cfg, state, accelerator.device)
+    # ---- 4. onto the devices ---------------------------------------------------------------------------
     policy, optimizer = accelerator.prepare(policy, optimizer)
     if reference is not None:  # sharded like the policy under FSDP2 (and never saved: it is not in accelerator._models)
         # (prepare_model(reference, evaluation_mode=True) would neither shard it nor move it to the GPU under FSDP.)
         # DDP, one process and FSDP1: a whole frozen copy on every process.
         reference = fsdp2_prepare_model(accelerator, reference) if accelerator.is_fsdp2 else reference.to(accelerator.device)
     accelerator.register_for_checkpointing(scheduler, state, *([scale_optimizer, scale_scheduler] if scale_optimizer else []))
+    # ---- 5. reference log-probs, once (train.precompute_ref) -------------------------------------------
     ref_train = ref_eval = None
-    if cfg.train.precompute_ref and needs_ref:  # before resuming: the policy still holds its initial weights
+    if cfg.train.precompute_ref and cfg.loss.type not in REFERENCE_FREE:  # before resuming: the policy still holds its initial weights
         scorer = reference if reference is not None else policy
-        ref_train = reference_logps(accelerator, cfg, scorer, train_pairs, tokenizer.pad_token_id, "train")
-        ref_eval = reference_logps(accelerator, cfg, scorer, eval_pairs, tokenizer.pad_token_id, "eval") if eval_pairs else None
+        ref_train = precompute_reference_logps(accelerator, cfg, scorer, train_pairs, tokenizer.pad_token_id, "train")
+        ref_eval = precompute_reference_logps(accelerator, cfg, scorer, eval_pairs, tokenizer.pad_token_id, "eval") if eval_pairs else None
         reference = None  # freed: from here on its log-probs come with each batch
-    lengths = tuple(len(p) + max(len(c), len(r)) for p, c, r in train_pairs) if cfg.train.group_by_length else None
-    # ---- resume ---------------------------------------------------------------------------------------
+    # ---- 6. resume -------------------------------------------------------------------------------------
     if ckpt is not None:
         load_checkpoint(accelerator, ckpt, state)
     log = open_run(cfg, accelerator, state.step)  # config.yaml, metrics.jsonl (rows after state.step dropped), wandb
-    # ---- loop -----------------------------------------------------------------------------------------
+    # ---- the loop: one optimizer step = grad_accum calibration batches ---------------------------------
     bar = tqdm(total=total_steps, initial=state.step, desc="β-DPO", disable=not accelerator.is_main_process)
     policy.train()
     while state.step < total_steps:
@@ -482,7 +509,7 @@ def train(cfg: Config):
         step_loss, summaries = torch.zeros((), device=accelerator.device), []
         for k in range(cfg.train.grad_accum):
             j = state.step * cfg.train.grad_accum + k  # global micro-batch number
-            idx = micro_batch_indices(j, len(train_pairs), micro, steps_per_epoch * cfg.train.grad_accum, cfg.train.seed, lengths)
+            idx = micro_batch_indices(j, len(train_pairs), calib_size, steps_per_epoch * cfg.train.grad_accum, cfg.train.seed, lengths)
             mine = idx[rank * per_process : (rank + 1) * per_process]
             batch = collate_pairs([train_pairs[i] for i in mine], tokenizer.pad_token_id)
             batch.update({key: v[mine] for key, v in (ref_train or {}).items()})
@@ -515,7 +542,8 @@ def train(cfg: Config):
         bar.set_postfix(loss=f"{values['loss']:.4f}", beta=f"{values['beta']:.4f}", kept=f"{values['kept'] / values['pairs']:.2f}")
         last = state.step == total_steps
         if eval_pairs and ((cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or last):
-            log.write({"step": state.step, "split": "eval", **evaluate(accelerator, policy, reference, eval_pairs, tokenizer.pad_token_id, state, cfg, ref_eval)})
+            held_out = evaluate_held_out(accelerator, policy, reference, eval_pairs, tokenizer.pad_token_id, state, cfg, ref_eval)
+            log.write({"step": state.step, "split": "eval", **held_out})
         if state.step % cfg.train.save_every == 0 or last:
             save_checkpoint(accelerator, out, state.step, [*policy.parameters(), state.c])
     bar.close()
@@ -533,6 +561,41 @@ def main():
     cfg = parse_config(Config)
     validate(cfg)
     train(cfg)
+
+
+# ========================================================================================================
+# APPENDIX — SPEED/MEMORY: skip on first read.
+# sequence_logps is plain_sequence_logps (LOG-PROBS) computed with far less work and memory; same arguments, same
+# returned dict, same numbers and gradients (tests/test_perf.py checks both paths against each other). Logits
+# (positions × V) are a DPO step's largest tensors: 128 sequences × 512 tokens × InternLM2's 92,544-token
+# vocabulary are 24 GiB as one fp32 log-softmax. Two savings:
+#   1. The LM head and log-softmax run only at the positions whose log-probs are used: never on padding, on
+#      prompt tokens only in the first prompt_rows rows. transformers' own models (5.x) take a boolean (B, T)
+#      `logits_to_keep` and return just those positions' logits; other models' full logits are indexed.
+#   2. log softmax + gather is common.token_logps, a kernel that never holds a full fp32 log-softmax, forward
+#      or backward (its plain equivalent: torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])).
+# ========================================================================================================
+def _takes_position_mask(model) -> bool:
+    """transformers' own causal LMs (5.x) accept a boolean (B, T) `logits_to_keep` and return the logits of the
+    True positions only, (n, V). Remote code (`trust_remote_code`) may not: it gets all logits."""
+    model = getattr(model, "module", model)  # DDP keeps the model in .module; FSDP subclasses it in place
+    return any(c.__module__.startswith("transformers.models.") for c in type(model).__mro__)
+
+
+def sequence_logps(model, batch: dict, prompt_rows: int = 0) -> dict:
+    """plain_sequence_logps, with the LM head and log-softmax only where they are needed (see the banner)."""
+    ids = batch["input_ids"]  # (B, T)
+    response, in_prompt = position_masks(batch, prompt_rows)  # (B, T−1) each
+    needed = response | in_prompt  # (B, T−1)
+    if _takes_position_mask(model):
+        keep = torch.cat([needed, torch.zeros_like(needed[:, :1])], 1)  # (B, T): the last position predicts nothing
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"], logits_to_keep=keep).logits  # (n, V)
+    else:
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, :-1][needed]  # (n, V)
+    # 256 positions a chunk: 16 MiB of fp32 work space at V = 16k (reused by the allocator), 90 MiB at InternLM2's 92k.
+    picked = token_logps(logits, ids[:, 1:][needed], chunk_rows=256)  # (n,), in row-major order of `needed`
+    logp = torch.zeros(needed.shape, dtype=picked.dtype, device=picked.device).masked_scatter(needed, picked)  # (B, T−1)
+    return logp_sums(logp, response, in_prompt)
 
 
 if __name__ == "__main__":

@@ -420,6 +420,19 @@ def check_launch(accelerator):
               "nothing is sharded, every process holds whole models", file=sys.stderr)
 
 
+def start_run(cfg: Config):
+    """The first step of sft.py's and betadpo.py's training: the Accelerator (train.mixed_precision), the launch
+    checks, the config checked for this process count, preflight (before anything is loaded or written: wandb
+    login, a resumed run's config), and every random generator seeded from train.seed. → the accelerator."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    check_launch(accelerator)
+    preflight(cfg, accelerator.num_processes)  # validates the config for this many processes first
+    seed_everything(cfg.train.seed)
+    return accelerator
+
+
 # --------------------------------------------------------------------------------------------------------
 # Seeding, models, tokenizers
 # --------------------------------------------------------------------------------------------------------

@@ -25,10 +25,27 @@ from pathlib import Path
 import torch
 
 import sort_task
-from common import (  # the plumbing shared with betadpo.py
-    Config, StepCount, UserError, check_launch, generate, load_checkpoint, load_model, load_tokenizer, main_guard, make_optimizer,
-    make_scheduler, no_sync_unless_last, open_run, optimizer_step, parse_config, preflight, resume_point,
-    save_checkpoint, save_final, seed_everything, token_logps, validate
+from common import (
+    Config,
+    StepCount,
+    UserError,
+    generate,
+    load_checkpoint,
+    load_model,
+    load_tokenizer,
+    main_guard,
+    make_optimizer,
+    make_scheduler,
+    no_sync_unless_last,
+    open_run,
+    optimizer_step,
+    parse_config,
+    resume_point,
+    save_checkpoint,
+    save_final,
+    start_run,
+    token_logps,
+    validate,
 )
 from data import collate, load_sft, micro_batch_indices, tokenize
 
@@ -53,20 +70,15 @@ def exact_match(model, tokenizer, rows: list[dict], cfg: Config, batch_size: int
 
 
 def main():
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     # ---- config ---------------------------------------------------------------------------------------
     cfg = parse_config(Config)
     validate(cfg)
-    # ---- accelerator ----------------------------------------------------------------------------------
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
-    check_launch(accelerator)
+    # ---- accelerator, launch and config checks, seed --------------------------------------------------
+    accelerator = start_run(cfg)
     P, rank = accelerator.num_processes, accelerator.process_index
-    preflight(cfg, P)  # before anything is loaded or written: the config for P processes, a resumed run's, wandb login
     out = Path(cfg.train.output_dir)
-    # ---- seed -----------------------------------------------------------------------------------------
-    seed_everything(cfg.train.seed)
     # ---- data -----------------------------------------------------------------------------------------
     from_scratch = cfg.model.name_or_path == "tiny"
     tokenizer = sort_task.build_tokenizer() if from_scratch else load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)

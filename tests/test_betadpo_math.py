@@ -204,14 +204,14 @@ def test_global_normalisation_makes_two_processes_equal_one():
     the single-process gradient of (1/K)·Σ_{all kept} ℓ_i, for the policy and for c."""
     cfg = LossArgs(beta=0.1, alpha=0.6, filter_ratio=0.25, learn_scale=True, ppl_scale=True)
     full = random_stats(n=8, seed=4, grad=True)
-    everyone = {k: v.detach() for k, v in full.items()}
+    batch_stats = {k: v.detach() for k, v in full.items()}  # the calibration batch, gathered
     one = BetaDPOState(cfg, 0, "cpu")
-    loss, _ = betadpo_loss(full, everyone, one, cfg, 0, 1, train=True)
+    loss, _ = betadpo_loss(full, batch_stats, one, cfg, 0, 1, train=True)
     loss.backward()
     two = [BetaDPOState(cfg, 0, "cpu") for _ in range(2)]
     halves = [{k: v.detach()[r * 4 : (r + 1) * 4].clone().requires_grad_(v.requires_grad) for k, v in full.items()} for r in range(2)]
     for r in range(2):
-        loss_r, _ = betadpo_loss(halves[r], everyone, two[r], cfg, r, 2, train=True)
+        loss_r, _ = betadpo_loss(halves[r], batch_stats, two[r], cfg, r, 2, train=True)
         loss_r.backward()
     for k in ("policy_chosen", "policy_rejected"):
         assert torch.allclose(full[k].grad, torch.cat([h[k].grad for h in halves]) / 2, atol=1e-7)

@@ -5,7 +5,6 @@ import math
 import shutil
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from conftest import read_metrics, run_script

@@ -148,3 +148,16 @@ def test_the_reference_checks_catch_what_they_are_for():
         f"guide/page.md: link to '{missing[5:]}', which is not in the repository",
         f"guide/page.md: names '{missing}', which is not in the repository",
     ]
+
+
+def test_the_algorithm_page_names_functions_that_exist():
+    """docs/ALGORITHM.md's step table and "Where to change what" send a reader to functions by name: each one
+    is defined in betadpo.py, common.py or experiments/run.py (a rename that forgot the page fails here)."""
+    page = (ROOT / "docs/ALGORITHM.md").read_text()
+    code = "".join((ROOT / name).read_text() for name in ("betadpo.py", "common.py", "experiments/run.py"))
+    defined = {f or c for f, c in re.findall(r"^\s*(?:def|class) (\w+)|^([A-Z_]+) = ", code, re.M)}  # functions, classes, constants
+    table = [line.rsplit("|", 2)[1] for line in page.splitlines() if re.match(r"\| \d\. ", line)]  # the function column
+    where = page.split("## Where to change what")[1]
+    named = {name for text in (*table, where) for name in re.findall(r"`([A-Za-z_]\w*)`", text)}
+    assert {"batch_beta", "beta_scale", "betadpo_loss", "LossArgs", "REFERENCE_FREE", "STUDIES"} <= named
+    assert named <= defined, sorted(named - defined)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from betadpo import BetaDPOState, _takes_position_mask, pair_logps, sequence_logps
+from betadpo import BetaDPOState, _takes_position_mask, make_scale_optimizer, pair_logps, plain_sequence_logps, sequence_logps
 from common import Config, load_model, make_optimizer, token_logps
 from conftest import read_metrics, run_script
 from data import _epoch_order, collate_pairs, tokenize_pairs
@@ -71,25 +71,24 @@ def test_chunked_logps_refuse_a_second_backward_instead_of_giving_wrong_gradient
 def test_fused_adamw_takes_the_same_steps_as_the_textbook_one():
     cfg = Config()
     cfg.train.lr, cfg.train.weight_decay, cfg.loss.learn_scale, cfg.loss.scale_lr = 1e-2, 0.1, True, 3e-2
+    cfg.train.warmup_steps = 0  # c's optimizer comes with its schedule: full lr from the first step
     torch.manual_seed(0)
     model, state = torch.nn.Linear(7, 5), BetaDPOState(cfg.loss, 0, "cpu")
     twin, twin_c = torch.nn.Linear(7, 5), torch.nn.Parameter(state.c.detach().clone())
     twin.load_state_dict(model.state_dict())
-    # as betadpo.py makes them: one optimizer for the model, one for c (its own lr, no weight decay)
-    ours = [make_optimizer(cfg.train, model.parameters(), "cpu"),
-            make_optimizer(cfg.train, [state.c], "cpu", lr=cfg.loss.scale_lr, weight_decay=0.0)]
+    # betadpo.py's two optimizers: the policy's, and c's own (its lr, no weight decay)
+    ours = [make_optimizer(cfg.train, model.parameters(), "cpu"), make_scale_optimizer(cfg, state, "cpu")[0]]
     assert all(o.defaults["fused"] for o in ours)
-    plain = torch.optim.AdamW([{"params": list(twin.parameters()), "weight_decay": 0.1},
-                               {"params": [twin_c], "weight_decay": 0.0, "lr": 3e-2}], lr=1e-2)
+    plain = [torch.optim.AdamW(twin.parameters(), lr=1e-2, weight_decay=0.1),
+             torch.optim.AdamW([twin_c], lr=3e-2, weight_decay=0.0)]
     pairs = list(zip([*model.parameters(), state.c], [*twin.parameters(), twin_c]))
     start = [a.detach().clone() for a, _ in pairs]
     for _ in range(3):
         for a, b in pairs:
             a.grad = torch.randn_like(a)
             b.grad = a.grad.clone()
-        for o in ours:
+        for o in (*ours, *plain):
             o.step()
-        plain.step()
     for (a, b), a0 in zip(pairs, start):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7) and not torch.allclose(a, a0)  # moved, and alike
 
@@ -120,33 +119,39 @@ class RemoteCodeLike(torch.nn.Module):
         return self.inner(input_ids=input_ids, attention_mask=attention_mask)
 
 
-def test_sequence_logps_matches_a_full_log_softmax_with_and_without_position_mask(tiny_model):
-    """Logits only where needed (transformers' bool `logits_to_keep`, or full logits indexed for other models)
-    give the textbook numbers and gradients: full (B, T, V) log-softmax, masked sums."""
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_fast_sequence_logps_equal_the_plain_ones_with_and_without_position_mask(tiny_model, dtype, tol):
+    """The APPENDIX's sequence_logps (logits only where needed: transformers' bool `logits_to_keep`, or full
+    logits indexed for other models; the token_logps kernel) gives plain_sequence_logps' numbers and gradients
+    (full (B, T−1, V) log-softmax, masked sums): fp64 to rounding, fp32 close."""
     tok = build_tokenizer()
     rows = [{"prompt": "sort 3120: ", "chosen": "0123", "rejected": "3210"}, {"prompt": "sort 9: ", "chosen": "9", "rejected": "99"}]
     batch = collate_pairs(tokenize_pairs(tok, rows, 64, 32), tok.pad_token_id)
-    ids, labels = batch["input_ids"], batch["labels"]
-    results = []
-    for wrap in (lambda m: m, RemoteCodeLike):
-        model = load_model(str(tiny_model))
+
+    def run(logps, wrap=lambda m: m):
+        model = load_model(str(tiny_model)).to(dtype)
         wrapped = wrap(model)
-        assert _takes_position_mask(wrapped) == (wrapped is model)
-        out = sequence_logps(wrapped, batch, prompt_rows=2)
-        (out["sum"].sum() + out["prompt"].sum()).backward()
-        results.append((out, model.lm_head.weight.grad.clone()))
-    model = load_model(str(tiny_model))
-    logp = naive_token_logps(model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, :-1], ids[:, 1:])
-    response = labels[:, 1:] != -100
-    prompt = (torch.arange(1, ids.shape[1])[None, :] < batch["prompt_lens"][:, None]) & (torch.arange(4)[:, None] < 2)
-    expected = {"sum": (logp * response).sum(-1), "avg": (logp * response).sum(-1) / response.sum(-1),
-                "prompt": (logp * prompt).sum(-1) / prompt.sum(-1).clamp(min=1)}
-    (expected["sum"].sum() + expected["prompt"].sum()).backward()
-    for out, grad in results:
-        for k, v in expected.items():
-            assert torch.allclose(out[k], v, atol=1e-5), k
-        assert torch.allclose(grad, model.lm_head.weight.grad, atol=1e-5)
-    assert results[0][0]["prompt"][2:].eq(0).all()  # rows ≥ prompt_rows: no prompt log-probs computed
+        out = logps(wrapped, batch, prompt_rows=2)
+        (out["sum"].sum() + out["avg"].sum() + out["prompt"].sum()).backward()
+        return out, _takes_position_mask(wrapped), {n: p.grad for n, p in model.named_parameters()}
+
+    plain, _, plain_grads = run(plain_sequence_logps)
+    assert plain["sum"].dtype == dtype and (plain["sum"] < 0).all() and plain["prompt"][2:].eq(0).all()
+    assert all(g is not None and g.abs().sum() > 0 for g in plain_grads.values())
+    for wrap, position_mask in ((lambda m: m, True), (RemoteCodeLike, False)):
+        fast, used_position_mask, grads = run(sequence_logps, wrap)
+        assert used_position_mask == position_mask
+        for k in ("sum", "avg", "prompt"):
+            assert torch.allclose(fast[k], plain[k], rtol=0, atol=tol), k
+        for name, g in grads.items():
+            assert torch.allclose(g, plain_grads[name], rtol=0, atol=tol), name
+    # The plain path itself, one position at a time: row 0's response log-prob sum.
+    model = load_model(str(tiny_model)).to(dtype)
+    ids, labels = batch["input_ids"], batch["labels"]
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+    by_hand = sum(torch.log_softmax(logits[0, t], -1)[ids[0, t + 1]] for t in range(ids.shape[1] - 1) if labels[0, t + 1] != -100)
+    assert plain["sum"][0].item() == pytest.approx(by_hand.item(), abs=tol)
 
 
 def test_group_by_length_covers_every_pair_once_and_pads_less():

@@ -530,38 +530,40 @@ def _load(loader, name: str, what: str, key: str, **kwargs):
         ) from None
 
 
-def _check_gguf(path: str) -> str:
-    """A readable GGUF file → the architecture its metadata names; anything else stops with one sentence."""
+def _check_gguf(path: str, key: str) -> str:
+    """A readable GGUF file → the architecture its metadata names; anything else stops with one sentence
+    naming `key`, the config key the path came from."""
     file = Path(path).expanduser()
     if not file.is_file():
-        raise UserError(f"model path '{path}' does not exist")
+        raise UserError(f"{key}: '{path}' does not exist")
     with file.open("rb") as f:
         if f.read(4) != b"GGUF":  # every GGUF file starts with these 4 bytes
-            raise UserError(f"'{path}' is not a GGUF file (it does not start with the bytes 'GGUF')")
+            raise UserError(f"{key}: '{path}' is not a GGUF file (it does not start with the bytes 'GGUF')")
     try:
         import gguf  # noqa: F401  (transformers reads GGUF weights with it)
     except ImportError:
-        raise UserError(f"loading '{path}' needs the `gguf` package: pip install -r requirements.txt") from None
+        raise UserError(f"{key}: loading '{path}' needs the `gguf` package: pip install -r requirements.txt") from None
     from transformers.integrations.gguf.reader import read_gguf_metadata
 
     try:
         return read_gguf_metadata(str(file))[0]["general.architecture"]
     except (ValueError, KeyError, struct.error) as e:
-        raise UserError(f"'{path}' is not a readable GGUF file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise UserError(f"{key}: '{path}' is not a readable GGUF file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-def _load_gguf(loader, path: str, what: str, **kwargs):
+def _load_gguf(loader, path: str, what: str, key: str, architecture: str | None = None, **kwargs):
     """`loader.from_pretrained(dir, gguf_file=name)`: transformers' own GGUF support (it needs the `gguf` package).
 
     A file that is not GGUF, or holds an architecture transformers cannot load, stops with one sentence.
+    `architecture`: what _check_gguf already returned for this file, so that its metadata is not read twice.
     """
-    architecture = _check_gguf(path)
+    architecture = architecture or _check_gguf(path, key)
     file = Path(path).expanduser()
     try:
         return loader.from_pretrained(str(file.parent), gguf_file=file.name, **kwargs)
     except (ValueError, KeyError, NotImplementedError, OSError) as e:  # e.g. "GGUF model with architecture X is not supported yet."
         message = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"transformers could not load the {what} of '{path}' (a GGUF file of architecture "
+        raise UserError(f"{key}: transformers could not load the {what} of '{path}' (a GGUF file of architecture "
                         f"'{architecture}'): {message}") from None
 
 
@@ -589,7 +591,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, key: str = "model
         # The generic fast tokenizer, built by transformers' GGUF converter from the file's vocabulary, merges,
         # special tokens and chat template. (AutoTokenizer builds the same one, but first parses the whole file
         # once more only to choose that class: 10–20 s for SmolLM2 on a CPU.)
-        tok = _load_gguf(PreTrainedTokenizerFast, name, "tokenizer")
+        tok = _load_gguf(PreTrainedTokenizerFast, name, "tokenizer", key)
     elif (internlm2_dir := _internlm2_dir(name, key)) is not None:  # InternLM2: converted, no remote code
         tok = _convert(lambda: internlm2.load_tokenizer(internlm2_dir), name)
     else:
@@ -614,7 +616,7 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
     logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise next to ours
     name = resolve_model_name(name)
     if is_gguf(name):
-        model = _load_gguf_model(name, dtype)
+        model = _load_gguf_model(name, dtype, key)
     elif (internlm2_dir := _internlm2_dir(name, key)) is not None:  # InternLM2: loaded as transformers' Llama
         model = _convert(lambda: internlm2.load_model(internlm2_dir, DTYPES[dtype]), name)
     else:
@@ -635,7 +637,7 @@ def gathered_state_dict(accelerator, model) -> dict:
     return state_dict
 
 
-def _load_gguf_model(path: str, dtype: str):
+def _load_gguf_model(path: str, dtype: str, config_key: str):
     """A .gguf checkpoint, every weight dequantised to `dtype`, as a plain model of the class transformers picks.
 
     transformers marks a model read from GGUF as quantized, even once all its weights are dense, and refuses to
@@ -653,12 +655,12 @@ def _load_gguf_model(path: str, dtype: str):
 
     key = (str(Path(path).expanduser().resolve()), dtype)
     if key not in _GGUF_LOADED:
-        _check_gguf(path)  # bad files stop here, before the message below
+        architecture = _check_gguf(path, config_key)  # bad files stop here, before the message below
         if os.environ.get("RANK", "0") == "0":
             print(f"{path}: reading a GGUF checkpoint and dequantising it to {dtype} (SmolLM2-135M: about half a "
                   "minute on a CPU)", flush=True)
         started = time.perf_counter()
-        packed = _load_gguf(AutoModelForCausalLM, path, "model", dtype=DTYPES[dtype])
+        packed = _load_gguf(AutoModelForCausalLM, path, "model", config_key, architecture, dtype=DTYPES[dtype])
         config = copy.deepcopy(packed.config)
         del config.quantization_config
         _GGUF_LOADED.clear()  # one file at a time: the cache costs one copy of the weights

@@ -139,6 +139,8 @@ def test_bad_gguf_files_are_one_sentence(bad_gguf, case):
     for load in (load_tokenizer, load_model):
         with pytest.raises(UserError, match=message):
             load(str(path))
+        with pytest.raises(UserError, match=rf"^model\.ref_name_or_path: .*{message}"):  # names the key it came from
+            load(str(path), key="model.ref_name_or_path")
 
 
 def test_bad_gguf_stops_a_run_before_it_writes(tmp_path, bad_gguf, hh_file):

@@ -59,6 +59,8 @@ from data import collate_pairs, load_pairs, micro_batch_indices, tokenize_pairs
 #   loss.beta β₀ · loss.alpha α (the paper's α·β₀; 0 = static β) · loss.filter_ratio ρ (fraction dropped; 0 = off)
 #   loss.momentum m (of M₀ and σ) · loss.beta_min β_min · loss.type (dpo | ipo | simpo | orpo)
 #   β(x) extension: loss.ppl_scale, loss.learn_scale (c), loss.beta_scale_init (softplus(c₀)), loss.scale_lr
+#   Variants and controls (docs/RESULTS.md): loss.beta_level (batch | instance) · loss.alpha_units (nats | sigma:
+#   scale-free, not in the paper) · loss.filter (margin | uniform: random drop) · loss.beta_sequence (replayed βs)
 #   N, the calibration batch = train.batch_size / train.grad_accum pairs, over all processes together.
 # A new knob: a field of LossArgs in common.py (it becomes --loss.<name>; its range check goes in validate()).
 # ========================================================================================================
@@ -111,13 +113,15 @@ def filter_log_weights(M, M0, sigma) -> torch.Tensor:
     return torch.where(degenerate, torch.zeros_like(log_w), log_w)
 
 
-def filter_mask(M, M0, sigma, filter_ratio: float, generator: torch.Generator) -> torch.Tensor:
+def filter_mask(M, M0, sigma, filter_ratio: float, generator: torch.Generator, uniform: bool = False) -> torch.Tensor:
     """Keep K = max(1, ⌊N(1−ρ)⌋) of N pairs, drawn without replacement with probability ∝ w_i. (N,) bool.
 
     Drawn with the Gumbel-top-k trick: the K largest log w_i + Gumbel_i are distributed exactly as K draws
     without replacement ∝ w_i (as torch.multinomial), but work in log space, so pairs with w_i that underflow
     can still fill the K places. `generator` is shared and in the same state on every process, and the
     margins are gathered, so every rank computes the same mask (the reference code drew per rank).
+    uniform (loss.filter=uniform, a control, not in the paper): every w_i equal, i.e. K pairs at random —
+    the same number dropped, without looking at the margins.
     """
     N = M.numel()
     keep = max(1, math.floor(N * (1 - filter_ratio)))
@@ -125,17 +129,28 @@ def filter_mask(M, M0, sigma, filter_ratio: float, generator: torch.Generator) -
         return torch.ones(N, dtype=torch.bool, device=M.device)
     u = torch.rand(N, generator=generator, device=generator.device).to(M.device)
     gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1 - 1e-7)))
-    chosen = (filter_log_weights(M, M0, sigma) + gumbel).topk(keep).indices
+    log_w = torch.zeros_like(M) if uniform else filter_log_weights(M, M0, sigma)
+    chosen = (log_w + gumbel).topk(keep).indices
     return torch.zeros(N, dtype=torch.bool, device=M.device).index_fill_(0, chosen, True)
 
 
-def batch_beta(beta0: float, alpha: float, M, kept, M0, beta_min: float) -> torch.Tensor:
+def batch_beta(beta0: float, alpha: float, M, kept, M0, beta_min: float, sigma=None, instance: bool = False) -> torch.Tensor:
     """β_batch = β₀ · (1 + α · (mean_{kept} M_i − M₀)), clamped to ≥ β_min and detached. M: (N,), kept: (N,) bool.
 
     Batches whose margins run above the running mean (easy pairs, large gap) get a larger β, i.e. stay
     closer to the reference; batches below it get a smaller β and move more aggressively.
+    Two variants, both off by default:
+    - sigma given (loss.alpha_units=sigma; an extension, NOT in the paper): the gap is measured in units of σ,
+      β = β₀ · (1 + α · (mean_{kept} M_i − M₀) / σ), so α means the same on any task whatever its margins' scale.
+      With raw nats (the paper, the reference code) α = 0.6 is mild where margins spread over ±1 nat and
+      drives β to its floor where they spread over ±10.
+    - instance (loss.beta_level=instance; the paper's Table 2 baseline): β_i = β₀ · (1 + α · (M_i − M₀)) per
+      pair, (N,), instead of one β for the batch.
     """
-    return (beta0 * (1 + alpha * (kept_mean(M, kept) - M0))).clamp(min=beta_min).detach()
+    gap = M - M0 if instance else kept_mean(M, kept) - M0  # (N,) or ()
+    if sigma is not None:
+        gap = gap / sigma.clamp(min=SIGMA_FLOOR)
+    return (beta0 * (1 + alpha * gap)).clamp(min=beta_min).detach()
 
 
 def kept_mean(values, kept):
@@ -208,13 +223,15 @@ class BetaDPOState:
         self.generator.set_state(sd["generator"])
 
 
-def betadpo_loss(stats: dict, batch_stats: dict, state: BetaDPOState, cfg: LossArgs, rank: int, num_processes: int, train: bool):
+def betadpo_loss(stats: dict, batch_stats: dict, state: BetaDPOState, cfg: LossArgs, rank: int, num_processes: int, train: bool,
+                 replayed_beta: float | None = None):
     """One calibration batch of β-DPO (docs/ALGORITHM.md, steps 1–6).
 
     stats:       this process's pairs, (B,) tensors with the policy's graph (from `pair_logps`).
     batch_stats: the whole calibration batch's stats: the same stats detached and gathered over all processes,
                  (N,) = (P·B,), identical on every process.
     train:       update M₀/σ and filter; at evaluation neither happens and every pair counts.
+    replayed_beta: loss.beta_sequence's β for this step, used instead of step 4's (a control).
     Returns (loss to backpropagate on this process, summary of the whole calibration batch).
     """
     # 1. Margins of the whole calibration batch, the same on every process.
@@ -224,14 +241,18 @@ def betadpo_loss(stats: dict, batch_stats: dict, state: BetaDPOState, cfg: LossA
         state.M0, state.sigma = update_statistics(state.M0, state.sigma, M, cfg.momentum)
     # 3. β-guided filtering: the same mask on every process.
     if train and cfg.filter_ratio > 0:
-        kept = filter_mask(M, state.M0, state.sigma, cfg.filter_ratio, state.generator)  # (N,) bool
+        kept = filter_mask(M, state.M0, state.sigma, cfg.filter_ratio, state.generator, cfg.filter == "uniform")  # (N,) bool
     else:
         kept = torch.ones_like(M, dtype=torch.bool)
-    # 4. Batch-level β from the kept pairs' margins (α = 0: β_batch = β₀).
-    beta_b = batch_beta(cfg.beta, cfg.alpha, M, kept, state.M0, cfg.beta_min)
+    # 4. Batch-level β from the kept pairs' margins (α = 0: β_batch = β₀). () — or (N,) with beta_level=instance.
+    sigma = state.sigma if cfg.alpha_units == "sigma" else None
+    beta_b = batch_beta(cfg.beta, cfg.alpha, M, kept, state.M0, cfg.beta_min, sigma, cfg.beta_level == "instance")
+    if replayed_beta is not None:
+        beta_b = torch.full_like(beta_b, replayed_beta)
     # 5. Per-pair β_i = β_batch · s_i; gradients reach c through s_i only.
     B = stats["log_ppl"].shape[0]
-    beta_i = beta_b * beta_scale(state.c, stats["log_ppl"], cfg.ppl_scale, cfg.learn_scale)  # (B,)
+    beta_here = beta_b if beta_b.dim() == 0 else beta_b[rank * B : (rank + 1) * B]  # this process's pairs
+    beta_i = beta_here * beta_scale(state.c, stats["log_ppl"], cfg.ppl_scale, cfg.learn_scale)  # (B,)
     # 6. Loss over this process's kept pairs, normalised by the *global* kept count K. Each process returns
     #    (P/K)·Σ_{its kept} ℓ_i; DDP/FSDP average gradients over P, giving ∇(1/K)·Σ_{all kept} ℓ_i: the same
     #    gradient on 1 or P processes. (The reference code averaged per process: a different weighting.)
@@ -248,12 +269,15 @@ def summarize(batch_stats: dict, M, kept, beta_b, state: BetaDPOState, cfg: Loss
     with torch.no_grad():
         beta_i = beta_b * beta_scale(state.c, batch_stats["log_ppl"], cfg.ppl_scale, cfg.learn_scale)  # (N,)
         r_w, r_l = implicit_rewards(batch_stats, cfg.type)
+        centred = M - M.mean()
         return {
-            "beta": beta_b, "beta_mean": beta_i.mean(),
-            "beta_scale": F.softplus(state.c) if (cfg.ppl_scale or cfg.learn_scale) else torch.ones_like(beta_b),
+            "beta": beta_b.mean(), "beta_mean": beta_i.mean(),
+            "beta_floor": (beta_b <= cfg.beta_min).float().mean(),  # share of β at its floor β_min (1 or 0 per batch-level β)
+            "beta_scale": F.softplus(state.c) if (cfg.ppl_scale or cfg.learn_scale) else torch.ones_like(M.sum()),
             "M0": state.M0, "sigma": state.sigma,
-            "margin_mean": M.mean(), "margin_std": M.std() if M.numel() > 1 else torch.zeros_like(beta_b),
-            "kept_margin_mean": kept_mean(M, kept), "kept": kept.sum().float(), "pairs": torch.full_like(beta_b, M.numel()),
+            "margin_mean": M.mean(), "margin_std": M.std() if M.numel() > 1 else torch.zeros_like(M.sum()),
+            "margin_skew": (centred ** 3).mean() / (centred ** 2).mean().clamp(min=1e-12) ** 1.5,  # raw margins' skewness
+            "kept_margin_mean": kept_mean(M, kept), "kept": kept.sum().float(), "pairs": torch.full_like(M.sum(), M.numel()),
             "log_ppl": batch_stats["log_ppl"].mean(),
             "rewards/chosen": (beta_i * r_w).mean(), "rewards/rejected": (beta_i * r_l).mean(),
             "rewards/margins": (beta_i * (r_w - r_l)).mean(), "rewards/accuracies": (r_w > r_l).float().mean(),
@@ -440,6 +464,22 @@ def load_policy_and_reference(cfg: Config):
     return policy, reference.requires_grad_(False).eval()
 
 
+def load_beta_sequence(path: str, total_steps: int) -> list[float]:
+    """loss.beta_sequence: a JSON list of β values, one per optimizer step ([] when unset). A control experiment
+    feeds plain DPO another run's βs (e.g. shuffled) to tell "which β when" from "how much β overall"."""
+    if not path:
+        return []
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"loss.beta_sequence: cannot read a JSON list from '{path}': {e}") from None
+    if not (isinstance(values, list) and all(isinstance(v, (int, float)) and v > 0 for v in values)):
+        raise UserError(f"loss.beta_sequence: '{path}' must hold a JSON list of positive numbers")
+    if len(values) < total_steps:
+        raise UserError(f"loss.beta_sequence: '{path}' has {len(values)} values, training needs one per step ({total_steps})")
+    return [float(v) for v in values]
+
+
 def make_scale_optimizer(cfg: Config, state: BetaDPOState, device):
     """With loss.learn_scale: (optimizer, scheduler) for c alone; else (None, None).
 
@@ -497,6 +537,7 @@ def train(cfg: Config):
         ref_train = precompute_reference_logps(accelerator, cfg, scorer, train_pairs, tokenizer.pad_token_id, "train")
         ref_eval = precompute_reference_logps(accelerator, cfg, scorer, eval_pairs, tokenizer.pad_token_id, "eval") if eval_pairs else None
         reference = None  # freed: from here on its log-probs come with each batch
+    replayed = load_beta_sequence(cfg.loss.beta_sequence, total_steps)  # [] unless loss.beta_sequence
     # ---- 6. resume -------------------------------------------------------------------------------------
     if ckpt is not None:
         load_checkpoint(accelerator, ckpt, state)
@@ -516,7 +557,8 @@ def train(cfg: Config):
             batch = {key: v.to(accelerator.device) for key, v in batch.items()}
             with no_sync_unless_last(accelerator, policy, k, cfg.train.grad_accum), accelerator.autocast():
                 stats = pair_logps(policy, reference, batch)
-                loss, summary = betadpo_loss(stats, gather(accelerator, stats), state, cfg.loss, rank, P, train=True)
+                loss, summary = betadpo_loss(stats, gather(accelerator, stats), state, cfg.loss, rank, P, train=True,
+                                             replayed_beta=replayed[state.step] if replayed else None)
                 accelerator.backward(loss / cfg.train.grad_accum)
             step_loss += loss.detach() / cfg.train.grad_accum
             summaries.append(summary)

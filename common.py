@@ -128,6 +128,10 @@ class LossArgs:
     beta: float = 0.1  # β₀
     alpha: float = 0.0  # α of dynamic β (reference code: `a`; = the paper's α·β₀, since M excludes β₀); 0 = static β
     filter_ratio: float = 0.0  # ρ, fraction of each calibration batch dropped (reference code: `mode_weight`); 0 = off
+    beta_level: Literal["batch", "instance"] = "batch"  # batch: one β per calibration batch (β-DPO); instance: β_i from each pair's own M_i (the paper's Table 2 baseline)
+    alpha_units: Literal["nats", "sigma"] = "nats"  # nats: α·(mean M − M₀), margins in nats (reference code); sigma: α·(mean M − M₀)/σ, scale-free (an extension, not in the paper)
+    filter: Literal["margin", "uniform"] = "margin"  # margin: keep pairs ∝ the Gaussian weight (β-DPO); uniform: drop ρ·N pairs at random (a control)
+    beta_sequence: str = ""  # JSON list, one β per optimizer step, used instead of β_batch (a control: replay another run's βs); "" = off
     momentum: float = 0.9  # m of the M₀ and σ moving averages
     beta_min: float = 1e-3  # floor of β_batch
     label_smoothing: float = 0.0  # ε of conservative DPO (dpo only)
@@ -210,6 +214,7 @@ def validate(cfg: Config, num_processes: int = 1):
     require(L.beta > 0, "loss.beta", f"must be > 0, got {L.beta}")
     require(L.alpha >= 0, "loss.alpha", f"must be ≥ 0, got {L.alpha}")
     require(0 <= L.filter_ratio < 1, "loss.filter_ratio", f"must be in [0, 1), got {L.filter_ratio}")
+    require(not L.beta_sequence or L.alpha == 0, "loss.beta_sequence", f"replaces the dynamic β: set loss.alpha to 0 (got {L.alpha})")
     require(0 <= L.momentum < 1, "loss.momentum", f"must be in [0, 1), got {L.momentum}")
     require(L.beta_min > 0, "loss.beta_min", f"must be > 0, got {L.beta_min}")
     require(0 <= L.label_smoothing < 0.5, "loss.label_smoothing", f"must be in [0, 0.5), got {L.label_smoothing}")

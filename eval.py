@@ -37,7 +37,9 @@ The numbers, for a policy π and its reference π_ref:
 
 Outputs in eval.output_dir (main process only): eval.json (the numbers, the config, model paths and seeds),
 generations.jsonl (prompt, policy, reference, chosen at eval.generations_temperature: the input an external
-LLM judge needs for HH), and a table on the terminal.
+LLM judge needs for HH), pairs.jsonl (per held-out pair, in data order: the policy's and the reference's summed
+log-probs of chosen and rejected, from which accuracy and margin intervals over pairs can be bootstrapped), and
+a table on the terminal.
 
 Process-count invariance: pairs (in fixed chunks of eval.batch_size) and prompts are sharded over processes,
 padded with duplicates that are dropped after gathering, and reduced on the full, ordered set. The samples of
@@ -252,7 +254,9 @@ def evaluate(cfg: Config, accelerator) -> dict:
         raise UserError(f"policy '{policy_path}' has a vocabulary of {sizes[0]} tokens, reference '{ref_path}' "
                         f"of {sizes[1]}: log-prob ratios need one vocabulary")
     # ---- held-out pairs ---------------------------------------------------------------------------------
-    metrics = preference_metrics(score_pairs(accelerator, *models.values(), pairs, tokenizer.pad_token_id, E.batch_size))
+    scores = score_pairs(accelerator, *models.values(), pairs, tokenizer.pad_token_id, E.batch_size)  # (N,) per key
+    metrics = preference_metrics(scores)
+    scored_pairs = [dict(zip(LOGP_KEYS, values)) for values in zip(*(scores[k].double().tolist() for k in LOGP_KEYS))]
     # ---- completions: KL at eval.temperature; gold metrics at 0 and eval.temperature (built-in task) -----
     gold = D.dataset == "sort"
     T, T_gen = E.temperature, E.generations_temperature
@@ -278,7 +282,7 @@ def evaluate(cfg: Config, accelerator) -> dict:
             row.update({f"gold_{key}": sort_task.gold_reward(r["prompt"], row[key]) for key in ("policy", "reference", "chosen")})
         generations.append(row)
     counts = {"pairs": len(pairs), "prompts": len(prompts), "samples": sum(len(d["kl"]) for d in done)}
-    return {"metrics": metrics, "generations": generations, "counts": counts}
+    return {"metrics": metrics, "generations": generations, "counts": counts, "pairs": scored_pairs}
 
 
 # ========================================================================================================
@@ -314,7 +318,9 @@ def write_outputs(cfg: Config, result: dict, out: Path, num_processes: int, wall
     }
     (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result["generations"]))
-    return [out / "eval.json", out / "generations.jsonl"]
+    # Per held-out pair, in data order: the four summed log-probs (bootstrap intervals over pairs need them).
+    (out / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result["pairs"]))
+    return [out / "eval.json", out / "generations.jsonl", out / "pairs.jsonl"]
 
 
 # ========================================================================================================

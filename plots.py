@@ -136,6 +136,44 @@ def plot_study(title: str, curves: dict, bars: list, out: Path) -> Path:
     return save(plt, fig, out, dpi=90)
 
 
+def plot_frontier(points: dict, win_curves: dict, gold_curves: dict, out: Path) -> Path:
+    """experiments/run.py's frontier figure: every run on the (KL, win @t1) and (KL, gold @t1) planes.
+
+    points: label → [(KL, win, gold) per run]; "DPO (frontier runs)" is drawn grey, every other label as its runs
+    (small) and their mean (large, numbered, listed in the legend). *_curves: name → ((c₀, c₁, c₂), (ln KL lo, hi)),
+    DPO's quadratic fits in ln KL, drawn over the range they were fitted on.
+    """
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(19, 6.5), gridspec_kw={"width_ratios": [1, 1, 0.75]}, constrained_layout=True)
+    markers = "osD^v<>Ph*X"
+    handles = []
+    for a, curves, column, title in ((axes[0], win_curves, 1, "win rate vs chosen @t1"), (axes[1], gold_curves, 2, "gold reward @t1")):
+        for i, (name, (coef, (lo, hi))) in enumerate(curves.items()):
+            xs = [lo + (hi - lo) * k / 100 for k in range(101)]
+            a.plot([math.exp(x) for x in xs], [coef[0] + coef[1] * x + coef[2] * x * x for x in xs], color="0.3", ls=("-", "--", ":")[i % 3], label=name)
+        k = 0
+        for label, pts in points.items():
+            kl, y = [p[0] for p in pts], [p[column] for p in pts]
+            if label == "DPO (frontier runs)":
+                a.scatter(kl, y, s=14, color="0.6", label=label, zorder=2)
+                continue
+            color, marker = plt.cm.tab20(k % 20), markers[k % len(markers)]
+            a.scatter(kl, y, s=10, color=color, marker=marker, alpha=0.5, zorder=3)
+            a.scatter([sum(kl) / len(kl)], [sum(y) / len(y)], s=90, color=color, marker=marker, edgecolor="k", zorder=4,
+                      label=f"{k}: {label}")
+            a.annotate(str(k), (sum(kl) / len(kl), sum(y) / len(y)), fontsize=7, xytext=(5, 4), textcoords="offset points")
+            k += 1
+        a.set_xscale("log")
+        a.set_xlabel("KL(π‖π_ref), nats (log scale)")
+        a.set_title(title)
+        a.grid(alpha=0.3, which="both")
+        handles = a.get_legend_handles_labels()
+    axes[2].axis("off")
+    axes[2].legend(*handles, loc="upper left", fontsize=8, title="large markers: variant means (small: runs)")
+    fig.suptitle("β-DPO variants against plain DPO's KL frontier (built-in task)")
+    return save(plt, fig, out, dpi=90)
+
+
 def plot_main(argv: list[str]):
     """`eval.py --plot RUN_DIR [RUN_DIR ...] [--plot_out PNG]`."""
     parser = argparse.ArgumentParser(prog="eval.py --plot", description="Training curves of one or more runs → one PNG.")

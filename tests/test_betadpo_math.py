@@ -233,3 +233,90 @@ def test_learnable_scale_gets_a_gradient_and_round_trips():
     assert torch.equal(restored.generator.get_state(), state.generator.get_state())
     fixed = BetaDPOState(LossArgs(learn_scale=False), 0, "cpu")
     assert not fixed.c.requires_grad
+
+
+# ---- variants and controls (loss.beta_level, loss.alpha_units, loss.filter, loss.beta_sequence) -------------
+def test_sigma_units_and_instance_level_beta_by_hand():
+    M = torch.tensor([1.0, 3.0, -2.0, 6.0])
+    kept = torch.tensor([True, True, False, True])
+    M0, sigma = torch.tensor(2.0), torch.tensor(4.0)
+    # batch level, nats: kept mean (1 + 3 + 6)/3 = 10/3; β = 0.1 · (1 + 0.6 · (10/3 − 2)) = 0.18
+    assert batch_beta(0.1, 0.6, M, kept, M0, 1e-3).item() == pytest.approx(0.18)
+    # batch level, σ units: gap (10/3 − 2)/4 = 1/3; β = 0.1 · (1 + 0.6/3) = 0.12
+    assert batch_beta(0.1, 0.6, M, kept, M0, 1e-3, sigma=sigma).item() == pytest.approx(0.12)
+    # instance level, nats: β_i = 0.1 · (1 + 0.6 · (M_i − 2)), floored at 1e-3 (pair 3: 0.1 · (1 − 2.4) < 0)
+    expected = [max(0.1 * (1 + 0.6 * (m - 2)), 1e-3) for m in M.tolist()]
+    assert batch_beta(0.1, 0.6, M, kept, M0, 1e-3, instance=True).tolist() == pytest.approx(expected)
+    # instance level, σ units
+    expected = [max(0.1 * (1 + 0.6 * (m - 2) / 4), 1e-3) for m in M.tolist()]
+    assert batch_beta(0.1, 0.6, M, kept, M0, 1e-3, sigma=sigma, instance=True).tolist() == pytest.approx(expected)
+
+
+def test_instance_level_loss_uses_each_pairs_own_beta():
+    s = random_stats(n=6, seed=3)
+    cfg = LossArgs(beta=0.1, alpha=0.6, beta_level="instance")
+    state = BetaDPOState(cfg, seed=0, device="cpu")
+    state.M0, state.sigma = torch.tensor(0.3), torch.tensor(1.0)
+    loss, summary = betadpo_loss(s, s, state, cfg, 0, 1, train=False)
+    M = margins(s, "dpo")
+    betas = [max(0.1 * (1 + 0.6 * (m - 0.3)), 1e-3) for m in M.tolist()]
+    expected = sum(-math.log(sigmoid(b * m)) for b, m in zip(betas, M.tolist())) / 6
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert summary["beta"].item() == pytest.approx(sum(betas) / 6, rel=1e-5)
+
+
+def test_uniform_filter_ignores_margins_and_keeps_the_same_number():
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    M1, M2 = torch.randn(20), torch.randn(20) * 50 + 7
+    a = filter_mask(M1, torch.tensor(0.0), torch.tensor(1.0), 0.25, g1, uniform=True)
+    b = filter_mask(M2, torch.tensor(7.0), torch.tensor(50.0), 0.25, g2, uniform=True)
+    assert a.sum() == 15 and torch.equal(a, b)  # the same draw whatever the margins
+    # Over many draws every pair is kept 75% of the time (margin-guided filtering would favour pairs near M₀).
+    g = torch.Generator().manual_seed(0)
+    M = torch.linspace(-10, 10, 8)
+    counts = sum(filter_mask(M, torch.tensor(0.0), torch.tensor(1.0), 0.25, g, uniform=True).float() for _ in range(4000))
+    assert (counts / 4000 - 0.75).abs().max() < 0.03
+    guided = sum(filter_mask(M, torch.tensor(0.0), torch.tensor(1.0), 0.25, g).float() for _ in range(500)) / 500
+    assert guided[0] < 0.5 and guided[3] > 0.9  # the control really differs from the mechanism it controls
+
+
+def test_replayed_beta_replaces_the_dynamic_beta():
+    s = random_stats(n=8, seed=4)
+    cfg = LossArgs(beta=0.1, alpha=0.0)
+    state = BetaDPOState(cfg, seed=0, device="cpu")
+    loss, summary = betadpo_loss(s, s, state, cfg, 0, 1, train=True, replayed_beta=0.37)
+    M = margins(s, "dpo").tolist()
+    assert loss.item() == pytest.approx(sum(-math.log(sigmoid(0.37 * m)) for m in M) / 8, rel=1e-5)
+    assert summary["beta"].item() == pytest.approx(0.37)
+
+
+def test_beta_sequence_file_errors(tmp_path):
+    from betadpo import load_beta_sequence
+    from common import UserError
+
+    assert load_beta_sequence("", 10) == []
+    good = tmp_path / "b.json"
+    good.write_text("[0.1, 0.2, 0.05]")
+    assert load_beta_sequence(str(good), 3) == [0.1, 0.2, 0.05]
+    with pytest.raises(UserError, match="has 3 values, training needs one per step \\(4\\)"):
+        load_beta_sequence(str(good), 4)
+    bad = tmp_path / "bad.json"
+    for text, match in (("[0.1, -1]", "positive numbers"), ("{\"a\": 1}", "positive numbers"), ("[0.1,", "cannot read")):
+        bad.write_text(text)
+        with pytest.raises(UserError, match=match):
+            load_beta_sequence(str(bad), 1)
+    with pytest.raises(UserError, match="cannot read"):
+        load_beta_sequence(str(tmp_path / "missing.json"), 1)
+
+
+def test_summary_logs_floor_rate_and_skew():
+    s = random_stats(n=16, seed=7)
+    cfg = LossArgs(beta=0.1, alpha=50.0, beta_level="instance")  # a huge α puts pairs below M₀ on the floor
+    state = BetaDPOState(cfg, seed=0, device="cpu")
+    _, summary = betadpo_loss(s, s, state, cfg, 0, 1, train=False)
+    M = margins(s, "dpo").tolist()
+    at_floor = sum(0.1 * (1 + 50 * m) <= 1e-3 for m in M) / 16
+    assert summary["beta_floor"].item() == pytest.approx(at_floor)
+    mu = sum(M) / 16
+    m2, m3 = sum((m - mu) ** 2 for m in M) / 16, sum((m - mu) ** 3 for m in M) / 16
+    assert summary["margin_skew"].item() == pytest.approx(m3 / m2 ** 1.5, rel=1e-4)

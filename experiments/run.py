@@ -481,7 +481,7 @@ def tables(rows: list[dict]) -> str:
     """tables.md: every table of docs/RESULTS.md, from runs.csv's rows alone."""
     fronts = frontiers(rows)
     present = {r["study"] for r in rows}
-    parts = ["## SFT starts (each evaluated against itself)\n", start_table(rows)]
+    parts = ["## SFT starts (each evaluated against itself)\n", start_table(rows)] if start_rows(rows) else []
     if fronts:
         parts += ["\n## The DPO frontier fits\n", frontier_fit_table(fronts)]
     for study in SORT_STUDIES:
@@ -586,10 +586,11 @@ def realtext(out: Path, args, smoke: bool) -> list[dict]:
             run([sys.executable, "betadpo.py", *common_flags, *REALTEXT_TRAIN, *extra, *flags(overrides), "--train.output_dir", str(r),
                  "--train.precompute_ref", "true", "--train.ref_cache_dir", str(out / "ref_cache")], r / "train.log", threads=args.realtext_threads)
             run([sys.executable, "eval.py", *common_flags, "--eval.policy", str(r / "final"), "--eval.output_dir", str(r / "eval"),
-                 "--eval.num_prompts", "4" if smoke else "32", "--eval.samples_per_prompt", "2", "--eval.max_new_tokens", "16" if smoke else "24",
+                 "--eval.num_prompts", "4" if smoke else "16", "--eval.samples_per_prompt", "2", "--eval.max_new_tokens", "16" if smoke else "24",
                  "--data.max_length", "128", "--data.max_prompt_length", "96"], r / "eval.log", threads=args.realtext_threads)
             print(f"realtext/{r.name}: {time.perf_counter() - t0:.0f} s", flush=True)
-        metrics = json.loads((r / "eval" / "eval.json").read_text())["metrics"]
+        report_json = json.loads((r / "eval" / "eval.json").read_text())
+        metrics = {**report_json["metrics"], "pairs": report_json["counts"]["pairs"]}
         scored = [json.loads(line) for line in (r / "eval" / "pairs.jsonl").read_text().splitlines()]
         margins = [(p["policy_chosen"] - p["ref_chosen"]) - (p["policy_rejected"] - p["ref_rejected"]) for p in scored]
         acc = bootstrap_ci([float(m > 0) for m in margins], lambda v: sum(v) / len(v))
@@ -619,7 +620,7 @@ def report(rows: list[dict]) -> str:
     """tables.md: the sort-task tables, then the real-text table, from runs.csv's rows alone."""
     text = tables(rows)
     if any(r["study"] == "realtext" for r in rows):
-        text += "\n## realtext\n" + realtext_table(rows)
+        text += ("\n" if text else "") + "## realtext\n" + realtext_table(rows)
     return text
 
 
@@ -634,7 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jobs", type=int, default=2, help="sort-task runs in parallel (one thread each)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps, two variants per study, one seed")
     parser.add_argument("--hh_file", default="", help="realtext: a local Anthropic HH file instead of the generated pairs")
-    parser.add_argument("--realtext_pairs", type=int, default=384, help="realtext: training pairs generated (one epoch)")
+    parser.add_argument("--realtext_pairs", type=int, default=256, help="realtext: training pairs generated (one epoch)")
     parser.add_argument("--realtext_threads", type=int, default=2, help="realtext: threads of its (sequential) runs")
     return parser
 

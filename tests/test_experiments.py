@@ -58,19 +58,21 @@ def test_holm_by_hand():
 
 # ---- the frontier --------------------------------------------------------------------------------------------
 def synthetic_rows(offset=0.02):
-    """Frontier runs exactly on win = 0.3 − 0.05·x + 0.01·x² (x = ln KL), gold = 0.9 − 0.02·x, for two starts;
-    a variant `offset` above the win curve and 0.01 below the gold curve."""
+    """Frontier runs (at LR) exactly on win = 0.3 + 0.1·seed − 0.05·x + 0.01·x² (x = ln KL), gold = 0.9 − 0.02·x,
+    for two starts, and DPO runs at LR_LOW far below (left out of the fit); a variant `offset` above the win
+    curve and 0.01 below the gold curve."""
     rows = []
     for seed in (0, 1):
         for i, kl in enumerate((0.3, 0.8, 1.5, 3.0, 6.0)):
             x = math.log(kl)
-            rows.append({"study": "frontier", "variant": f"DPO {i}", "run": f"d{i}", "sft_seed": seed, "train_seed": 0,
-                         "kl_seq": kl, "win_rate_vs_chosen@t1": 0.3 - 0.05 * x + 0.01 * x * x, "gold_reward@t1": 0.9 - 0.02 * x,
-                         "beta_floor_rate": 0.0})
+            for lr, shift in ((experiments.LR, 0.0), (experiments.LR_LOW, -0.2)):
+                rows.append({"study": "frontier", "variant": f"DPO {i}, lr {lr}", "run": f"d{i}{lr}", "sft_seed": seed,
+                             "train_seed": 0, "lr": lr, "kl_seq": kl, "beta_floor_rate": 0.0,
+                             "win_rate_vs_chosen@t1": 0.3 + 0.1 * seed - 0.05 * x + 0.01 * x * x + shift, "gold_reward@t1": 0.9 - 0.02 * x})
         for t, kl in enumerate((1.0, 2.0, 9.0)):  # the last outside the fitted KL range
             x = math.log(kl)
-            rows.append({"study": "ablation", "variant": "V", "run": "v", "sft_seed": seed, "train_seed": t, "kl_seq": kl,
-                         "win_rate_vs_chosen@t1": 0.3 - 0.05 * x + 0.01 * x * x + offset + 0.001 * t,
+            rows.append({"study": "ablation", "variant": "V", "run": "v", "sft_seed": seed, "train_seed": t, "kl_seq": kl, "lr": experiments.LR,
+                         "win_rate_vs_chosen@t1": 0.3 + 0.1 * seed - 0.05 * x + 0.01 * x * x + offset + 0.001 * t,
                          "gold_reward@t1": 0.9 - 0.02 * x - 0.01, "beta_floor_rate": 0.25})
     return rows
 
@@ -80,12 +82,14 @@ def test_frontier_fit_recovers_the_curve_and_the_distance_above_it():
     fronts = experiments.frontiers(rows)
     for seed in (0, 1):
         coef, (lo, hi), sd = fronts[seed, "win"]
-        assert coef == pytest.approx((0.3, -0.05, 0.01), abs=1e-9) and sd == pytest.approx(0, abs=1e-9)
+        assert coef == pytest.approx((0.3 + 0.1 * seed, -0.05, 0.01), abs=1e-9) and sd == pytest.approx(0, abs=1e-9)
         assert (math.exp(lo), math.exp(hi)) == pytest.approx((0.3, 6.0))
         assert fronts[seed, "gold"][0] == pytest.approx((0.9, -0.02, 0.0), abs=1e-9)
     variant = [r for r in rows if r["study"] == "ablation"]
     assert [experiments.above_frontier(r, fronts, "win") for r in variant] == pytest.approx([0.02, 0.021, 0.022] * 2)
     assert [experiments.above_frontier(r, fronts, "gold") for r in variant] == pytest.approx([-0.01] * 6)
+    low = [r for r in rows if r["study"] == "frontier" and r["lr"] == experiments.LR_LOW]
+    assert [experiments.above_frontier(r, fronts, "win") for r in low] == pytest.approx([-0.2] * 10)
     assert experiments.inside_frontier(variant, fronts) == "4/6"
     line = [ln for ln in experiments.frontier_table("ablation", rows, fronts).splitlines() if ln.startswith("| V |")][0]
     cells = [c.strip() for c in line.split("|")[1:-1]]
@@ -96,7 +100,7 @@ def test_paired_table_pairs_units_and_refuses_mismatched_ones():
     rows = synthetic_rows()
     for t, kl in enumerate((1.0, 2.0, 9.0)):
         for seed in (0, 1):
-            rows.append({"study": "ablation", "variant": "W", "run": "w", "sft_seed": seed, "train_seed": t, "kl_seq": kl,
+            rows.append({"study": "ablation", "variant": "W", "run": "w", "sft_seed": seed, "train_seed": t, "kl_seq": kl, "lr": experiments.LR,
                          "win_rate_vs_chosen@t1": 0.5, "gold_reward@t1": 0.8, "beta_floor_rate": 0.0})
     fronts = experiments.frontiers(rows)
     table = experiments.paired_table("ablation", rows, [("V", "W")], fronts)

@@ -1,7 +1,7 @@
 """The studies of docs/RESULTS.md: every run is an ordinary command-line run; the tables come from one CSV.
 
     python experiments/run.py all                   # every study below (≈90 min on 2 CPU cores); resumable
-    python experiments/run.py frontier ablation     # some studies: frontier ablation controls mixture gap scale realtext
+    python experiments/run.py frontier ablation     # some studies: frontier ablation controls mixture scale realtext
     python experiments/run.py report --csv docs/results/runs.csv   # the tables again, from the CSV alone
     python experiments/run.py all --smoke           # tiny model, a few steps, one seed pair: checks the pipeline (CI)
 
@@ -83,9 +83,6 @@ STUDIES = {
     "mixture": {f"{name}, high-gap {r:.0%}": {**base, "data.high_gap_ratio": r} for r in (0.1, 0.2, 0.3, 0.4)
                 for name, base in (("DPO", dpo(0.1)), ("instance-level β", {**DYNAMIC_ONLY, "loss.beta_level": "instance"}),
                                    ("batch-level β", DYNAMIC_ONLY))},
-    # The paper's Figure 1: static-β DPO trained on low-gap pairs only or high-gap pairs only, over β₀.
-    "gap": {f"{name}, β₀ {b:g}": dpo(b, **{"data.high_gap_ratio": r}) for name, r in (("low-gap only", 0.0), ("high-gap only", 1.0))
-            for b in (0.05, 1.0)},
     # The learnable scale (the β(x) extension): does c learn anything, or move at its learning rate?
     "scale": {
         "fixed scale 1": {**BETA_DPO, "loss.ppl_scale": True},

@@ -435,15 +435,6 @@ def paired_table(study: str, rows: list[dict], pairs: list[tuple[str, str]], fro
     return "\n".join(lines) + "\n"
 
 
-def gap_table(rows: list[dict]) -> str:
-    variants = by_variant(rows, "gap")
-    lines = ["| training data, β₀ | n | KL(π‖π_ref) | win @t1 | gold @t1 | win @t0 |", "|---" * 6 + "|"]
-    for name, runs in variants.items():
-        cells = [fmt(*mean_ci([r[k] for r in runs])) for k in ("kl_seq", "win_rate_vs_chosen@t1", "gold_reward@t1", "win_rate_vs_chosen@t0")]
-        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def scale_table(rows: list[dict], steps_lr: dict) -> str:
     """c's change against what Adam does at full speed: |Δc| ≤ ≈ lr per step, so lr × steps is c's largest move."""
     variants = by_variant(rows, "scale")
@@ -493,9 +484,6 @@ def tables(rows: list[dict]) -> str:
         if study not in present:
             continue
         parts.append(f"\n## {study}\n")
-        if study == "gap":
-            parts.append(gap_table(rows))
-            continue
         if study == "scale":
             parts.append(scale_table(rows, {n: o.get("loss.scale_lr", 0.0) for n, o in STUDIES["scale"].items() if o.get("loss.learn_scale")}) + "\n")
         parts.append(frontier_table(study, rows, fronts))
@@ -514,7 +502,7 @@ def figures(rows: list[dict], out: Path):
     gold_curves = {f"DPO frontier, SFT start {s}": (coef, rng) for (s, m), (coef, rng, _) in fronts.items() if m == "gold"}
     groups = {}
     for r in rows:
-        if r["study"] in ("start", "gap") or r["study"].startswith("realtext"):
+        if r["study"] in ("start", "realtext"):
             continue
         label = "DPO (frontier runs)" if r["study"] == "frontier" else r["variant"]
         groups.setdefault(label, {})[r["run"], r["sft_seed"], r["train_seed"]] = r

@@ -185,6 +185,7 @@ def holm(pvalues: list[float]) -> list[float]:
 
 
 def fmt(mean: float, half: float = math.nan, digits: int = 3) -> str:
+    mean = 0.0 if abs(mean) < 0.5 * 10**-digits else mean  # no "-0.000"
     return f"{mean:.{digits}f}" if math.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
@@ -206,24 +207,37 @@ def frontiers(rows: list[dict]) -> dict:
     one start alone spans too narrow a KL range for a curvature of its own. DPO at LR_LOW is left out of the fit
     and measured against it like any variant (it lies below: the stronger baseline is DPO at LR).
     """
-    import torch
-
     mine = [r for r in rows if r["study"] == "frontier" and r["lr"] == LR]
     seeds = sorted({r["sft_seed"] for r in mine})
     xs = [math.log(max(r["kl_seq"], 1e-6)) for r in mine]
     if len({round(x, 6) for x in xs}) < 3:
         return {}
-    X = torch.tensor([[float(r["sft_seed"] == s) for s in seeds] + [x, x * x] for r, x in zip(mine, xs)], dtype=torch.float64)
+    X = [[float(r["sft_seed"] == s) for s in seeds] + [x, x * x] for r, x in zip(mine, xs)]
     out = {}
     for name, key in FRONTIER_METRICS.items():
-        y = torch.tensor([r[key] for r in mine], dtype=torch.float64)
-        coef = torch.linalg.lstsq(X, y[:, None]).solution[:, 0]
-        resid = (y - X @ coef).tolist()
-        sd = math.sqrt(sum(e * e for e in resid) / max(len(resid) - X.shape[1], 1))
+        y = [r[key] for r in mine]
+        coef = least_squares(X, y)
+        resid = [yi - sum(c * xi for c, xi in zip(coef, row)) for row, yi in zip(X, y)]
+        sd = math.sqrt(sum(e * e for e in resid) / max(len(resid) - len(coef), 1))
         for i, seed in enumerate(seeds):
             own = [x for r, x in zip(mine, xs) if r["sft_seed"] == seed]
-            out[seed, name] = ((coef[i].item(), coef[-2].item(), coef[-1].item()), (min(own), max(own)), sd)
+            out[seed, name] = ((coef[i], coef[-2], coef[-1]), (min(own), max(own)), sd)
     return out
+
+
+def least_squares(X: list[list[float]], y: list[float]) -> list[float]:
+    """argmin_c ‖Xc − y‖² by the normal equations XᵀX c = Xᵀy, Gauss–Jordan with partial pivoting. Plain Python
+    floats, so the tables come out bit-identical on every machine (a BLAS may round differently run to run)."""
+    k = len(X[0])
+    A = [[sum(row[i] * row[j] for row in X) for j in range(k)] + [sum(row[i] * yi for row, yi in zip(X, y))] for i in range(k)]
+    for col in range(k):
+        pivot = max(range(col, k), key=lambda r: abs(A[r][col]))
+        A[col], A[pivot] = A[pivot], A[col]
+        for r in range(k):
+            if r != col:
+                f = A[r][col] / A[col][col]
+                A[r] = [a - f * b for a, b in zip(A[r], A[col])]
+    return [A[i][k] / A[i][i] for i in range(k)]
 
 
 def predict(coef, x: float) -> float:
@@ -371,11 +385,16 @@ def write_csv(rows: list[dict], path: Path):
         writer.writerows(rows)
 
 
+TEXT_COLUMNS = ("study", "variant", "run", "commit")
+
+
 def read_csv(path: Path) -> list[dict]:
     """runs.csv back into rows: numbers as floats (seeds as ints), text as text."""
     def value(k, v):
         if k in ("sft_seed", "train_seed"):
             return int(v)
+        if k in TEXT_COLUMNS:  # a commit such as 3251958 is text, not a number
+            return v
         try:
             return float(v) if v != "" else math.nan
         except ValueError:

@@ -137,6 +137,13 @@ def test_committed_tables_come_from_the_committed_csv():
     assert all(isinstance(r["commit"], str) and len(r["commit"]) >= 7 for r in runs)
 
 
+def test_every_table_row_of_the_results_page_is_generated():
+    """docs/RESULTS.md shows tables copied from tables.md, never typed by hand."""
+    generated = set((ROOT / "docs" / "results" / "tables.md").read_text().splitlines())
+    rows = [line for line in (ROOT / "docs" / "RESULTS.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(rows) > 50 and [r for r in rows if r not in generated] == []
+
+
 # ---- settings ------------------------------------------------------------------------------------------------
 def test_defaults_left_out_of_run_names_are_the_real_defaults():
     from common import DataArgs, LossArgs

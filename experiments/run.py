@@ -1,7 +1,7 @@
 """The studies of docs/RESULTS.md: every run is an ordinary command-line run; the tables come from one CSV.
 
     python experiments/run.py all                   # every study below (≈90 min on 2 CPU cores); resumable
-    python experiments/run.py frontier ablation     # some studies: frontier ablation controls mixture scale realtext
+    python experiments/run.py frontier ablation     # some studies: frontier ablation controls mixture gap scale realtext
     python experiments/run.py report --csv docs/results/runs.csv   # the tables again, from the CSV alone
     python experiments/run.py all --smoke           # tiny model, a few steps, one seed pair: checks the pipeline (CI)
 
@@ -83,6 +83,9 @@ STUDIES = {
     "mixture": {f"{name}, high-gap {r:.0%}": {**base, "data.high_gap_ratio": r} for r in (0.1, 0.2, 0.3, 0.4)
                 for name, base in (("DPO", dpo(0.1)), ("instance-level β", {**DYNAMIC_ONLY, "loss.beta_level": "instance"}),
                                    ("batch-level β", DYNAMIC_ONLY))},
+    # The paper's Figure 1: static-β DPO trained on low-gap pairs only or high-gap pairs only, over β₀.
+    "gap": {f"{name}, β₀ {b:g}": dpo(b, **{"data.high_gap_ratio": r}) for name, r in (("low-gap only", 0.0), ("high-gap only", 1.0))
+            for b in (0.05, 0.2, 1.0)},
     # The learnable scale (the β(x) extension): does c learn anything, or move at its learning rate?
     "scale": {
         "fixed scale 1": {**BETA_DPO, "loss.ppl_scale": True},
@@ -454,6 +457,16 @@ def paired_table(study: str, rows: list[dict], pairs: list[tuple[str, str]], fro
     return "\n".join(lines) + "\n"
 
 
+def gap_table(rows: list[dict]) -> str:
+    """The Figure-1 analogue: no frontier (the training data differ from the frontier's), raw means per β₀."""
+    variants = by_variant(rows, "gap")
+    lines = ["| training data, β₀ | n | KL(π‖π_ref) | win @t1 | gold @t1 | win @t0 |", "|---" * 6 + "|"]
+    for name, runs in variants.items():
+        cells = [fmt(*mean_ci([r[k] for r in runs])) for k in ("kl_seq", "win_rate_vs_chosen@t1", "gold_reward@t1", "win_rate_vs_chosen@t0")]
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def scale_table(rows: list[dict], steps_lr: dict) -> str:
     """c's change against what Adam does at full speed: |Δc| ≤ ≈ lr per step, so lr × steps is c's largest move."""
     variants = by_variant(rows, "scale")
@@ -503,6 +516,9 @@ def tables(rows: list[dict]) -> str:
         if study not in present:
             continue
         parts.append(f"\n## {study}\n")
+        if study == "gap":
+            parts.append(gap_table(rows))
+            continue
         if study == "scale":
             parts.append(scale_table(rows, {n: o.get("loss.scale_lr", 0.0) for n, o in STUDIES["scale"].items() if o.get("loss.learn_scale")}) + "\n")
         parts.append(frontier_table(study, rows, fronts))
@@ -521,7 +537,7 @@ def figures(rows: list[dict], out: Path):
     gold_curves = {f"DPO frontier, SFT start {s}": (coef, rng) for (s, m), (coef, rng, _) in fronts.items() if m == "gold"}
     groups = {}
     for r in rows:
-        if r["study"] in ("start", "realtext"):
+        if r["study"] in ("start", "gap", "realtext"):
             continue
         label = "DPO (frontier runs)" if r["study"] == "frontier" else r["variant"]
         groups.setdefault(label, {})[r["run"], r["sft_seed"], r["train_seed"]] = r

@@ -25,6 +25,7 @@ learning rate over five β₀, one curve in ln KL with a level per SFT start).
 
 import argparse
 import csv
+import functools
 import json
 import math
 import os
@@ -146,8 +147,9 @@ def t_pvalue(t: float, df: int) -> float:
     return betainc(df / 2, 0.5, df / (df + t * t))
 
 
+@functools.lru_cache
 def t_quantile(df: int, level: float = 0.95) -> float:
-    """t with P(|T| ≤ t) = level, by bisection on t_pvalue."""
+    """t with P(|T| ≤ t) = level, by bisection on t_pvalue (cached: tables ask for the same few df)."""
     lo, hi = 0.0, 1e4
     for _ in range(200):
         mid = (lo + hi) / 2
@@ -155,14 +157,18 @@ def t_quantile(df: int, level: float = 0.95) -> float:
     return (lo + hi) / 2
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """(mean, unbiased standard deviation; nan for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan)
+
+
 def mean_ci(values: list[float]) -> tuple[float, float]:
     """(mean, half-width of its 95% interval) = (x̄, t_{0.975, n−1} · s/√n), s the unbiased std. One value: nan."""
     n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, math.nan
-    s = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, t_quantile(n - 1) * s / math.sqrt(n)
+    mean, s = mean_std(values)
+    return mean, (t_quantile(n - 1) * s / math.sqrt(n) if n > 1 else math.nan)
 
 
 def t_test(values: list[float]) -> tuple[float, float, float]:
@@ -171,7 +177,7 @@ def t_test(values: list[float]) -> tuple[float, float, float]:
     mean, half = mean_ci(values)
     if n < 2:
         return mean, math.nan, math.nan
-    s = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    s = mean_std(values)[1]
     if s == 0:  # every difference the same: no evidence of spread; p = 1 if they are all 0, else 0
         return mean, half, 1.0 if mean == 0 else 0.0
     return mean, half, t_pvalue(mean / (s / math.sqrt(n)), n - 1)
@@ -302,14 +308,8 @@ def sft(out: Path, seed: int, lengths: dict) -> Path:
              "--train.seed", str(seed), "--data.seed", str(seed), *lengths["sft"]], d / "log.txt")
     if not (d / "eval" / "eval.json").exists():
         run([sys.executable, "eval.py", "--config", "configs/sort.yaml", "--eval.policy", str(d / "final"), "--eval.reference",
-             str(d / "final"), "--eval.output_dir", str(d / "eval"), "--data.seed", str(seed), *lengths["eval"], *smoke_data(lengths)], d / "eval.log")
+             str(d / "final"), "--eval.output_dir", str(d / "eval"), "--data.seed", str(seed), *lengths["eval"]], d / "eval.log")
     return d / "final"
-
-
-def smoke_data(lengths: dict) -> list[str]:
-    """The data-size flags of the training command that eval.py must share (held-out split size)."""
-    t = lengths["train"]
-    return [x for i in range(0, len(t), 2) if t[i].startswith("--data.") for x in t[i : i + 2]]
 
 
 def run_dir(out: Path, overrides: dict, sft_seed: int, seed: int) -> Path:
@@ -345,7 +345,7 @@ def train_and_eval(out: Path, overrides: dict, sft_seed: int, seed: int, lengths
          *flags(overrides), *replayed_betas(out, overrides, sft_seed, seed, d), *lengths["train"]], d / "train.log")
     run([sys.executable, "eval.py", "--config", "configs/sort.yaml", "--eval.policy", str(d / "final"),
          "--eval.reference", str(sft_final), "--eval.output_dir", str(d / "eval"), "--data.seed", str(sft_seed),
-         *lengths["eval"], *smoke_data(lengths)], d / "eval.log")
+         *lengths["eval"]], d / "eval.log")
     return time.perf_counter() - t0
 
 

@@ -158,6 +158,12 @@ def kept_mean(values, kept):
     return (values * kept).sum() / kept.sum()
 
 
+def prompt_log_ppl(stats: dict) -> torch.Tensor:
+    """log PPL_θ(x) per pair, (B,). pair_logps computes it only when β(x) uses it (loss.ppl_scale); otherwise
+    zeros stand in, which beta_scale reads for their shape alone."""
+    return stats["log_ppl"] if "log_ppl" in stats else torch.zeros_like(stats["policy_chosen"]).detach()
+
+
 def beta_scale(c, log_ppl, ppl_scale: bool, learn_scale: bool) -> torch.Tensor:
     """s_i = softplus(c) · log max(PPL_θ(x_i), 1) with ppl_scale; softplus(c) with learn_scale only; else 1.
 
@@ -250,9 +256,9 @@ def betadpo_loss(stats: dict, batch_stats: dict, state: BetaDPOState, cfg: LossA
     if replayed_beta is not None:
         beta_b = torch.full_like(beta_b, replayed_beta)
     # 5. Per-pair β_i = β_batch · s_i; gradients reach c through s_i only.
-    B = stats["log_ppl"].shape[0]
+    B = stats["policy_chosen"].shape[0]
     beta_here = beta_b if beta_b.dim() == 0 else beta_b[rank * B : (rank + 1) * B]  # this process's pairs
-    beta_i = beta_here * beta_scale(state.c, stats["log_ppl"], cfg.ppl_scale, cfg.learn_scale)  # (B,)
+    beta_i = beta_here * beta_scale(state.c, prompt_log_ppl(stats), cfg.ppl_scale, cfg.learn_scale)  # (B,)
     # 6. Loss over this process's kept pairs, normalised by the *global* kept count K. Each process returns
     #    (P/K)·Σ_{its kept} ℓ_i; DDP/FSDP average gradients over P, giving ∇(1/K)·Σ_{all kept} ℓ_i: the same
     #    gradient on 1 or P processes. (The reference code averaged per process: a different weighting.)
@@ -267,10 +273,10 @@ def summarize(batch_stats: dict, M, kept, beta_b, state: BetaDPOState, cfg: Loss
     """Logged numbers of one calibration batch (0-dim tensors). Rewards use the β actually applied, β_i —
     the reference code logged them with the static β₀."""
     with torch.no_grad():
-        beta_i = beta_b * beta_scale(state.c, batch_stats["log_ppl"], cfg.ppl_scale, cfg.learn_scale)  # (N,)
+        beta_i = beta_b * beta_scale(state.c, prompt_log_ppl(batch_stats), cfg.ppl_scale, cfg.learn_scale)  # (N,)
         r_w, r_l = implicit_rewards(batch_stats, cfg.type)
         centred = M - M.mean()
-        return {
+        summary = {
             "beta": beta_b.mean(), "beta_mean": beta_i.mean(),
             "beta_floor": (beta_b <= cfg.beta_min).float().mean(),  # share of β at its floor β_min (1 or 0 per batch-level β)
             "beta_scale": F.softplus(state.c) if (cfg.ppl_scale or cfg.learn_scale) else torch.ones_like(M.sum()),
@@ -278,12 +284,14 @@ def summarize(batch_stats: dict, M, kept, beta_b, state: BetaDPOState, cfg: Loss
             "margin_mean": M.mean(), "margin_std": M.std() if M.numel() > 1 else torch.zeros_like(M.sum()),
             "margin_skew": (centred ** 3).mean() / (centred ** 2).mean().clamp(min=1e-12) ** 1.5,  # raw margins' skewness
             "kept_margin_mean": kept_mean(M, kept), "kept": kept.sum().float(), "pairs": torch.full_like(M.sum(), M.numel()),
-            "log_ppl": batch_stats["log_ppl"].mean(),
             "rewards/chosen": (beta_i * r_w).mean(), "rewards/rejected": (beta_i * r_l).mean(),
             "rewards/margins": (beta_i * (r_w - r_l)).mean(), "rewards/accuracies": (r_w > r_l).float().mean(),
             "logps/chosen": batch_stats["policy_chosen"].mean(), "logps/rejected": batch_stats["policy_rejected"].mean(),
             "tokens": batch_stats["tokens"].sum(),
         }
+        if "log_ppl" in batch_stats:  # computed when β(x) uses it (loss.ppl_scale)
+            summary["log_ppl"] = batch_stats["log_ppl"].mean()
+        return summary
 
 
 # ========================================================================================================
@@ -327,22 +335,24 @@ def logp_sums(logp, response, in_prompt) -> dict:
 REF_KEYS = ("ref_chosen", "ref_rejected", "ref_chosen_avg", "ref_rejected_avg")
 
 
-def pair_logps(policy, reference, batch: dict) -> dict:
+def pair_logps(policy, reference, batch: dict, with_ppl: bool = False) -> dict:
     """Chosen rows [0, B) and rejected rows [B, 2B) of one concatenated batch → per-pair (B,) tensors.
 
     Keys: policy_{chosen,rejected}[_avg], ref_{chosen,rejected}[_avg] (absent when reference is None:
-    SimPO and ORPO need none; taken from the batch when precomputed), log_ppl = log PPL_θ(x) = −mean log π_θ(x_t|x_<t) of the prompt (detached;
-    from the chosen rows, no extra forward), tokens = non-padding tokens of the pair.
+    SimPO and ORPO need none; taken from the batch when precomputed), tokens = non-padding tokens of the pair,
+    and with `with_ppl` (β(x) needs it: loss.ppl_scale) log_ppl = log PPL_θ(x) = −mean log π_θ(x_t|x_<t) of the
+    prompt (detached; from the chosen rows, no extra forward, but the LM head then runs on the prompt too).
     sequence_logps (APPENDIX) is plain_sequence_logps computed with less memory.
     """
     B = batch["input_ids"].shape[0] // 2
-    pol = sequence_logps(policy, batch, prompt_rows=B)  # chosen and rejected rows share the prompt
+    pol = sequence_logps(policy, batch, prompt_rows=B if with_ppl else 0)  # chosen and rejected rows share the prompt
     out = {
         "policy_chosen": pol["sum"][:B], "policy_rejected": pol["sum"][B:],
         "policy_chosen_avg": pol["avg"][:B], "policy_rejected_avg": pol["avg"][B:],
-        "log_ppl": -pol["prompt"][:B].detach(),
         "tokens": (batch["attention_mask"][:B].sum(-1) + batch["attention_mask"][B:].sum(-1)).float(),
     }
+    if with_ppl:
+        out["log_ppl"] = -pol["prompt"][:B].detach()
     if "ref_chosen" in batch:  # precomputed (train.precompute_ref): no reference forward at all
         out.update({k: batch[k] for k in REF_KEYS})
     elif reference is not None:
@@ -370,7 +380,8 @@ def gather(accelerator, stats: dict) -> dict:
     return accelerator.gather({k: v.detach() for k, v in stats.items()})
 
 
-def score_pairs(accelerator, policy, reference, pairs, pad_id, batch_size: int, ref_values: dict | None = None) -> dict:
+def score_pairs(accelerator, policy, reference, pairs, pad_id, batch_size: int, ref_values: dict | None = None,
+                with_ppl: bool = False) -> dict:
     """`pair_logps` over a list of pairs without gradients → (num_pairs,) tensors in order, on every process.
 
     Pairs go through the model in fixed chunks of `batch_size`, dealt out to processes and gathered: the
@@ -391,7 +402,7 @@ def score_pairs(accelerator, policy, reference, pairs, pad_id, batch_size: int, 
             rows = chunks[c] if c < len(chunks) else chunks[0]  # a padding forward, result dropped below
             batch = collate_pairs([pairs[j] for j in rows], pad_id)
             batch.update({k: v[rows] for k, v in (ref_values or {}).items()})
-            stats = pair_logps(policy, reference, {k: v.to(accelerator.device) for k, v in batch.items()})
+            stats = pair_logps(policy, reference, {k: v.to(accelerator.device) for k, v in batch.items()}, with_ppl)
             if c < len(chunks):
                 mine.append((c, {k: v.float().cpu() for k, v in stats.items()}))
     policy.train(was_training)
@@ -403,7 +414,7 @@ def evaluate_held_out(accelerator, policy, reference, pairs, pad_id, state, cfg:
     """Held-out pairs summarised as one calibration batch with `train=False`: no M₀/σ update, no filtering
     (the reference code updated both on evaluation batches). Numbers do not depend on the process count.
     (eval.py's `evaluate` is the separate, full evaluation of a saved model.)"""
-    batch_stats = score_pairs(accelerator, policy, reference, pairs, pad_id, cfg.eval.batch_size, ref_values)
+    batch_stats = score_pairs(accelerator, policy, reference, pairs, pad_id, cfg.eval.batch_size, ref_values, cfg.loss.ppl_scale)
     loss, summary = betadpo_loss(batch_stats, batch_stats, state, cfg.loss, 0, 1, train=False)
     return {"loss": loss.item(), **{k: v.item() for k, v in summary.items() if k in EVAL_KEYS}}
 
@@ -556,7 +567,7 @@ def train(cfg: Config):
             batch.update({key: v[mine] for key, v in (ref_train or {}).items()})
             batch = {key: v.to(accelerator.device) for key, v in batch.items()}
             with no_sync_unless_last(accelerator, policy, k, cfg.train.grad_accum), accelerator.autocast():
-                stats = pair_logps(policy, reference, batch)
+                stats = pair_logps(policy, reference, batch, with_ppl=cfg.loss.ppl_scale)
                 loss, summary = betadpo_loss(stats, gather(accelerator, stats), state, cfg.loss, rank, P, train=True,
                                              replayed_beta=replayed[state.step] if replayed else None)
                 accelerator.backward(loss / cfg.train.grad_accum)
@@ -610,12 +621,15 @@ def main():
 # sequence_logps is plain_sequence_logps (LOG-PROBS) computed with far less work and memory; same arguments, same
 # returned dict, same numbers and gradients (tests/test_perf.py checks both paths against each other). Logits
 # (positions × V) are a DPO step's largest tensors: 128 sequences × 512 tokens × InternLM2's 92,544-token
-# vocabulary are 24 GiB as one fp32 log-softmax. Two savings:
+# vocabulary are 24 GiB as one fp32 log-softmax. Three savings, each in one place:
 #   1. The LM head and log-softmax run only at the positions whose log-probs are used: never on padding, on
-#      prompt tokens only in the first prompt_rows rows. transformers' own models (5.x) take a boolean (B, T)
+#      prompt tokens only in the first prompt_rows rows (the policy's chosen rows, and only when β(x) needs the
+#      prompt's perplexity: pair_logps' with_ppl). transformers' own models (5.x) take a boolean (B, T)
 #      `logits_to_keep` and return just those positions' logits; other models' full logits are indexed.
 #   2. log softmax + gather is common.token_logps, a kernel that never holds a full fp32 log-softmax, forward
 #      or backward (its plain equivalent: torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])).
+#   3. Packing (packed_logits): no compute on padding in the model body either. Plain equivalent: the padded
+#      (B, T) batch with its attention mask, as plain_sequence_logps runs it.
 # ========================================================================================================
 def _takes_position_mask(model) -> bool:
     """transformers' own causal LMs (5.x) accept a boolean (B, T) `logits_to_keep` and return the logits of the
@@ -624,20 +638,73 @@ def _takes_position_mask(model) -> bool:
     return any(c.__module__.startswith("transformers.models.") for c in type(model).__mro__)
 
 
+# Architectures whose packed log-probs and gradients tests/test_perf.py checks against the padded ones. Others
+# (and remote code) run padded: packing relies on the model building its attention mask from position_ids.
+PACKED_MODEL_TYPES = ("llama", "gpt_neox")
+
+
+def _packs(model) -> bool:
+    config = getattr(getattr(model, "module", model), "config", None)
+    return _takes_position_mask(model) and getattr(config, "model_type", None) in PACKED_MODEL_TYPES
+
+
+def pack_layout(lengths: list[int], width: int) -> list[tuple[int, int]]:
+    """Sequence i → (row, offset) in rows of `width` tokens: first-fit, longest first. Rows ≤ len(lengths)."""
+    used, place = [], [None] * len(lengths)  # used[r]: tokens already in row r
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, u in enumerate(used) if u + lengths[i] <= width), len(used))
+        if r == len(used):
+            used.append(0)
+        place[i], used[r] = (r, used[r]), used[r] + lengths[i]
+    return place
+
+
+def packed_logits(model, batch: dict, needed):
+    """OPTIMISATION 3, packing: the batch's sequences laid end to end in as few rows of width T as fit
+    (pack_layout), each with its own position ids 0…L−1 and no attention mask: transformers (5.x) then builds
+    a block-diagonal causal mask from the position ids (`masking_utils.find_packed_sequence_indices`), so no
+    token sees another sequence. Every sequence's logits are those of the padded batch, but the model body runs
+    on R ≤ 2B rows instead of 2B: the padding of a batch of mixed lengths is mostly gone.
+    → (logits (n, V), index (n,)): row-major over `needed`'s True positions in the packed layout, and each
+    one's flat index into `needed` (B·(T−1)), to put the log-probs back in (B, T−1) order."""
+    ids = batch["input_ids"]  # (B, T)
+    B, T = ids.shape
+    lengths = batch["attention_mask"].sum(-1).tolist()  # right padding: sequence i is ids[i, :L_i]
+    place = pack_layout(lengths, T)
+    R = 1 + max(r for r, _ in place)
+    packed = torch.zeros((R, T), dtype=ids.dtype, device=ids.device)  # (R, T); trailing slots: token 0, position 0
+    positions = torch.zeros_like(packed)  # (R, T); each trailing slot is then its own one-token "sequence"
+    target = torch.full_like(packed, -1)  # (R, T): flat index b·(T−1) + t of the prediction at that slot, −1 if none
+    for i, ((r, o), L) in enumerate(zip(place, lengths)):
+        packed[r, o : o + L] = ids[i, :L]
+        positions[r, o : o + L] = torch.arange(L, device=ids.device)
+        target[r, o : o + L - 1] = i * (T - 1) + torch.arange(L - 1, device=ids.device)  # the last token predicts nothing
+    keep = target >= 0
+    keep[keep.clone()] = needed.reshape(-1)[target[keep]]  # (R, T): packed slots whose log-prob is used
+    # use_cache=False: transformers looks for packed sequences only when there is no KV cache (and no mask).
+    logits = model(input_ids=packed, position_ids=positions, logits_to_keep=keep, use_cache=False).logits  # (n, V)
+    return logits, target[keep]
+
+
 def sequence_logps(model, batch: dict, prompt_rows: int = 0) -> dict:
     """plain_sequence_logps, with the LM head and log-softmax only where they are needed (see the banner)."""
     ids = batch["input_ids"]  # (B, T)
     response, in_prompt = position_masks(batch, prompt_rows)  # (B, T−1) each
     needed = response | in_prompt  # (B, T−1)
-    if _takes_position_mask(model):
-        keep = torch.cat([needed, torch.zeros_like(needed[:, :1])], 1)  # (B, T): the last position predicts nothing
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"], logits_to_keep=keep).logits  # (n, V)
+    targets = ids[:, 1:].reshape(-1)  # (B·(T−1),): the token each position predicts
+    if _packs(model):
+        logits, index = packed_logits(model, batch, needed)  # (n, V), (n,)
     else:
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, :-1][needed]  # (n, V)
+        index = needed.reshape(-1).nonzero()[:, 0]  # (n,): row-major over `needed`
+        if _takes_position_mask(model):
+            keep = torch.cat([needed, torch.zeros_like(needed[:, :1])], 1)  # (B, T): the last position predicts nothing
+            logits = model(input_ids=ids, attention_mask=batch["attention_mask"], logits_to_keep=keep).logits  # (n, V)
+        else:
+            logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, :-1][needed]  # (n, V)
     # 256 positions a chunk: 16 MiB of fp32 work space at V = 16k (reused by the allocator), 90 MiB at InternLM2's 92k.
-    picked = token_logps(logits, ids[:, 1:][needed], chunk_rows=256)  # (n,), in row-major order of `needed`
-    logp = torch.zeros(needed.shape, dtype=picked.dtype, device=picked.device).masked_scatter(needed, picked)  # (B, T−1)
-    return logp_sums(logp, response, in_prompt)
+    picked = token_logps(logits, targets[index], chunk_rows=256)  # (n,)
+    logp = torch.zeros(needed.numel(), dtype=picked.dtype, device=picked.device).scatter(0, index, picked)  # (B·(T−1),)
+    return logp_sums(logp.view(needed.shape), response, in_prompt)
 
 
 if __name__ == "__main__":

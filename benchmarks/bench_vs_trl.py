@@ -1,32 +1,46 @@
-"""Throughput, memory and exactness of our `betadpo.py` loop against TRL's `DPOTrainer` and a naive PyTorch loop.
+"""Throughput, memory and exactness of our `betadpo.py` loop against TRL's `DPOTrainer` (stock and its fast path)
+and a naive PyTorch loop, on a small random Llama or on a real checkpoint.
 
     pip install -r requirements-bench.txt                           # requirements.txt + TRL (benchmark-only)
-    python benchmarks/bench_vs_trl.py                               # full run, ≈10 minutes on 2 idle CPU cores
-    python benchmarks/bench_vs_trl.py --quick                       # smoke test, ≈1 minute
+    python benchmarks/bench_vs_trl.py                               # small Llama, vocab 16k: ≈15 minutes on 2 idle CPU cores
+    python benchmarks/bench_vs_trl.py --model smollm2-135m          # SmolLM2-135M's shapes and tokenizer, HH-format text: ≈30 min
+    python benchmarks/bench_vs_trl.py --memory                      # peak memory over sequence length × vocabulary: ≈10 min
+    python benchmarks/bench_vs_trl.py --quick                       # smoke test, ≈2 minutes
     python benchmarks/bench_vs_trl.py --steps 20 --repeats 5 --batch-size 8 --threads 2
 
 What it does, top to bottom:
 
 1. ASSETS. Builds once, under `--workdir` (default runs/bench/<preset>): a word-level tokenizer with a real-sized
-   vocabulary (the log-softmax over the vocabulary is where a DPO step's memory goes), a randomly initialised
-   Llama-architecture model saved with `save_pretrained`, and — every invocation, deterministic — a preference
-   data set of prompt/chosen/rejected strings written as .jsonl (our `data.dataset` accepts it as is).
+   vocabulary (the log-softmax over the vocabulary is where a DPO step's memory goes) and a randomly initialised
+   Llama saved with `save_pretrained`; or with `--model`, a plain copy of that checkpoint (a GGUF file is
+   dequantised once) and its own tokenizer. Every invocation writes a deterministic preference data set of
+   prompt/chosen/rejected strings as .jsonl (our `data.dataset` accepts it as is): Zipf-distributed words, or
+   with `--model` HH-format dialogues ("\\n\\nHuman: … \\n\\nAssistant:") of English sentences.
 2. RUNS. Each measured run is its own fresh subprocess with the same environment and the same number of
-   threads, so its peak RSS is that process's own. One round runs, in a rotating order: ours / TRL / naive with
-   the reference model live, the same three with reference log-probs precomputed, and ours with the β-DPO
-   machinery switched on (table 2). `--repeats` rounds; medians reported.
-3. SAME WORK. All three train the same model on the same batches in the same order (TRL's sampler is made
-   sequential over a file written in our loop's order), with the same padding (right, to the batch's longest
-   sequence), AdamW (lr, betas, eps, no weight decay; the fused kernel in ours and TRL, torch's default in
-   naive), constant lr (no warm-up), gradient clipping, fp32, dropout off, gradient accumulation 1, no
-   gradient checkpointing, no evaluation or checkpoint inside the timed steps, and the same loss (the batch
-   mean of −log σ(β·M)). No sequence is truncated (the limits are above the longest pair), and every run's
-   token ids are prompt, then response, then EOS, no BOS: TRL's tokenized data set is compared with our
-   `data.tokenize_pairs` id for id. Hence the per-step losses must agree to 1e-5 and the per-step policy
-   log-probs to a relative 1e-5; the benchmark fails if they do not.
-4. TABLES (markdown, paste into docs/PERFORMANCE.md): time per step, pairs/s, tokens/s, peak RSS, achieved FLOP/s and
-   model FLOPs utilisation (MFU) against a GEMM peak measured on the same machine with the same threads, and
-   the ratio to TRL; then the cost of β-DPO's filter/statistics/gathers/learnable scale relative to plain DPO.
+   threads, so its peak RSS is that process's own. One round runs, in a rotating order: ours / TRL / TRL (fast
+   path) / naive with the reference model live, the same four with reference log-probs precomputed, and (small
+   model) ours with the β-DPO machinery switched on. `--repeats` rounds; medians reported.
+   TRL (fast path): TRL 1.16 restricts its LM head to the completion positions only where its Triton kernels run
+   (trl/trainer/utils.py asks `_use_triton(device)`: CUDA or XPU). On a CPU it scores every position, prompt and
+   padding included. The fast-path column sets `trl.trainer.utils._use_triton = lambda device: True` in TRL's
+   process, so the CPU takes the path a GPU takes, with TRL's torch fallback of the same chunked kernel. Its
+   log-probs and losses are checked against ours like every other column's. The headline ratio is against
+   whichever TRL column is faster.
+3. SAME WORK. All train the same model on the same batches in the same order (TRL's sampler is made
+   sequential over a file written in our loop's order), AdamW (lr, betas, eps, no weight decay; the fused
+   kernel in ours and TRL, torch's default in naive), constant lr (no warm-up), gradient clipping, fp32,
+   dropout off, gradient accumulation 1, no gradient checkpointing, no evaluation or checkpoint inside the timed
+   steps, and the same loss (the batch mean of −log σ(β·M)). TRL and naive pad every sequence of a step to its
+   longest (right); ours packs them into fewer rows (betadpo.py's packing: the same log-probs). No sequence is
+   truncated (the limits are above the longest pair), and every run's token ids are prompt, then response, then
+   EOS, no BOS, no chat template: TRL's tokenized data set is compared with our `data.tokenize_pairs` id for id.
+   Hence the per-step losses must agree to 1e-5 and the per-step policy log-probs to a relative 1e-5; the
+   benchmark fails if they do not.
+4. TABLES (markdown, paste into docs/PERFORMANCE.md): time per step, pairs/s, tokens/s, peak RSS (and above the
+   implementation's imports alone), counted model FLOP/s and MFU, executed FLOP/s and its utilisation, the
+   ratio to the faster TRL column; then (small model) a paired A/B of β-DPO's filter/statistics/gathers/learnable
+   scale against plain DPO. `--memory` instead prints peak memory at a fixed number of tokens per step over
+   sequence lengths 128/256/512 × vocabularies 16k/49k/92k, ours vs TRL (fast path).
 
 How things are measured:
 - timings are only meaningful on an otherwise idle machine: with the cores shared, the threads of a step wait
@@ -37,23 +51,29 @@ How things are measured:
   the interval between consecutive `on_step_end` callbacks (the same work plus TRL's own logging). Naive: the
   same window as ours. Throughput = pairs (tokens) of the measured steps / their summed time.
 - tokens = non-padding tokens (prompt + response + EOS, chosen and rejected).
-- model FLOPs (PaLM convention, useful tokens only, no recomputation counted): a forward pass over a sequence of
+- counted model FLOPs (PaLM convention, real tokens only, no recomputation): a forward pass over a sequence of
   t tokens costs 2·N·t + 4·L·d·t² (N = weights of the matmuls incl. the LM head, L layers, width d; the second
   term is attention's QKᵀ and AV, each 2·t²·d per layer), a training forward+backward 3× that; the live
-  reference adds one forward, a precomputed one nothing inside the step. Work on padding is not counted (all
-  three run the model's body over it; TRL and naive also run the LM head there). The LM head is counted at
-  every real token, though ours runs it only where log-probs are used, so ours is an effective figure.
-  MFU = achieved FLOP/s ÷ measured fp32 GEMM FLOP/s (2048×2048 `torch.matmul`).
+  reference adds one forward, a precomputed one nothing inside the step. Every column is credited the same
+  count, so MFU = counted FLOP/s ÷ the GEMM peak restates the throughput ratio between columns.
+- executed FLOPs (executed_step_flops): what each column's matmuls really run — the model body over every row
+  × T position it is given (padding included; ours over its packed rows) and the LM head over the positions it
+  scores (ours and TRL's fast path: response positions; stock TRL and naive: every position), backward 2×
+  forward. It shows where each column's time goes; elementwise work (softmax, TRL's entropy and top-1 metrics
+  over the full vocabulary) is not in it.
+- GEMM peak: GEMM_SAMPLES timings of GEMM_REPS fp32 2048×2048 `torch.matmul`s with the same threads, in a fresh
+  process before and after the runs; median and max are printed, MFU is stated against the max.
 - peak RSS: `ru_maxrss` of the measured process, from `wait4`. Linux carries a process's peak RSS over fork
   and exec into the new program's `ru_maxrss`, so a process forked from this one (which has torch loaded)
   would report at least our own peak; each measured process is therefore started by a minimal launcher
-  (RSS_LAUNCHER, ≈13 MiB), which reports its child's peak.
+  (RSS_LAUNCHER, ≈13 MiB), which reports its child's peak. "Above its imports" subtracts the peak RSS of a
+  process that only imports that implementation's modules (TRL and datasets weigh more than ours).
 - "process wall" is the whole subprocess: imports, model loading, tokenization, reference precomputation,
-  training, the final `save_pretrained` of the policy (all three). Ours also writes a resumable checkpoint
+  training, the final `save_pretrained` of the policy (all). Ours also writes a resumable checkpoint
   (optimizer state included) and evaluates the --batch-size held-out pairs once at the end: it cannot skip
   either. It shows start-up and precomputation overheads the per-step numbers leave out.
 
-Internal: `bench_vs_trl.py _child {trl,naive,gemm} JOB.json` is how the benchmark starts its own measured
+Internal: `bench_vs_trl.py _child {trl,naive,gemm,imports} JOB.json` is how the benchmark starts its own measured
 subprocesses; it is not meant to be called by hand.
 """
 
@@ -82,6 +102,7 @@ SEED = 0
 LOSS_TOLERANCE = 1e-5  # the first steps' losses must agree this well (absolute): it is the same math
 LOGP_TOLERANCE = 1e-5  # ... and the policy's log-probs this well (relative); one token more or less is ~1e-2
 LOSS_STEPS = 5  # how many first steps the comparison covers
+GEMM_SAMPLES, GEMM_REPS = 7, 4  # the GEMM peak: 7 timings of 4 matmuls, before and after the runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +127,9 @@ DEFAULT = Preset("default", vocab=16384, hidden=384, layers=4, intermediate=1024
                  prompt_tokens=(32, 64), response_tokens=(32, 112), steps=8, repeats=3, batch_size=8)
 QUICK = Preset("quick", vocab=2048, hidden=64, layers=2, intermediate=128, heads=2,
                prompt_tokens=(8, 16), response_tokens=(8, 24), steps=4, repeats=1, batch_size=4)
+# --model: the sizes come from the checkpoint and the lengths from the text (make_hh_pairs); only the run lengths here.
+REAL = Preset("real", vocab=0, hidden=0, layers=0, intermediate=0, heads=0, prompt_tokens=(0, 0), response_tokens=(0, 0),
+              steps=4, repeats=2, batch_size=4)
 
 
 def warmup_steps(steps: int) -> int:
@@ -152,11 +176,69 @@ def build_model_dir(preset: Preset, path: Path) -> dict:
     # N for the FLOP count: every matmul weight, the (tied) LM head included once; the embedding lookup is free.
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     meta = {"params": sum(p.numel() for p in model.parameters()), "matmul_params": matmul,
-            "layers": preset.layers, "hidden": preset.hidden, "vocab": preset.vocab, "shape": shape}
+            "layers": preset.layers, "hidden": preset.hidden, "vocab": preset.vocab, "shape": shape,
+            "name": "Llama (random init, tied embeddings)"}
     (tmp / "bench_meta.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     return meta
+
+
+def build_real_model_dir(name: str, path: Path) -> dict:
+    """--model: a plain copy of a real checkpoint (common.load_model: a GGUF file is read and dequantised once here,
+    not in every measured run) with its tokenizer; returns the sizes the FLOP count needs."""
+    meta_file = path / "bench_meta.json"
+    if meta_file.exists() and json.loads(meta_file.read_text()).get("source") == name:
+        return json.loads(meta_file.read_text())
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from common import load_model, load_tokenizer
+
+    print(f"[setup] reading {name} (once) → {path}", flush=True)
+    model = load_model(name)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    load_tokenizer(name).save_pretrained(tmp)
+    cfg = model.config
+    head = model.get_output_embeddings().weight
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))  # the tied head once
+    meta = {"params": sum(p.numel() for p in model.parameters()), "matmul_params": matmul, "layers": cfg.num_hidden_layers,
+            "hidden": cfg.hidden_size, "vocab": head.shape[0], "source": name, "name": f"{name} ({cfg.model_type})"}
+    (tmp / "bench_meta.json").write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return meta
+
+
+SENTENCES = [  # --model's text: English sentences of different lengths, drawn at random into HH-format dialogues
+    "Could you tell me more about how that works?", "I am not sure I understand the question.",
+    "The weather has been unusually warm this week, and the rivers are low.", "Many people find it helpful to write things down.",
+    "There are several ways to approach this problem, and each has its own costs.", "It depends on what you want to achieve.",
+    "Cooking rice well takes patience and the right amount of water.", "Exercise is good for both body and mind.",
+    "The library opens at nine in the morning and closes at six.", "Learning a new language can take years of practice.",
+    "Sure.", "Thanks!", "What do you mean by that?", "Here is a short summary of the main points.",
+    "First, measure the room; then buy the paint, the brushes and the tape.", "No, that is not what I asked.",
+    "The train was late again, so I missed the beginning of the meeting.", "Please explain it step by step.",
+]
+
+
+def make_hh_pairs(n: int, seed: int) -> list[dict]:
+    """--model: prompt/chosen/rejected in Anthropic HH's raw format ("\\n\\nHuman: … \\n\\nAssistant:"), one to
+    three turns, responses of 1–6 sentences: mixed lengths, so batches carry padding as real HH batches do."""
+    rng = random.Random(seed)
+
+    def text(k):
+        return " ".join(rng.choice(SENTENCES) for _ in range(k))
+
+    rows = []
+    for _ in range(n):
+        turns = rng.randint(1, 3)
+        prompt = "".join(f"\n\nHuman: {text(rng.randint(1, 4))}\n\nAssistant: {text(rng.randint(1, 3))}" for _ in range(turns - 1))
+        prompt += f"\n\nHuman: {text(rng.randint(1, 4))}\n\nAssistant:"
+        rows.append({"prompt": prompt, "chosen": " " + text(rng.randint(1, 6)), "rejected": " " + text(rng.randint(1, 6))})
+    return rows
 
 
 def make_pairs(n: int, preset: Preset, seed: int) -> list[dict]:
@@ -227,6 +309,7 @@ def ours_command(bench: dict, out: Path, precompute: bool, extra: list[str]) -> 
            "--train.max_grad_norm", str(MAX_GRAD_NORM), "--train.max_steps", str(bench["steps"]),
            "--train.seed", str(SEED), "--train.save_every", str(bench["steps"]), "--train.eval_every", "0",
            "--train.mixed_precision", "no", "--model.dtype", "float32", "--train.output_dir", str(out),
+           "--data.chat_template", "off",  # the text as it is, as TRL and naive get it
            # A cache inside the run's own (fresh) output dir: every run precomputes, as TRL and naive do.
            "--train.ref_cache_dir", str(out / "ref_cache")]
     if precompute:
@@ -246,13 +329,23 @@ def read_ours(out: Path) -> dict:
 
 
 def child_trl(spec: dict) -> dict:
-    """TRL's DPOTrainer, with every default that would change the work set to match ours (TRL 1.x names)."""
+    """TRL's DPOTrainer, with every default that would change the work set to match ours (TRL 1.x names).
+    spec["fast"]: TRL's fast path (see the module docstring): its LM head on completion tokens only, as TRL
+    itself does on CUDA/XPU. Its log-probs are the same numbers (main() checks them against ours)."""
     import torch
 
     torch.set_num_threads(spec["threads"])
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
+
+    if spec.get("fast"):
+        import trl.trainer.utils
+
+        # trl/trainer/utils.py scores only the valid (completion) positions when `_use_triton(device)` is true,
+        # which TRL 1.16 ties to CUDA/XPU. The Triton kernels themselves are looked up in trl/kernels, whose own
+        # `_use_triton` this leaves alone: the CPU keeps TRL's torch fallback of the same chunked computation.
+        trl.trainer.utils._use_triton = lambda device: True
 
     result = {"loss": [], "dt": [], "logps_chosen": [], "logps_rejected": []}
 
@@ -366,24 +459,39 @@ def child_naive(spec: dict) -> dict:
 
 
 def child_gemm(spec: dict) -> dict:
-    """The machine's fp32 matmul FLOP/s with the benchmark's thread count: the ceiling MFU is measured against."""
+    """The machine's fp32 matmul FLOP/s with the benchmark's thread count: the ceiling MFU is measured against.
+    GEMM_SAMPLES samples of GEMM_REPS 2048² matmuls each; main() reports their median and max over all samples."""
     import torch
 
     torch.set_num_threads(spec["threads"])
-    n, reps = 2048, 5
+    n = 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
     for _ in range(2):
         a @ b
-    best = 0.0
-    for _ in range(5):  # best of 5: the peak, not an average over interference
+    samples = []
+    for _ in range(GEMM_SAMPLES):
         t0 = time.perf_counter()
-        for _ in range(reps):
+        for _ in range(GEMM_REPS):
             a @ b
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
-    return {"flops": best}
+        samples.append(2 * n**3 * GEMM_REPS / (time.perf_counter() - t0))
+    return {"samples": samples}
 
 
-CHILDREN = {"trl": child_trl, "naive": child_naive, "gemm": child_gemm}
+def child_imports(spec: dict) -> dict:
+    """Only the imports of one implementation: its peak RSS is the floor under that implementation's peak."""
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    if spec["which"] == "ours":
+        sys.path.insert(0, str(REPO))
+        import betadpo  # noqa: F401  (accelerate, datasets, simple-parsing, … as betadpo.py imports them)
+    elif spec["which"] == "trl":
+        import datasets  # noqa: F401
+        from trl import DPOConfig, DPOTrainer  # noqa: F401
+    return {}
+
+
+CHILDREN = {"trl": child_trl, "naive": child_naive, "gemm": child_gemm, "imports": child_imports}
 
 
 def run_child(kind: str, spec: dict, workdir: Path, tag: str) -> dict:
@@ -403,25 +511,55 @@ def failure_reason(log: Path) -> str:
 
 
 # ========================================================================================================
-# 3. SUMMARY of one run and of the repeats
+# 3. FLOPs (counted and executed) and the summary of one run
 # ========================================================================================================
+def step_shape(step_ids: list[tuple], pack_layout) -> dict:
+    """One step's batch as each implementation lays it out: 2B sequences (chosen rows, then rejected) padded to
+    the longest, T; ours packs them into `packed_rows` ≤ 2B rows of T (betadpo.pack_layout)."""
+    lengths = [len(p) + len(c) for p, c, _ in step_ids] + [len(p) + len(r) for p, _, r in step_ids]
+    T = max(lengths)
+    return {"lengths": lengths, "T": T, "rows": len(lengths), "packed_rows": 1 + max(r for r, _ in pack_layout(lengths, T)),
+            "response": sum(len(c) + len(r) for _, c, r in step_ids),  # positions predicting a response token (EOS incl.)
+            "prompt": sum(len(p) - 1 for p, _, _ in step_ids)}  # chosen rows' prompt tokens after the first
+
+
 def fwd_flops(t: int, meta: dict) -> float:
-    """One forward pass over t tokens: matmuls (2 FLOPs per weight per token) + attention scores and mixing."""
+    """Counted (PaLM convention): one forward pass over t real tokens, matmuls (2 FLOPs per weight per token, the LM
+    head included) + attention scores and mixing (QKᵀ and AV, 2·t²·d each per layer)."""
     return 2 * meta["matmul_params"] * t + 4 * meta["layers"] * meta["hidden"] * t * t
 
 
-def summarize_run(run: dict, bench: dict, meta: dict, live_ref: bool) -> dict:
+def counted_step_flops(shape: dict, meta: dict, live_ref: bool) -> float:
+    """Model FLOPs of a step: forward + backward = 3 forwards for the policy, 1 forward for a live reference."""
+    return sum((3 + live_ref) * fwd_flops(t, meta) for t in shape["lengths"])
+
+
+def executed_step_flops(impl: str, shape: dict, meta: dict, live_ref: bool, ppl: bool = False) -> float:
+    """What an implementation's matmuls actually run in a step, padding and LM-head rows included:
+    - the model body over every position it is given: rows × T (attention over T² per row, padded or packed);
+    - the LM head (V·d weights) over the positions it scores: ours and TRL's fast path the response
+      positions only (+ the chosen prompts for ours with ppl_scale); stock TRL and naive every position.
+    Backward = 2× forward for each. Elementwise work (log-softmax, entropy, …) is not counted."""
+    d, L, head = meta["hidden"], meta["layers"], meta["vocab"] * meta["hidden"]
+    rows = shape["packed_rows"] if impl == "ours" else shape["rows"]
+    body = rows * shape["T"] * 2 * (meta["matmul_params"] - head) + rows * 4 * L * d * shape["T"] ** 2
+    scored = shape["response"] if impl in ("ours", "trlfast") else shape["rows"] * shape["T"]
+    policy = 3 * (body + 2 * head * (scored + (shape["prompt"] if ppl else 0)))
+    return policy + (body + 2 * head * scored if live_ref else 0)
+
+
+def summarize_run(run: dict, bench: dict, meta: dict, impl: str, live_ref: bool, ppl: bool) -> dict:
     """Per-run numbers over the measured steps (after the warm-up ones)."""
     w = warmup_steps(bench["steps"])
     dts = run["dt"][w:]
-    # training forward + backward = 3 forwards, + 1 for a live reference; summed over the step's 2B sequences
-    step_flops = [sum((3 + live_ref) * fwd_flops(t, meta) for t in lengths) for lengths in bench["seq_lengths"]]
+    shapes = bench["shapes"][w:]
     total = sum(dts)
     return {
         "step_s": statistics.median(dts),
         "pairs_s": bench["batch_size"] * len(dts) / total,
-        "tokens_s": sum(sum(lengths) for lengths in bench["seq_lengths"][w:]) / total,
-        "gflops_s": sum(step_flops[w:]) / total / 1e9,
+        "tokens_s": sum(sum(s["lengths"]) for s in shapes) / total,
+        "gflops_s": sum(counted_step_flops(s, meta, live_ref) for s in shapes) / total / 1e9,
+        "exec_gflops_s": sum(executed_step_flops(impl, s, meta, live_ref, ppl) for s in shapes) / total / 1e9,
         "rss_mib": run["rss_mib"],
         "wall_s": run["wall"],
     }
@@ -437,56 +575,86 @@ def worst_diff(xs: list[dict], ys: list[dict], keys: tuple, k: int, relative: bo
                for x in xs for y in ys for key in keys for a, b in zip(x[key][:k], y[key][:k]))
 
 
+def mean_ci95(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t interval (Student t quantiles for n ≤ 11, else 2.0)."""
+    n = len(values)
+    m = statistics.fmean(values)
+    if n < 2:
+        return m, float("nan")
+    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26, 11: 2.23}.get(n, 2.0)
+    return m, t * statistics.stdev(values) / n**0.5
+
+
 def cpu_name() -> str:
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
     return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.processor() or "unknown")
 
 
+def gemm_peak(threads: int, workdir: Path, tag: str) -> list[float]:
+    """FLOP/s samples of the fp32 2048² matmul in a fresh process (child_gemm)."""
+    run = run_child("gemm", {"threads": threads}, workdir, tag)
+    if run["rc"] != 0:
+        raise SystemExit(f"benchmark: the GEMM probe failed: {failure_reason(workdir / f'{tag}.log')}")
+    return run["samples"]
+
+
+def import_floors(threads: int, workdir: Path) -> dict:
+    """Peak RSS (MiB) of a process that only imports each implementation's modules."""
+    floors = {}
+    for which in ("ours", "trl", "naive"):
+        run = run_child("imports", {"threads": threads, "which": which}, workdir, f"imports-{which}")
+        floors[which] = run["rss_mib"] if run["rc"] == 0 else float("nan")
+    return floors
+
+
 # ========================================================================================================
 # 4. MAIN: assets → alternating rounds → tables
 # ========================================================================================================
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, help=f"optimizer steps per run (default {DEFAULT.steps}; quick {QUICK.steps})")
-    parser.add_argument("--repeats", type=int, help=f"rounds of alternating runs; medians are reported (default {DEFAULT.repeats})")
-    parser.add_argument("--batch-size", type=int, help=f"preference pairs per step (default {DEFAULT.batch_size})")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of every measured process (default 2)")
-    parser.add_argument("--quick", action="store_true", help="tiny smoke configuration, ≈1 minute")
-    parser.add_argument("--workdir", default="runs/bench", help="model, data, logs and run outputs (default runs/bench)")
-    a = parser.parse_args()
-    preset = QUICK if a.quick else DEFAULT
-    steps, repeats, B = a.steps or preset.steps, a.repeats or preset.repeats, a.batch_size or preset.batch_size
-    if steps < 2 or repeats < 1 or B < 1 or a.threads < 1:
-        parser.error("--steps must be ≥ 2, --repeats, --batch-size and --threads ≥ 1")
-    started = time.perf_counter()
-    load_before = os.getloadavg()
-    workdir = (REPO / a.workdir / preset.name).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+IMPLS = ("ours", "trl", "trlfast", "naive")
+LABELS = {"ours": "ours", "trl": "TRL", "trlfast": "TRL (fast path)", "naive": "naive"}
+BETADPO_FLAGS = ["--loss.alpha", "0.6", "--loss.filter_ratio", "0.2"]
+SCALE_FLAGS = BETADPO_FLAGS + ["--loss.learn_scale", "true", "--loss.ppl_scale", "true"]
 
-    # ---- machine and versions; our loop's own modules (data order, tokenization) ---------------------------
-    import torch
-    import transformers
 
+def run_variant(name: str, impl: str, live: bool, extra: list, bench: dict, workdir: Path, tag: str, threads: int) -> dict:
+    """One measured run of one implementation → its numbers (rc ≠ 0 on failure)."""
+    out = workdir / "out" / tag
+    shutil.rmtree(out, ignore_errors=True)  # a fresh output dir: our loop would otherwise resume
+    if impl == "ours":
+        run = launch(ours_command(bench, out, not live, extra or []), workdir / f"{tag}.log", threads)
+        if run["rc"] == 0:
+            run.update(read_ours(out))
+            shutil.copy(out / "metrics.jsonl", workdir / f"{tag}.metrics.jsonl")
+    else:
+        spec = {**bench, "precompute": not live, "out": str(out), "fast": impl == "trlfast"}
+        run = run_child("naive" if impl == "naive" else "trl", spec, workdir, tag)
+    shutil.rmtree(out, ignore_errors=True)  # our checkpoint and final/ take ~16 bytes per parameter
+    return run
+
+
+def prepare(a, workdir: Path, preset: Preset, steps: int, B: int) -> tuple[dict, dict, str]:
+    """Model dir, data files, our tokenization, per-step shapes → (bench spec for the runs, model meta, description)."""
     sys.path.insert(0, str(REPO))
-    from data import micro_batch_indices
+    from betadpo import pack_layout
     from common import load_tokenizer
-    from data import tokenize_pairs
+    from data import micro_batch_indices, tokenize_pairs
 
-    try:
-        import trl
-
-        trl_version, trl_missing = trl.__version__, None
-    except ImportError as e:
-        trl_version, trl_missing = None, f"unavailable ({e}; pip install -r requirements-bench.txt)"
-    print(f"command: python {' '.join(sys.argv)}", flush=True)
-    if load_before[0] > 0.5:
-        print(f"warning: load average {load_before[0]:.2f}: other processes use the CPUs, the timings will be noisy", flush=True)
-
-    # ---- assets -----------------------------------------------------------------------------------------
-    print(f"[setup] model + tokenizer in {workdir / 'model'}", flush=True)
-    meta = build_model_dir(preset, workdir / "model")
-    pairs = make_pairs(steps * B, preset, seed=1)  # exactly one epoch of `steps` batches
-    eval_pairs = make_pairs(B, preset, seed=2)
+    if a.model:
+        meta = build_real_model_dir(a.model, workdir / "model")
+        tokenizer = load_tokenizer(str(workdir / "model"))
+        pairs, eval_pairs = make_hh_pairs(steps * B, seed=1), make_hh_pairs(B, seed=2)
+        whole = tokenize_pairs(tokenizer, pairs + eval_pairs, 10**6, 10**6 - 1)
+        max_prompt = max(len(p) for p, _, _ in whole)
+        max_length = max(len(p) + max(len(c), len(r)) for p, c, r in whole)
+        meta = {**meta, "data": "HH-format dialogues (1–3 turns) of English sentences in its tokenizer, raw text (no chat template)"}
+    else:
+        meta = build_model_dir(preset, workdir / "model")
+        tokenizer = load_tokenizer(str(workdir / "model"))
+        pairs, eval_pairs = make_pairs(steps * B, preset, seed=1), make_pairs(B, preset, seed=2)  # one epoch of `steps` batches
+        max_prompt = preset.prompt_tokens[1]
+        max_length = max_prompt + preset.response_tokens[1] + 1
+        meta = {**meta, "data": f"Zipf-distributed words, prompts {preset.prompt_tokens[0]}–{preset.prompt_tokens[1]} tokens, "
+                                f"responses {preset.response_tokens[0]}–{preset.response_tokens[1]} + EOS"}
     train_file, eval_file, trl_train_file = workdir / "train.jsonl", workdir / "eval.jsonl", workdir / "train_in_our_order.jsonl"
     write_jsonl(train_file, pairs)
     write_jsonl(eval_file, eval_pairs)
@@ -494,93 +662,103 @@ def main():
     order = [micro_batch_indices(j, len(pairs), B, steps, SEED) for j in range(steps)]
     in_order = [pairs[i] for idx in order for i in idx]
     write_jsonl(trl_train_file, in_order)
-    # Our tokenization of the pairs, in step order: the token counts of every step (the same for all three,
-    # same batches), and the ids TRL's must equal. The limits are above every pair: nothing is truncated.
-    max_prompt = preset.prompt_tokens[1]
-    max_length = max_prompt + preset.response_tokens[1] + 1
-    tokenizer = load_tokenizer(str(workdir / "model"))
+    # Our tokenization of the pairs, in step order: the token counts of every step (the same for all, same
+    # batches), and the ids TRL's must equal. The limits are above every pair: nothing is truncated.
     ours_ids = tokenize_pairs(tokenizer, in_order, max_length, max_prompt)  # [(prompt, chosen + EOS, rejected + EOS)]
     if ours_ids != tokenize_pairs(tokenizer, in_order, 10**6, 10**6 - 1):
         raise SystemExit(f"benchmark: a pair is longer than max_length {max_length} / max_prompt_length {max_prompt}")
-    expected_ids = [[list(p), list(c), list(r)] for p, c, r in ours_ids]
-    per_step = [ours_ids[j * B : (j + 1) * B] for j in range(steps)]
-    seq_lengths = [[len(p) + len(c) for p, c, _ in s] + [len(p) + len(r) for p, _, r in s] for s in per_step]  # 2B each
+    shapes = [step_shape(ours_ids[j * B : (j + 1) * B], pack_layout) for j in range(steps)]
     bench = {"model_dir": str(workdir / "model"), "train_file": str(train_file), "eval_file": str(eval_file),
              "trl_train_file": str(trl_train_file), "batch_size": B, "steps": steps, "threads": a.threads,
-             "max_length": max_length, "max_prompt_length": max_prompt, "order": order, "seq_lengths": seq_lengths}
-    mean_tokens = sum(map(sum, seq_lengths)) / (steps * B)
+             "max_length": max_length, "max_prompt_length": max_prompt, "order": order, "shapes": shapes,
+             "expected_ids": [[list(p), list(c), list(r)] for p, c, r in ours_ids]}
+    tokens = sum(sum(s["lengths"]) for s in shapes)
+    positions = sum(s["rows"] * s["T"] for s in shapes)
+    packed = sum(s["packed_rows"] * s["T"] for s in shapes)
+    what = (f"Model: {meta['name']}, {meta['params'] / 1e6:.1f}M parameters (hidden {meta['hidden']}, {meta['layers']} layers, "
+            f"vocab {meta['vocab']}), fp32. Data: {meta['data']}; {steps} steps × {B} pairs, {tokens / (steps * B):.0f} "
+            f"non-padding tokens per pair; padded batches are {100 * (1 - tokens / positions):.0f}% padding, "
+            f"our packed ones {100 * (1 - tokens / packed):.0f}%.")
+    return bench, meta, what
 
-    # ---- GEMM peak (before and after the runs: the machine may be shared) --------------------------------
-    peaks = [run_child("gemm", {"threads": a.threads}, workdir, "gemm-before")["flops"]]
-    print(f"[setup] GEMM peak {peaks[0] / 1e9:.1f} GFLOP/s with {a.threads} threads; model {meta['params'] / 1e6:.1f}M params "
-          f"({meta['matmul_params'] / 1e6:.1f}M in matmuls), {steps} steps × {B} pairs, {mean_tokens:.0f} tokens/pair", flush=True)
 
-    # ---- the runs, alternating -------------------------------------------------------------------------
+def speed(a, preset: Preset):
+    """The main benchmark: every implementation, live and precomputed reference, alternating rounds → tables."""
+    steps, repeats, B = a.steps or preset.steps, a.repeats or preset.repeats, a.batch_size or preset.batch_size
+    if steps < 2 or repeats < 1 or B < 1 or a.threads < 1:
+        raise SystemExit("benchmark: --steps must be ≥ 2, --repeats, --batch-size and --threads ≥ 1")
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    workdir = (REPO / a.workdir / preset.name).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    import torch
+    import transformers
+
+    trl_version, trl_missing = trl_status()
+    print(f"command: python {' '.join(sys.argv)}", flush=True)
+    if load_before[0] > 0.5:
+        print(f"warning: load average {load_before[0]:.2f}: other processes use the CPUs, the timings will be noisy", flush=True)
+    print(f"[setup] model, tokenizer and data in {workdir}", flush=True)
+    bench, meta, what = prepare(a, workdir, preset, steps, B)
+    peaks = gemm_peak(a.threads, workdir, "gemm-before")
+    print(f"[setup] GEMM {statistics.median(peaks) / 1e9:.1f} GFLOP/s median, {max(peaks) / 1e9:.1f} max; {what}", flush=True)
+    floors = import_floors(a.threads, workdir)
+
     # (name, implementation, reference live?, our extra flags)
-    variants = [
-        ("ours/live", "ours", True, []), ("trl/live", "trl", True, None), ("naive/live", "naive", True, None),
-        ("ours/pre", "ours", False, []), ("trl/pre", "trl", False, None), ("naive/pre", "naive", False, None),
-        ("ours/betadpo", "ours", True, ["--loss.alpha", "0.6", "--loss.filter_ratio", "0.2"]),
-        ("ours/betadpo+scale", "ours", True, ["--loss.alpha", "0.6", "--loss.filter_ratio", "0.2",
-                                              "--loss.learn_scale", "true", "--loss.ppl_scale", "true"]),
-    ]
-    results = {name: [] for name, *_ in variants}  # successful runs
+    variants = [(f"{impl}/{setting}", impl, setting == "live", []) for setting in ("live", "pre") for impl in IMPLS]
+    if not a.model:  # the A/B of the β-DPO machinery runs on the small model, where rounds are cheap
+        variants += [("ours/betadpo", "ours", True, BETADPO_FLAGS), ("ours/betadpo+scale", "ours", True, SCALE_FLAGS)]
+    results = {name: [] for name, *_ in variants}  # successful runs, in round order
     errors = {}  # name → why it has no numbers
     bad = []  # exactness failures: the benchmark exits 1 after printing the tables
     if trl_missing:
-        errors["trl/live"] = errors["trl/pre"] = trl_missing
+        errors.update({f"{i}/{s}": trl_missing for i in ("trl", "trlfast") for s in ("live", "pre")})
     for r in range(repeats):
         shift = r % len(variants)  # rotate the order every round so no variant always runs first or last
         for name, impl, live, extra in variants[shift:] + variants[:shift]:
             if name in errors:
                 continue
             tag = f"r{r}-{name.replace('/', '-')}"
-            out = workdir / "out" / tag
-            shutil.rmtree(out, ignore_errors=True)  # a fresh output dir: our loop would otherwise resume
-            if impl == "ours":
-                run = launch(ours_command(bench, out, not live, extra), workdir / f"{tag}.log", a.threads)
-                if run["rc"] == 0:
-                    run.update(read_ours(out))
-                    shutil.copy(out / "metrics.jsonl", workdir / f"{tag}.metrics.jsonl")
-            else:
-                run = run_child(impl, {**bench, "precompute": not live, "out": str(out)}, workdir, tag)
-            shutil.rmtree(out, ignore_errors=True)  # our checkpoint and final/ take ~16 bytes per parameter
+            run = run_variant(name, impl, live, extra, bench, workdir, tag, a.threads)
             if run["rc"] != 0:
                 errors[name] = failure_reason(workdir / f"{tag}.log")
                 print(f"[round {r + 1}/{repeats}] {name:<19} {errors[name]}", flush=True)
                 continue
-            if "ids" in run and run.pop("ids") != expected_ids:
+            if "ids" in run and run.pop("ids") != bench["expected_ids"]:
                 bad.append(f"{name}: TRL's token ids differ from ours (see {workdir / f'{tag}.result.json'})")
-            run["summary"] = summarize_run(run, bench, meta, live)
+            run["summary"] = summarize_run(run, bench, meta, impl, live, extra == SCALE_FLAGS)
+            run["round"] = r
             results[name].append(run)
             s = run["summary"]
             print(f"[round {r + 1}/{repeats}] {name:<19} {s['step_s']:.3f} s/step  {s['tokens_s']:7.0f} tok/s  "
                   f"RSS {s['rss_mib']:6.0f} MiB  wall {s['wall_s']:5.1f} s  loss {run['loss'][-1]:.5f}", flush=True)
-    peaks.append(run_child("gemm", {"threads": a.threads}, workdir, "gemm-after")["flops"])
-    peak = max(peaks)
+    peaks_after = gemm_peak(a.threads, workdir, "gemm-after")
+    peak = max(peaks + peaks_after)
 
     # ---- exactness: the same math on the same ids, so the same numbers -----------------------------------
     K = min(LOSS_STEPS, steps)
     agreement = {}  # setting → {"x−y": (max |Δloss|, max relative |Δ log-prob|)} over the first K steps, all rounds
     for setting in ("live", "pre"):
-        runs = {impl: results[f"{impl}/{setting}"] for impl in ("ours", "trl", "naive") if results[f"{impl}/{setting}"]}
-        for x, y in (("ours", "trl"), ("naive", "trl"), ("ours", "naive")):
+        runs = {impl: results[f"{impl}/{setting}"] for impl in IMPLS if results[f"{impl}/{setting}"]}
+        for x, y in (("ours", "trl"), ("trlfast", "trl"), ("naive", "trl"), ("ours", "naive")):
             if x in runs and y in runs:
                 loss = worst_diff(runs[x], runs[y], ("loss",), K, relative=False)
                 logp = worst_diff(runs[x], runs[y], ("logps_chosen", "logps_rejected"), K, relative=True)
                 agreement.setdefault(setting, {})[f"{x}−{y}"] = (loss, logp)
                 if loss > LOSS_TOLERANCE or logp > LOGP_TOLERANCE:
                     bad.append(f"{setting}: {x}−{y} |Δloss| {loss:.1e}, relative |Δlog-prob| {logp:.1e}")
-    # Cross-check of the token count: our metrics count non-padding tokens themselves.
-    for run in results["ours/live"][:1]:
-        ours_tokens, ours_expected = sum(run["tokens"]), sum(map(sum, seq_lengths))
-        if abs(ours_tokens - ours_expected) > 1e-3 * ours_expected:
-            print(f"warning: our metrics count {ours_tokens:.0f} tokens, the benchmark {ours_expected}", flush=True)
+    for run in results["ours/live"][:1]:  # cross-check of the token count: our metrics count them themselves
+        ours_tokens, expected = sum(run["tokens"]), sum(sum(s["lengths"]) for s in bench["shapes"])
+        if abs(ours_tokens - expected) > 1e-3 * expected:
+            print(f"warning: our metrics count {ours_tokens:.0f} tokens, the benchmark {expected}", flush=True)
 
     # ---- tables -----------------------------------------------------------------------------------------
     med = {name: median_of([run["summary"] for run in runs]) for name, runs in results.items() if runs}
-    for m in med.values():
+    for name, m in med.items():
         m["mfu"] = 100 * m["gflops_s"] * 1e9 / peak
+        m["exec_util"] = 100 * m["exec_gflops_s"] * 1e9 / peak
+        impl = name.split("/")[0]
+        m["rss_above_imports"] = m["rss_mib"] - floors.get("trl" if impl.startswith("trl") else impl, float("nan"))
 
     def cell(name, key, fmt):
         return fmt.format(med[name][key]) if name in med else errors.get(name, "n/a")
@@ -589,47 +767,131 @@ def main():
         return f"{med[x][key] / med[y][key]:.2f}" if x in med and y in med else "n/a"
 
     rows = [("time per step (s)", "step_s", "{:.3f}"), ("pairs/s", "pairs_s", "{:.2f}"), ("tokens/s", "tokens_s", "{:.0f}"),
-            ("peak RSS (MiB)", "rss_mib", "{:.0f}"), ("achieved GFLOP/s", "gflops_s", "{:.1f}"),
-            ("MFU (% of GEMM peak)", "mfu", "{:.1f}"), ("process wall (s)", "wall_s", "{:.1f}")]
+            ("peak RSS (MiB)", "rss_mib", "{:.0f}"), ("peak RSS above its imports (MiB)", "rss_above_imports", "{:.0f}"),
+            ("counted model GFLOP/s", "gflops_s", "{:.1f}"), ("MFU (% of max GEMM)", "mfu", "{:.1f}"),
+            ("executed GFLOP/s", "exec_gflops_s", "{:.1f}"), ("executed FLOP utilisation (%)", "exec_util", "{:.1f}"),
+            ("process wall (s)", "wall_s", "{:.1f}")]
     elapsed = time.perf_counter() - started
-    print("\n## β-DPO loop vs. TRL DPOTrainer vs. naive PyTorch DPO\n")
+    print("\n## β-DPO loop vs. TRL DPOTrainer (stock and fast path) vs. naive PyTorch DPO\n")
     print(f"`python {' '.join(sys.argv)}`  \n"
           f"CPU: {cpu_name()}, {os.cpu_count()} cores, {a.threads} threads per run; torch {torch.__version__}, transformers "
-          f"{transformers.__version__}, TRL {trl_version or 'not installed'}, Python {platform.python_version()}  \n"
-          f"Model: Llama, {meta['params'] / 1e6:.1f}M parameters (hidden {preset.hidden}, {preset.layers} layers, vocab "
-          f"{preset.vocab}, tied embeddings), fp32. Data: {steps} steps × {B} pairs, prompts {preset.prompt_tokens[0]}–"
-          f"{preset.prompt_tokens[1]} tokens, responses {preset.response_tokens[0]}–{preset.response_tokens[1]} + EOS, "
-          f"{mean_tokens:.0f} non-padding tokens per pair.  \n"
+          f"{transformers.__version__}, TRL {trl_version or 'not installed'}, Python {platform.python_version()}  \n{what}  \n"
           f"Medians of {repeats} alternating rounds; the first {warmup_steps(steps)} step(s) of each run are not timed. "
-          f"GEMM peak {peak / 1e9:.1f} GFLOP/s (fp32 2048² matmul; {', '.join(f'{p / 1e9:.1f}' for p in peaks)} before/after). "
-          f"Load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; total {elapsed / 60:.1f} min.\n")
+          f"GEMM (fp32 2048² matmul, {GEMM_SAMPLES} samples before and after): before median {statistics.median(peaks) / 1e9:.1f} / max "
+          f"{max(peaks) / 1e9:.1f}, after {statistics.median(peaks_after) / 1e9:.1f} / {max(peaks_after) / 1e9:.1f} GFLOP/s; "
+          f"MFU is against the max, {peak / 1e9:.1f}. Imports alone: ours {floors['ours']:.0f}, TRL {floors['trl']:.0f}, "
+          f"naive {floors['naive']:.0f} MiB. Load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; "
+          f"total {elapsed / 60:.1f} min.\n")
     for setting, title in (("live", "reference model live (a forward pass per step)"),
                            ("pre", "reference log-probs precomputed (ours: `--train.precompute_ref true`; TRL: `precompute_ref_log_probs=True`)")):
+        names = {impl: f"{impl}/{setting}" for impl in IMPLS}
+        trls = [names[i] for i in ("trl", "trlfast") if names[i] in med]
+        best = max(trls, key=lambda n: med[n]["pairs_s"]) if trls else names["trl"]
         print(f"### {title}\n")
-        print("| | ours | TRL | naive | ours/TRL | naive/TRL |\n|---|---|---|---|---|---|")
+        print(f"| | ours | TRL | TRL (fast path) | naive | ours / {LABELS[best.split('/')[0]]} | naive / {LABELS[best.split('/')[0]]} |\n"
+              "|---|---|---|---|---|---|---|")
         for label, key, fmt in rows:
-            o, t, n = (f"{i}/{setting}" for i in ("ours", "trl", "naive"))
-            print(f"| {label} | {cell(o, key, fmt)} | {cell(t, key, fmt)} | {cell(n, key, fmt)} | {ratio(o, t, key)} | {ratio(n, t, key)} |")
+            print(f"| {label} | " + " | ".join(cell(names[i], key, fmt) for i in IMPLS)
+                  + f" | {ratio(names['ours'], best, key)} | {ratio(names['naive'], best, key)} |")
         diffs = agreement.get(setting, {})
         print(f"\nAgreement over the first {K} steps (tolerances {LOSS_TOLERANCE:g} absolute for the loss, {LOGP_TOLERANCE:g} "
               "relative for the policy's log-probs): "
               + ("; ".join(f"{k} |Δloss| {loss:.1e}, |Δlog-prob| {logp:.1e} "
                            f"{'ok' if loss <= LOSS_TOLERANCE and logp <= LOGP_TOLERANCE else 'MISMATCH'}"
                            for k, (loss, logp) in diffs.items()) or "n/a") + ".\n")
-
-    print("### Cost of the β-DPO machinery in our loop (reference live)\n")
-    print("| our loop | time per step (s) | ratio to plain DPO | tokens/s | peak RSS (MiB) | pairs kept per step |\n|---|---|---|---|---|---|")
-    for name, label in (("ours/live", "plain DPO (`--loss.alpha 0 --loss.filter_ratio 0`)"),
-                        ("ours/betadpo", "β-DPO (`--loss.alpha 0.6 --loss.filter_ratio 0.2`)"),
-                        ("ours/betadpo+scale", "β-DPO + `--loss.learn_scale true --loss.ppl_scale true`")):
-        kept = statistics.median(k for run in results[name] for k in run["kept"]) if results[name] else float("nan")
-        print(f"| {label} | {cell(name, 'step_s', '{:.3f}')} | {ratio(name, 'ours/live', 'step_s')} | "
-              f"{cell(name, 'tokens_s', '{:.0f}')} | {cell(name, 'rss_mib', '{:.0f}')} | {kept:.0f} of {B} |")
-    print("\nWith filtering, fewer pairs contribute gradient, but every pair still goes through the same forward and "
-          "backward pass: the work per step is the same, so the ratio is the overhead of the machinery itself.")
+    if results.get("ours/betadpo"):
+        machinery_table(results, B)
     if bad:
         print("\nNOT THE SAME WORK:\n" + "\n".join(f"- {b}" for b in bad))
         sys.exit(1)
+
+
+def machinery_table(results: dict, B: int):
+    """The A/B: in each round, each β-DPO variant's median step time over plain DPO's in the same round."""
+    print("### Cost of the β-DPO machinery in our loop (reference live): a paired A/B over rounds\n")
+    print("| our loop | median step (s) | step time / plain DPO's, same round: mean ± 95% CI | range over rounds | rounds | pairs kept per step |\n"
+          "|---|---|---|---|---|---|")
+    plain = {run["round"]: run["summary"]["step_s"] for run in results["ours/live"]}
+    for name, label in (("ours/live", "plain DPO (`--loss.alpha 0 --loss.filter_ratio 0`)"),
+                        ("ours/betadpo", "β-DPO (`--loss.alpha 0.6 --loss.filter_ratio 0.2`)"),
+                        ("ours/betadpo+scale", "β-DPO + `--loss.learn_scale true --loss.ppl_scale true`")):
+        runs = results.get(name) or []
+        ratios = [run["summary"]["step_s"] / plain[run["round"]] for run in runs if run["round"] in plain]
+        if not ratios:
+            continue
+        m, half = mean_ci95(ratios)
+        kept = statistics.median(k for run in runs for k in run["kept"])
+        print(f"| {label} | {statistics.median(run['summary']['step_s'] for run in runs):.3f} | {m:.3f} ± {half:.3f} | "
+              f"{min(ratios):.3f}–{max(ratios):.3f} | {len(ratios)} | {kept:.0f} of {B} |")
+    print("\nWith filtering, fewer pairs contribute gradient, but every pair still goes through the same forward and "
+          "backward pass, so the ratio is the machinery's own cost. With `ppl_scale` the policy's LM head also runs on "
+          "the chosen prompts (the perplexity of β(x)): that extra work is part of its ratio.\n")
+
+
+def memory_scaling(a):
+    """Peak memory of ours and TRL (fast path) at a fixed number of tokens per step, over sequence length and vocabulary."""
+    lengths, vocabs, tokens = (128, 256, 512), (16384, 49152, 92544), a.memory_tokens
+    workdir = (REPO / a.workdir / "memory").resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    trl_version, trl_missing = trl_status()
+    print(f"command: python {' '.join(sys.argv)}", flush=True)
+    floors = import_floors(a.threads, workdir)
+    table = {}
+    for vocab in vocabs:
+        for T in lengths:
+            prompt = T // 4
+            preset = dataclasses.replace(DEFAULT, name=f"v{vocab}", vocab=vocab, prompt_tokens=(prompt, prompt),
+                                         response_tokens=(T - prompt - 1,) * 2)  # every sequence exactly T tokens
+            B = max(1, tokens // (2 * T))
+            sub = workdir / f"v{vocab}"
+            sub.mkdir(exist_ok=True)
+            bench, meta, _ = prepare(argparse.Namespace(**{**vars(a), "model": ""}), sub, preset, 2, B)
+            for impl in ("ours", "trlfast"):
+                if impl == "trlfast" and trl_missing:
+                    table[vocab, T, impl] = float("nan")
+                    continue
+                tag = f"T{T}-{impl}"
+                run = run_variant(impl, impl, True, [], bench, sub, tag, a.threads)
+                table[vocab, T, impl] = run["rss_mib"] - floors["trl" if impl == "trlfast" else "ours"] if run["rc"] == 0 else float("nan")
+                print(f"[memory] vocab {vocab:6d}  T {T:3d}  {B:2d} pairs  {LABELS[impl]:<16} "
+                      f"{'failed: ' + failure_reason(sub / f'{tag}.log') if run['rc'] else f'{table[vocab, T, impl]:6.0f} MiB above imports'}", flush=True)
+    print(f"\n### Peak memory of a training step above the imports (MiB): {tokens} tokens per step, Llama hidden "
+          f"{DEFAULT.hidden} × {DEFAULT.layers} layers, fp32, AdamW, live reference, 2 steps\n")
+    print(f"`python {' '.join(sys.argv)}`; TRL {trl_version or 'not installed'}; imports alone: ours {floors['ours']:.0f}, "
+          f"TRL {floors['trl']:.0f} MiB. A full fp32 log-softmax of one step would be {tokens} × V × 4 B (last column).\n")
+    print("| vocab | tokens per sequence (pairs per step) | ours | TRL (fast path) | ours / TRL | full fp32 log-softmax |\n|---|---|---|---|---|---|")
+    for vocab in vocabs:
+        for T in lengths:
+            o, t = table[vocab, T, "ours"], table[vocab, T, "trlfast"]
+            print(f"| {vocab} | {T} ({max(1, tokens // (2 * T))}) | {o:.0f} | {t:.0f} | {o / t:.2f} | {tokens * vocab * 4 / 2**20:.0f} |")
+
+
+def trl_status() -> tuple:
+    try:
+        import trl
+
+        return trl.__version__, None
+    except ImportError as e:
+        return None, f"unavailable ({e}; pip install -r requirements-bench.txt)"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, help=f"optimizer steps per run (default {DEFAULT.steps}; quick {QUICK.steps}; --model {REAL.steps})")
+    parser.add_argument("--repeats", type=int, help=f"rounds of alternating runs; medians are reported (default {DEFAULT.repeats})")
+    parser.add_argument("--batch-size", type=int, help=f"preference pairs per step (default {DEFAULT.batch_size}; --model {REAL.batch_size})")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of every measured process (default 2)")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke configuration, ≈2 minutes")
+    parser.add_argument("--model", default="", help="a real checkpoint (a local dir, a .gguf file, or smollm2-135m) and "
+                        "HH-format text in its tokenizer, instead of the random small Llama")
+    parser.add_argument("--memory", action="store_true", help="the memory-scaling table instead (sequence length × vocabulary)")
+    parser.add_argument("--memory-tokens", type=int, default=4096, help="--memory: tokens per step (default 4096)")
+    parser.add_argument("--workdir", default="runs/bench", help="model, data, logs and run outputs (default runs/bench)")
+    a = parser.parse_args()
+    if a.memory:
+        memory_scaling(a)
+    else:
+        speed(a, REAL if a.model else QUICK if a.quick else DEFAULT)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from betadpo import BetaDPOState, _takes_position_mask, make_scale_optimizer, pair_logps, plain_sequence_logps, sequence_logps
+from betadpo import (BetaDPOState, _packs, _takes_position_mask, make_scale_optimizer, pack_layout, packed_logits, pair_logps,
+                     plain_sequence_logps, sequence_logps)
 from common import Config, load_model, make_optimizer, token_logps
 from conftest import read_metrics, run_script
 from data import _epoch_order, collate_pairs, tokenize_pairs
@@ -152,6 +153,84 @@ def test_fast_sequence_logps_equal_the_plain_ones_with_and_without_position_mask
         logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
     by_hand = sum(torch.log_softmax(logits[0, t], -1)[ids[0, t + 1]] for t in range(ids.shape[1] - 1) if labels[0, t + 1] != -100)
     assert plain["sum"][0].item() == pytest.approx(by_hand.item(), abs=tol)
+
+
+def test_pack_layout_places_every_sequence_once_within_its_row():
+    lengths = [9, 2, 7, 3, 3, 1, 10, 4]
+    place = pack_layout(lengths, 10)
+    rows = {}
+    for (r, o), L in zip(place, lengths):
+        rows.setdefault(r, []).append((o, o + L))
+    for spans in rows.values():
+        spans.sort()
+        assert spans[0][0] == 0 and spans[-1][1] <= 10
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # end to end, no overlap, no gap
+    assert len(rows) == 4  # 39 tokens in rows of 10: first-fit, longest first, needs the minimum, 4
+    assert pack_layout([5, 5, 5], 5) == [(0, 0), (1, 0), (2, 0)]  # nothing fits beside a full-width sequence
+
+
+def tiny_gpt_neox(vocab: int, pad: int, eos: int):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            intermediate_size=64, max_position_embeddings=128, pad_token_id=pad,
+                                            eos_token_id=eos, bos_token_id=eos, attention_dropout=0.0, hidden_dropout=0.0))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_packed_sequences_give_the_padded_log_probs_and_gradients(tiny_model, arch):
+    """OPTIMISATION 3: sequences of mixed lengths packed into fewer rows (position ids restart per sequence, no
+    mask) give the padded batch's log-probs and gradients, fp64 to rounding — so no token attends across."""
+    tok = build_tokenizer()
+    digits = ["3120", "9", "41", "870215", "5", "62", "1", "9081726354"]
+    rows = [{"prompt": f"sort {d}: ", "chosen": "".join(sorted(d)), "rejected": d} for d in digits]
+    batch = collate_pairs(tokenize_pairs(tok, rows, 64, 32), tok.pad_token_id)
+
+    def model():
+        m = load_model(str(tiny_model)) if arch == "llama" else tiny_gpt_neox(len(tok), tok.pad_token_id, tok.eos_token_id)
+        return m.to(torch.float64).eval()  # eval(): a KV cache would be on by default, which packing must turn off
+
+    runs = {}
+    for name, logps in (("plain", plain_sequence_logps), ("packed", sequence_logps)):
+        m = model()
+        out = logps(m, batch, prompt_rows=len(rows))
+        (out["sum"].sum() + out["avg"].sum() + out["prompt"].sum()).backward()
+        runs[name] = out, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    assert _packs(m)
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    packed_rows = 1 + max(r for r, _ in pack_layout(lengths, batch["input_ids"].shape[1]))
+    assert packed_rows <= 10  # it did pack: 16 sequences in 10 rows
+    for k in ("sum", "avg", "prompt"):
+        assert torch.allclose(runs["packed"][0][k], runs["plain"][0][k], rtol=0, atol=1e-10), k
+    assert runs["packed"][1].keys() == runs["plain"][1].keys()
+    for name, g in runs["packed"][1].items():
+        assert torch.allclose(g, runs["plain"][1][name], rtol=0, atol=1e-10), name
+    # The packed batch really has fewer rows: the model body sees (R, T), R = packed_rows.
+    seen = []
+    hook = m.get_input_embeddings().register_forward_hook(lambda mod, args, out: seen.append(tuple(out.shape[:2])))
+    with torch.no_grad():
+        packed_logits(m, batch, torch.ones_like(batch["input_ids"][:, 1:], dtype=torch.bool))
+    hook.remove()
+    assert seen == [(packed_rows, batch["input_ids"].shape[1])]
+
+
+def test_prompt_rows_reach_the_lm_head_only_when_beta_x_needs_the_perplexity(tiny_model):
+    """OPTIMISATION 1: without loss.ppl_scale the policy's LM head runs on response tokens only (no log_ppl);
+    with it, also on the chosen rows' prompt tokens 1…|x|−1, and log_ppl is their negative mean log-prob."""
+    tok, model = build_tokenizer(), load_model(str(tiny_model))
+    rows = [{"prompt": "sort 312: ", "chosen": "123", "rejected": "321"}, {"prompt": "sort 95: ", "chosen": "59", "rejected": "95"}]
+    batch = collate_pairs(tokenize_pairs(tok, rows, 64, 32), tok.pad_token_id)
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda mod, args, out: seen.append(out.shape[0]))
+    without, with_ppl = pair_logps(model, None, batch), pair_logps(model, None, batch, with_ppl=True)
+    hook.remove()
+    response = int((batch["labels"] != -100).sum())
+    prompt = int(batch["prompt_lens"][:2].sum()) - 2  # chosen rows' prompt tokens after the first
+    assert seen == [response, response + prompt]
+    assert "log_ppl" not in without and without["policy_chosen"].tolist() == pytest.approx(with_ppl["policy_chosen"].tolist(), abs=1e-5)
+    plain = plain_sequence_logps(model, batch, prompt_rows=2)
+    assert with_ppl["log_ppl"].tolist() == pytest.approx((-plain["prompt"][:2]).tolist(), abs=1e-5)
 
 
 def test_group_by_length_covers_every_pair_once_and_pads_less():

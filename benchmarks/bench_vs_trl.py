@@ -480,11 +480,16 @@ def child_gemm(spec: dict) -> dict:
 def child_imports(spec: dict) -> dict:
     """Only the imports of one implementation: its peak RSS is the floor under that implementation's peak."""
     import torch  # noqa: F401
-    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401  (every implementation's loaders)
 
-    if spec["which"] == "ours":
+    if spec["which"] == "ours":  # betadpo.py and what it imports on the way to its first step
         sys.path.insert(0, str(REPO))
-        import betadpo  # noqa: F401  (accelerate, datasets, simple-parsing, … as betadpo.py imports them)
+        import accelerate  # noqa: F401
+        import datasets  # noqa: F401
+        import simple_parsing  # noqa: F401
+        import tqdm.auto  # noqa: F401
+
+        import betadpo  # noqa: F401
     elif spec["which"] == "trl":
         import datasets  # noqa: F401
         from trl import DPOConfig, DPOTrainer  # noqa: F401

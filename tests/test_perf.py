@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from betadpo import (BetaDPOState, _packs, _takes_position_mask, make_scale_optimizer, pack_layout, packed_logits, pair_logps,
+from betadpo import (PACK_ROW_WIDTH, BetaDPOState, _packs, _takes_position_mask, make_scale_optimizer, pack_layout, packed_logits, pair_logps,
                      plain_sequence_logps, sequence_logps)
 from common import Config, load_model, make_optimizer, token_logps
 from conftest import read_metrics, run_script
@@ -199,20 +199,21 @@ def test_packed_sequences_give_the_padded_log_probs_and_gradients(tiny_model, ar
         runs[name] = out, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
     assert _packs(m)
     lengths = batch["attention_mask"].sum(-1).tolist()
-    packed_rows = 1 + max(r for r, _ in pack_layout(lengths, batch["input_ids"].shape[1]))
-    assert packed_rows <= 10  # it did pack: 16 sequences in 10 rows
+    place = pack_layout(lengths, PACK_ROW_WIDTH * batch["input_ids"].shape[1])
+    packed_rows, width = 1 + max(r for r, _ in place), max(o + L for (_, o), L in zip(place, lengths))
+    assert packed_rows <= 5 and width <= 2 * batch["input_ids"].shape[1]  # it did pack: 16 sequences in 5 rows
     for k in ("sum", "avg", "prompt"):
         assert torch.allclose(runs["packed"][0][k], runs["plain"][0][k], rtol=0, atol=1e-10), k
     assert runs["packed"][1].keys() == runs["plain"][1].keys()
     for name, g in runs["packed"][1].items():
         assert torch.allclose(g, runs["plain"][1][name], rtol=0, atol=1e-10), name
-    # The packed batch really has fewer rows: the model body sees (R, T), R = packed_rows.
+    # The model body really sees the packed batch: (R, W) = (packed_rows, the fullest row's length).
     seen = []
     hook = m.get_input_embeddings().register_forward_hook(lambda mod, args, out: seen.append(tuple(out.shape[:2])))
     with torch.no_grad():
         packed_logits(m, batch, torch.ones_like(batch["input_ids"][:, 1:], dtype=torch.bool))
     hook.remove()
-    assert seen == [(packed_rows, batch["input_ids"].shape[1])]
+    assert seen == [(packed_rows, width)]
 
 
 def test_prompt_rows_reach_the_lm_head_only_when_beta_x_needs_the_perplexity(tiny_model):

@@ -518,12 +518,15 @@ def failure_reason(log: Path) -> str:
 # ========================================================================================================
 # 3. FLOPs (counted and executed) and the summary of one run
 # ========================================================================================================
-def step_shape(step_ids: list[tuple], pack_layout) -> dict:
+def step_shape(step_ids: list[tuple], pack_layout, row_width: int) -> dict:
     """One step's batch as each implementation lays it out: 2B sequences (chosen rows, then rejected) padded to
-    the longest, T; ours packs them into `packed_rows` ≤ 2B rows of T (betadpo.pack_layout)."""
+    the longest, T; ours packs them into `packed_rows` rows of `packed_width` ≤ row_width·T, exactly as
+    betadpo.packed_logits does (pack_layout, PACK_ROW_WIDTH)."""
     lengths = [len(p) + len(c) for p, c, _ in step_ids] + [len(p) + len(r) for p, _, r in step_ids]
     T = max(lengths)
-    return {"lengths": lengths, "T": T, "rows": len(lengths), "packed_rows": 1 + max(r for r, _ in pack_layout(lengths, T)),
+    place = pack_layout(lengths, row_width * T)
+    return {"lengths": lengths, "T": T, "rows": len(lengths), "packed_rows": 1 + max(r for r, _ in place),
+            "packed_width": max(o + L for (_, o), L in zip(place, lengths)),
             "response": sum(len(c) + len(r) for _, c, r in step_ids),  # positions predicting a response token (EOS incl.)
             "prompt": sum(len(p) - 1 for p, _, _ in step_ids)}  # chosen rows' prompt tokens after the first
 
@@ -541,13 +544,14 @@ def counted_step_flops(shape: dict, meta: dict, live_ref: bool) -> float:
 
 def executed_step_flops(impl: str, shape: dict, meta: dict, live_ref: bool, ppl: bool = False) -> float:
     """What an implementation's matmuls actually run in a step, padding and LM-head rows included:
-    - the model body over every position it is given: rows × T (attention over T² per row, padded or packed);
+    - the model body over every position it is given: rows × width (attention over width² per row: padded
+      rows of T, or our packed rows, whose attention mask keeps sequences apart but is not skipped);
     - the LM head (V·d weights) over the positions it scores: ours and TRL's fast path the response
       positions only (+ the chosen prompts for ours with ppl_scale); stock TRL and naive every position.
     Backward = 2× forward for each. Elementwise work (log-softmax, entropy, …) is not counted."""
     d, L, head = meta["hidden"], meta["layers"], meta["vocab"] * meta["hidden"]
-    rows = shape["packed_rows"] if impl == "ours" else shape["rows"]
-    body = rows * shape["T"] * 2 * (meta["matmul_params"] - head) + rows * 4 * L * d * shape["T"] ** 2
+    rows, width = (shape["packed_rows"], shape["packed_width"]) if impl == "ours" else (shape["rows"], shape["T"])
+    body = rows * width * 2 * (meta["matmul_params"] - head) + rows * 4 * L * d * width**2
     scored = shape["response"] if impl in ("ours", "trlfast") else shape["rows"] * shape["T"]
     policy = 3 * (body + 2 * head * (scored + (shape["prompt"] if ppl else 0)))
     return policy + (body + 2 * head * scored if live_ref else 0)
@@ -640,7 +644,7 @@ def run_variant(name: str, impl: str, live: bool, extra: list, bench: dict, work
 def prepare(a, workdir: Path, preset: Preset, steps: int, B: int) -> tuple[dict, dict, str]:
     """Model dir, data files, our tokenization, per-step shapes → (bench spec for the runs, model meta, description)."""
     sys.path.insert(0, str(REPO))
-    from betadpo import pack_layout
+    from betadpo import PACK_ROW_WIDTH, pack_layout
     from common import load_tokenizer
     from data import micro_batch_indices, tokenize_pairs
 
@@ -672,14 +676,14 @@ def prepare(a, workdir: Path, preset: Preset, steps: int, B: int) -> tuple[dict,
     ours_ids = tokenize_pairs(tokenizer, in_order, max_length, max_prompt)  # [(prompt, chosen + EOS, rejected + EOS)]
     if ours_ids != tokenize_pairs(tokenizer, in_order, 10**6, 10**6 - 1):
         raise SystemExit(f"benchmark: a pair is longer than max_length {max_length} / max_prompt_length {max_prompt}")
-    shapes = [step_shape(ours_ids[j * B : (j + 1) * B], pack_layout) for j in range(steps)]
+    shapes = [step_shape(ours_ids[j * B : (j + 1) * B], pack_layout, PACK_ROW_WIDTH) for j in range(steps)]
     bench = {"model_dir": str(workdir / "model"), "train_file": str(train_file), "eval_file": str(eval_file),
              "trl_train_file": str(trl_train_file), "batch_size": B, "steps": steps, "threads": a.threads,
              "max_length": max_length, "max_prompt_length": max_prompt, "order": order, "shapes": shapes,
              "expected_ids": [[list(p), list(c), list(r)] for p, c, r in ours_ids]}
     tokens = sum(sum(s["lengths"]) for s in shapes)
     positions = sum(s["rows"] * s["T"] for s in shapes)
-    packed = sum(s["packed_rows"] * s["T"] for s in shapes)
+    packed = sum(s["packed_rows"] * s["packed_width"] for s in shapes)
     what = (f"Model: {meta['name']}, {meta['params'] / 1e6:.1f}M parameters (hidden {meta['hidden']}, {meta['layers']} layers, "
             f"vocab {meta['vocab']}), fp32. Data: {meta['data']}; {steps} steps × {B} pairs, {tokens / (steps * B):.0f} "
             f"non-padding tokens per pair; padded batches are {100 * (1 - tokens / positions):.0f}% padding, "

@@ -5,6 +5,8 @@ and a naive PyTorch loop, on a small random Llama or on a real checkpoint.
     python benchmarks/bench_vs_trl.py                               # small Llama, vocab 16k: ≈15 minutes on 2 idle CPU cores
     python benchmarks/bench_vs_trl.py --model smollm2-135m          # SmolLM2-135M's shapes and tokenizer, HH-format text: ≈30 min
     python benchmarks/bench_vs_trl.py --memory                      # peak memory over sequence length × vocabulary: ≈10 min
+    python benchmarks/bench_vs_trl.py --model smollm2-135m --batch-size 8 --profile   # where our step's time goes: ≈2 min
+    python benchmarks/bench_vs_trl.py --ab 8                        # β-DPO machinery vs plain DPO, 8 ABBA pairs: ≈10 min
     python benchmarks/bench_vs_trl.py --quick                       # smoke test, ≈2 minutes
     python benchmarks/bench_vs_trl.py --steps 20 --repeats 5 --batch-size 8 --threads 2
 
@@ -34,8 +36,8 @@ What it does, top to bottom:
    longest (right); ours packs them into fewer rows (betadpo.py's packing: the same log-probs). No sequence is
    truncated (the limits are above the longest pair), and every run's token ids are prompt, then response, then
    EOS, no BOS, no chat template: TRL's tokenized data set is compared with our `data.tokenize_pairs` id for id.
-   Hence the per-step losses must agree to 1e-5 and the per-step policy log-probs to a relative 1e-5; the
-   benchmark fails if they do not.
+   Hence the per-step losses must agree to 1e-5 and the per-step policy log-probs to a relative 1e-4
+   (LOGP_TOLERANCE); the benchmark fails if they do not.
 4. TABLES (markdown, paste into docs/PERFORMANCE.md): time per step, pairs/s, tokens/s, peak RSS (and above the
    implementation's imports alone), counted model FLOP/s and MFU, executed FLOP/s and its utilisation, the
    ratio to the faster TRL column; then (small model) a paired A/B of β-DPO's filter/statistics/gathers/learnable
@@ -100,7 +102,9 @@ BETA = 0.1  # β₀ of DPO
 MAX_GRAD_NORM = 1.0  # gradient clipping, in all three
 SEED = 0
 LOSS_TOLERANCE = 1e-5  # the first steps' losses must agree this well (absolute): it is the same math
-LOGP_TOLERANCE = 1e-5  # ... and the policy's log-probs this well (relative); one token more or less is ~1e-2
+LOGP_TOLERANCE = 1e-4  # ... and the policy's log-probs this well (relative); one token more or less is ~1e-2.
+# (1e-5 until TRL's chunked LM head met SmolLM2's 30 fp32 layers: its log-probs differ from ours and the naive
+# loop's by 1.1e-5 relative there, while ours and naive agree to 2e-7 and TRL's two columns to 2e-7.)
 LOSS_STEPS = 5  # how many first steps the comparison covers
 GEMM_SAMPLES, GEMM_REPS = 7, 4  # the GEMM peak: 7 timings of 4 matmuls, before and after the runs
 
@@ -837,6 +841,38 @@ def machinery_table(results: dict, B: int):
           "the chosen prompts (the perplexity of β(x)): that extra work is part of its ratio.\n")
 
 
+def machinery_ab(a, preset: Preset):
+    """--ab N: the cost of the β-DPO machinery, as N back-to-back pairs of runs, plain DPO then β-DPO and β-DPO then
+    plain DPO in turn (ABBA: a machine whose speed drifts adds the same to both). Each pair gives one ratio of
+    median step times; → their mean with a 95% t interval, n = N."""
+    steps, B = a.steps or preset.steps, a.batch_size or preset.batch_size
+    workdir = (REPO / a.workdir / preset.name).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"command: python {' '.join(sys.argv)}", flush=True)
+    bench, meta, what = prepare(a, workdir, preset, steps, B)
+    arms = {"plain": ("ours/live", []), "betadpo": ("ours/betadpo", BETADPO_FLAGS)}
+    ratios, steps_s = [], {"plain": [], "betadpo": []}
+    for r in range(a.ab):
+        order = ("plain", "betadpo") if r % 2 == 0 else ("betadpo", "plain")
+        pair = {}
+        for arm in order:
+            name, extra = arms[arm]
+            tag = f"ab{r}-{arm}"
+            run = run_variant(name, "ours", True, extra, bench, workdir, tag, a.threads)
+            if run["rc"] != 0:
+                raise SystemExit(f"benchmark: {name} failed: {failure_reason(workdir / f'{tag}.log')}")
+            pair[arm] = summarize_run(run, bench, meta, "ours", True, False)["step_s"]
+            steps_s[arm].append(pair[arm])
+        ratios.append(pair["betadpo"] / pair["plain"])
+        print(f"[pair {r + 1}/{a.ab}] plain {pair['plain']:.3f} s/step, β-DPO {pair['betadpo']:.3f} s/step, ratio {ratios[-1]:.3f}", flush=True)
+    m, half = mean_ci95(ratios)
+    print(f"\n### β-DPO machinery vs plain DPO: {a.ab} back-to-back pairs of runs (ABBA)\n\n`python {' '.join(sys.argv)}`  \n{what}\n")
+    print("| | plain DPO | β-DPO (a = 0.6, ρ = 0.2) |\n|---|---|---|")
+    print(f"| median step time over runs (s) | {statistics.median(steps_s['plain']):.3f} | {statistics.median(steps_s['betadpo']):.3f} |")
+    print(f"\nStep-time ratio β-DPO / plain DPO: mean {m:.3f} ± {half:.3f} (95% t interval, n = {len(ratios)} pairs), "
+          f"median {statistics.median(ratios):.3f}, range {min(ratios):.3f}–{max(ratios):.3f}.")
+
+
 def memory_scaling(a):
     """Peak memory of ours and TRL (fast path) at a fixed number of tokens per step, over sequence length and vocabulary."""
     lengths, vocabs, tokens = (128, 256, 512), (16384, 49152, 92544), a.memory_tokens
@@ -875,6 +911,60 @@ def memory_scaling(a):
             print(f"| {vocab} | {T} ({max(1, tokens // (2 * T))}) | {o:.0f} | {t:.0f} | {o / t:.2f} | {tokens * vocab * 4 / 2**20:.0f} |")
 
 
+def profile_step(a, preset: Preset):
+    """--profile: where one of our training steps spends its time. One β-DPO step (a = 0.6, ρ = 0.2, live reference,
+    fused AdamW) built from betadpo.py's own functions on the first --batch-size pairs, after one warm-up step,
+    under torch.profiler; → the operators by self time, grouped: matmuls, attention, the rest."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(a.threads)
+    B = a.batch_size or preset.batch_size
+    workdir = (REPO / a.workdir / f"{preset.name}-profile").resolve()  # apart from a speed run's files
+    workdir.mkdir(parents=True, exist_ok=True)
+    bench, meta, what = prepare(a, workdir, preset, 2, B)
+    from betadpo import BetaDPOState, betadpo_loss, pair_logps
+    from common import LossArgs, load_model
+    from data import collate_pairs
+
+    policy = load_model(bench["model_dir"]).train()
+    reference = load_model(bench["model_dir"]).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=LR, weight_decay=0.0, fused=True)
+    cfg = LossArgs(beta=BETA, alpha=0.6, filter_ratio=0.2)
+    state = BetaDPOState(cfg, SEED, "cpu")
+    batch = collate_pairs([tuple(x) for x in bench["expected_ids"][:B]], 0)  # the first step's pairs
+
+    def step():
+        stats = pair_logps(policy, reference, batch)
+        loss, _ = betadpo_loss(stats, {k: v.detach() for k, v in stats.items()}, state, cfg, 0, 1, train=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    groups = {"matmuls (aten::mm, addmm, bmm)": ("aten::mm", "aten::addmm", "aten::bmm"),
+              "attention (scaled_dot_product)": ("aten::_scaled_dot_product",),
+              "log-softmax / softmax": ("aten::_log_softmax", "aten::_softmax", "aten::exp"),
+              "optimizer (fused AdamW)": ("aten::_fused_adamw",)}
+    print(f"command: python {' '.join(sys.argv)}\n{what}\nOne step: {wall:.2f} s under the profiler, {a.threads} threads, "
+          f"{sum(sum(s['lengths']) for s in bench['shapes'][:1])} tokens.\n")
+    print("| share of self CPU time | % |\n|---|---|")
+    rest = 100.0
+    for label, prefixes in groups.items():
+        share = 100 * sum(e.self_cpu_time_total for e in events if e.key.startswith(prefixes)) / total
+        rest -= share
+        print(f"| {label} | {share:.1f} |")
+    print(f"| everything else (elementwise, copies, norms, autograd) | {rest:.1f} |\n")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=45))
+
+
 def trl_status() -> tuple:
     try:
         import trl
@@ -884,7 +974,7 @@ def trl_status() -> tuple:
         return None, f"unavailable ({e}; pip install -r requirements-bench.txt)"
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, help=f"optimizer steps per run (default {DEFAULT.steps}; quick {QUICK.steps}; --model {REAL.steps})")
     parser.add_argument("--repeats", type=int, help=f"rounds of alternating runs; medians are reported (default {DEFAULT.repeats})")
@@ -895,10 +985,22 @@ def main():
                         "HH-format text in its tokenizer, instead of the random small Llama")
     parser.add_argument("--memory", action="store_true", help="the memory-scaling table instead (sequence length × vocabulary)")
     parser.add_argument("--memory-tokens", type=int, default=4096, help="--memory: tokens per step (default 4096)")
+    parser.add_argument("--ab", type=int, default=0, help="the β-DPO machinery's cost instead: N back-to-back pairs of "
+                        "runs (plain DPO, β-DPO), small model")
+    parser.add_argument("--profile", action="store_true", help="where one of our steps spends its time (torch.profiler), "
+                        "on --model's or the small model's first --batch-size pairs")
     parser.add_argument("--workdir", default="runs/bench", help="model, data, logs and run outputs (default runs/bench)")
-    a = parser.parse_args()
+    return parser
+
+
+def main():
+    a = build_parser().parse_args()
     if a.memory:
         memory_scaling(a)
+    elif a.ab:
+        machinery_ab(a, QUICK if a.quick else DEFAULT)
+    elif a.profile:
+        profile_step(a, REAL if a.model else QUICK if a.quick else DEFAULT)
     else:
         speed(a, REAL if a.model else QUICK if a.quick else DEFAULT)
 

@@ -18,6 +18,8 @@ from common import Config, parse_config, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_vs_trl as bench  # noqa: E402
 import run as experiments  # noqa: E402
 
 SOURCES = ["betadpo.py", "sft.py", "eval.py", "plots.py", "README.md", "demo.sh", "experiments/run.py",
@@ -49,6 +51,9 @@ def test_documented_command_is_valid(command, script, rest):
     for config_file in re.findall(r"--config_file\s+(\S+)", command):
         assert (ROOT / config_file).is_file(), command
     args = shlex.split(rest.replace("\\", "").split("|")[0].split(">")[0])
+    if script == "benchmarks/bench_vs_trl.py":
+        bench.build_parser().parse_args(args)
+        return
     if script not in ("sft.py", "betadpo.py", "eval.py", "experiments/run.py") or not args or args[0] in ("--plot", "--compare"):
         return
     if script == "experiments/run.py":

@@ -1,0 +1,56 @@
+"""benchmarks/bench_vs_trl.py's bookkeeping (no TRL needed): the batch layouts it credits each implementation with,
+and the FLOP counts built on them, against hand computations."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from betadpo import PACK_ROW_WIDTH, pack_layout
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_vs_trl as bench  # noqa: E402
+
+META = {"matmul_params": 1000, "vocab": 10, "hidden": 4, "layers": 2}  # LM head: 10 × 4 = 40 of the 1000 weights
+# Two pairs: prompt 3 + chosen 2 / rejected 5 tokens, prompt 2 + chosen 1 / rejected 1 (EOS included).
+STEP = [([1, 2, 3], [4, 5], [6, 7, 8, 9, 10]), ([1, 2], [3], [4])]
+
+
+def test_step_shape_is_the_padded_and_the_packed_layout():
+    shape = bench.step_shape(STEP, pack_layout, PACK_ROW_WIDTH)
+    assert shape["lengths"] == [5, 3, 8, 3]  # chosen rows, then rejected rows
+    assert (shape["T"], shape["rows"]) == (8, 4)
+    # rows of up to 2 × 8 = 16 tokens, first fit, longest first: row 0 holds 8 + 5 + 3 = 16, row 1 the last 3
+    assert (shape["packed_rows"], shape["packed_width"]) == (2, 16)
+    assert shape["response"] == 2 + 5 + 1 + 1 and shape["prompt"] == 2 + 1
+
+
+def test_counted_and_executed_flops_by_hand():
+    shape = bench.step_shape(STEP, pack_layout, PACK_ROW_WIDTH)
+    fwd = lambda t: 2 * 1000 * t + 4 * 2 * 4 * t * t  # noqa: E731
+    assert bench.counted_step_flops(shape, META, live_ref=True) == sum(4 * fwd(t) for t in (5, 3, 8, 3))
+    assert bench.counted_step_flops(shape, META, live_ref=False) == sum(3 * fwd(t) for t in (5, 3, 8, 3))
+
+    def by_hand(rows, width, scored, live, ppl=0):
+        body = rows * width * 2 * 960 + rows * 4 * 2 * 4 * width**2
+        return 3 * (body + 2 * 40 * (scored + ppl)) + (body + 2 * 40 * scored if live else 0)
+
+    assert bench.executed_step_flops("ours", shape, META, True) == by_hand(2, 16, 9, True)
+    assert bench.executed_step_flops("ours", shape, META, True, ppl=True) == by_hand(2, 16, 9, True, ppl=3)
+    assert bench.executed_step_flops("trlfast", shape, META, False) == by_hand(4, 8, 9, False)
+    assert bench.executed_step_flops("trl", shape, META, True) == by_hand(4, 8, 32, True)  # the LM head on all 4 × 8
+    assert bench.executed_step_flops("naive", shape, META, True) == by_hand(4, 8, 32, True)
+
+
+def test_hh_pairs_are_deterministic_hh_format_text():
+    rows = bench.make_hh_pairs(20, seed=3)
+    assert rows == bench.make_hh_pairs(20, seed=3) and rows != bench.make_hh_pairs(20, seed=4)
+    for r in rows:
+        assert r["prompt"].startswith("\n\nHuman: ") and r["prompt"].endswith("\n\nAssistant:")
+        assert r["chosen"].startswith(" ") and r["rejected"].startswith(" ")
+    assert len({r["prompt"].count("Human:") for r in rows}) > 1  # one to three turns
+
+
+def test_ci_of_a_mean():
+    m, half = bench.mean_ci95([1.0, 2.0, 3.0])
+    assert m == 2.0 and half == pytest.approx(4.30 * 1.0 / 3**0.5)

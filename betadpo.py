@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from common import Config, LossArgs, UserError, main_guard, parse_config, validate  # config, one-line errors
-from common import load_model, load_tokenizer, resolve_model_name, token_logps  # models; the log-prob kernel (APPENDIX)
+from common import load_model, load_tokenizer, model_identity, token_logps  # models; the log-prob kernel (APPENDIX)
 from common import (load_checkpoint, make_optimizer, make_scheduler, no_sync_unless_last, open_run, optimizer_step,  # training
                     resume_point, save_checkpoint, save_final, start_run)  # plumbing shared with sft.py
 from data import collate_pairs, load_pairs, micro_batch_indices, tokenize_pairs
@@ -430,14 +430,9 @@ def precompute_reference_logps(accelerator, cfg: Config, reference, pairs, pad_i
     """train.precompute_ref: the reference's log-probs of every pair, computed once (no grad) and cached in
     `train.ref_cache_dir` under a key of the reference model's files, the dtypes and the tokenized pairs.
     → {ref_chosen, ref_rejected, ref_chosen_avg, ref_rejected_avg}: (num_pairs,) CPU tensors."""
-    ref_path = resolve_model_name(cfg.model.ref_name_or_path or cfg.model.name_or_path)
-    files = [Path(ref_path)] if Path(ref_path).is_file() else sorted(Path(ref_path).glob("*.safetensors")) + sorted(Path(ref_path).glob("*.bin"))  # a .gguf is one file
-    identity = {
-        "reference": str(Path(ref_path).resolve()) if Path(ref_path).exists() else ref_path,
-        "files": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files],
-        "dtype": cfg.model.dtype, "mixed_precision": cfg.train.mixed_precision,
-        "pairs": _token_hash(pairs),
-    }
+    ref_id = model_identity(cfg.model.ref_name_or_path or cfg.model.name_or_path)  # its path and weight files
+    identity = {"reference": ref_id["model"], "files": ref_id["files"],
+                "dtype": cfg.model.dtype, "mixed_precision": cfg.train.mixed_precision, "pairs": _token_hash(pairs)}
     key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
     path = Path(cfg.train.ref_cache_dir) / f"{name}-{key}.pt"
     if path.exists():
@@ -448,8 +443,8 @@ def precompute_reference_logps(accelerator, cfg: Config, reference, pairs, pad_i
     values = {f"ref_{k[len('policy_'):]}": scored[k].cpu() for k in ("policy_chosen", "policy_rejected", "policy_chosen_avg", "policy_rejected_avg")}
     if accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(values, path.with_suffix(".tmp"))
-        os.replace(path.with_suffix(".tmp"), path)  # atomic: a crash never leaves half a cache
+        torch.save(values, path.with_suffix(f".{os.getpid()}.tmp"))
+        os.replace(path.with_suffix(f".{os.getpid()}.tmp"), path)  # atomic: a crash never leaves half a cache
     return values
 
 

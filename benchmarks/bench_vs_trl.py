@@ -6,7 +6,7 @@ and a naive PyTorch loop, on a small random Llama or on a real checkpoint.
     python benchmarks/bench_vs_trl.py --model smollm2-135m          # SmolLM2-135M's shapes and tokenizer, HH-format text: ≈30 min
     python benchmarks/bench_vs_trl.py --memory                      # peak memory over sequence length × vocabulary: ≈10 min
     python benchmarks/bench_vs_trl.py --model smollm2-135m --batch-size 8 --profile   # where our step's time goes: ≈2 min
-    python benchmarks/bench_vs_trl.py --ab 8                        # β-DPO machinery vs plain DPO, 8 ABBA pairs: ≈10 min
+    python benchmarks/bench_vs_trl.py --ab 8                        # β-DPO machinery vs plain DPO: 8 ABBA pairs, then alone: ≈9 min
     python benchmarks/bench_vs_trl.py --quick                       # smoke test, ≈2 minutes
     python benchmarks/bench_vs_trl.py --steps 20 --repeats 5 --batch-size 8 --threads 2
 
@@ -871,6 +871,52 @@ def machinery_ab(a, preset: Preset):
     print(f"| median step time over runs (s) | {statistics.median(steps_s['plain']):.3f} | {statistics.median(steps_s['betadpo']):.3f} |")
     print(f"\nStep-time ratio β-DPO / plain DPO: mean {m:.3f} ± {half:.3f} (95% t interval, n = {len(ratios)} pairs), "
           f"median {statistics.median(ratios):.3f}, range {min(ratios):.3f}–{max(ratios):.3f}.")
+    alone = machinery_alone(B, a.threads)
+    step = statistics.median(steps_s["plain"])
+    d, d_half = alone["extra_s"]
+    print(f"\nThe machinery alone (`machinery_alone`, {alone['n']} alternating calls per arm, one process): `betadpo_loss` "
+          f"+ its backward + the step's host sync of the summary, on {B} pairs: plain DPO {alone['plain_s'] * 1e6:.0f} µs, "
+          f"β-DPO {alone['betadpo_s'] * 1e6:.0f} µs (medians); β-DPO's extra {d * 1e6:.0f} ± {d_half * 1e6:.0f} µs per step "
+          f"(mean of paired differences, 95% t interval) = {100 * d / step:.4f}% ± {100 * d_half / step:.4f}% of plain "
+          f"DPO's median step ({step:.3f} s).")
+
+
+def machinery_alone(B: int, threads: int, n: int = 2000) -> dict:
+    """The β-DPO machinery by itself, timed in this process: `betadpo_loss` (margins, moving averages, filter,
+    β, loss, logged summary), the backward of its loss into the (B,) log-probs, and the loop's one host sync of
+    the summary, with plain DPO's config and with β-DPO's, alternating, n times each. The model's forward and
+    backward are the same operations on the same shapes in both arms, so the difference of the two is all that
+    β-DPO adds to a step. → medians (s) and the mean paired difference with its 95% t interval."""
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from betadpo import BetaDPOState, betadpo_loss
+    from common import LossArgs
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    keys = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
+    cfgs = {"plain": LossArgs(alpha=0.0, filter_ratio=0.0), "betadpo": LossArgs(alpha=0.6, filter_ratio=0.2)}
+    states = {arm: BetaDPOState(cfg, 0, "cpu") for arm, cfg in cfgs.items()}
+
+    def one_call(arm: str) -> float:
+        base = {k: -100 + 5 * torch.randn(B, generator=g) for k in keys}  # summed log-probs of responses, (B,)
+        stats = {**{k: v.requires_grad_(k.startswith("policy")) for k, v in base.items()},
+                 **{f"{k}_avg": base[k].detach() / 50 for k in keys}, "tokens": torch.full((B,), 240.0)}
+        t0 = time.perf_counter()
+        loss, summary = betadpo_loss(stats, {k: v.detach() for k, v in stats.items()}, states[arm], cfgs[arm], 0, 1, train=True)
+        loss.backward()
+        torch.stack([v.float() for v in summary.values()]).tolist()
+        return time.perf_counter() - t0
+
+    for arm in (*cfgs, *cfgs):  # warm-up
+        one_call(arm)
+    times = {arm: [] for arm in cfgs}
+    for r in range(n):
+        for arm in (("plain", "betadpo") if r % 2 == 0 else ("betadpo", "plain")):
+            times[arm].append(one_call(arm))
+    return {"n": n, "plain_s": statistics.median(times["plain"]), "betadpo_s": statistics.median(times["betadpo"]),
+            "extra_s": mean_ci95([b - p for b, p in zip(times["betadpo"], times["plain"])])}
 
 
 def memory_scaling(a):

@@ -299,6 +299,12 @@ def run(cmd: list[str], log: Path, threads: int = 1):
         sys.exit(f"experiments: `{' '.join(cmd)}` failed ({code}); its output: {log}\n" + log.read_text()[-3000:])
 
 
+def reference_cache(out: Path) -> list[str]:
+    """eval.py's flags to draw each reference's completions once and reuse them in every run on that start (the same
+    samples: they are seeded per prompt); betadpo.py's precomputed reference log-probs share the directory."""
+    return ["--eval.cache_reference", "true", "--train.ref_cache_dir", str(out / "ref_cache")]
+
+
 def sft(out: Path, seed: int, lengths: dict) -> Path:
     """SFT start `seed` (model init and data), evaluated against itself (KL 0): the row every variant starts from."""
     d = out / f"sft{seed}"
@@ -308,7 +314,8 @@ def sft(out: Path, seed: int, lengths: dict) -> Path:
              "--train.seed", str(seed), "--data.seed", str(seed), *lengths["sft"]], d / "log.txt")
     if not (d / "eval" / "eval.json").exists():
         run([sys.executable, "eval.py", "--config", "configs/sort.yaml", "--eval.policy", str(d / "final"), "--eval.reference",
-             str(d / "final"), "--eval.output_dir", str(d / "eval"), "--data.seed", str(seed), *lengths["eval"]], d / "eval.log")
+             str(d / "final"), "--eval.output_dir", str(d / "eval"), "--data.seed", str(seed), *reference_cache(out), *lengths["eval"]],
+            d / "eval.log")
     return d / "final"
 
 
@@ -345,7 +352,7 @@ def train_and_eval(out: Path, overrides: dict, sft_seed: int, seed: int, lengths
          *flags(overrides), *replayed_betas(out, overrides, sft_seed, seed, d), *lengths["train"]], d / "train.log")
     run([sys.executable, "eval.py", "--config", "configs/sort.yaml", "--eval.policy", str(d / "final"),
          "--eval.reference", str(sft_final), "--eval.output_dir", str(d / "eval"), "--data.seed", str(sft_seed),
-         *lengths["eval"]], d / "eval.log")
+         *reference_cache(out), *lengths["eval"]], d / "eval.log")
     return time.perf_counter() - t0
 
 
@@ -613,7 +620,7 @@ def realtext(out: Path, args, smoke: bool) -> list[dict]:
             t0 = time.perf_counter()
             run([sys.executable, "betadpo.py", *common_flags, *REALTEXT_TRAIN, *extra, *flags(overrides), "--train.output_dir", str(r),
                  "--train.precompute_ref", "true", "--train.ref_cache_dir", str(out / "ref_cache")], r / "train.log", threads=args.realtext_threads)
-            run([sys.executable, "eval.py", *common_flags, "--eval.policy", str(r / "final"), "--eval.output_dir", str(r / "eval"),
+            run([sys.executable, "eval.py", *common_flags, "--eval.policy", str(r / "final"), "--eval.output_dir", str(r / "eval"), *reference_cache(out),
                  "--eval.num_prompts", "4" if smoke else "16", "--eval.samples_per_prompt", "2", "--eval.max_new_tokens", "16" if smoke else "24",
                  "--data.max_length", "128", "--data.max_prompt_length", "96"], r / "eval.log", threads=args.realtext_threads)
             print(f"realtext/{r.name}: {time.perf_counter() - t0:.0f} s", flush=True)

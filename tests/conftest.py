@@ -44,10 +44,29 @@ def run_script(script: str, *args, processes: int = 1, check: bool = True, env: 
     return result
 
 
+def _worker_ports():
+    """This pytest-xdist worker's own ports for `--main_process_port`: 400 per worker from 20000, below Linux's
+    ephemeral range (32768+). Asking the kernel for a free port (`bind(("", 0))`) instead can hand two workers the
+    same port moments apart, or a port that the other worker's gloo connections then take as ephemeral ones; two
+    launches sharing a rendezvous port can mix their ranks and hang."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    base = 20000 + 400 * int(worker.removeprefix("gw") or 0)
+    while True:
+        yield from range(base, base + 400)
+
+
+_PORTS = _worker_ports()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """The next of this worker's ports that nothing is bound to now."""
+    for port in _PORTS:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def read_metrics(run_dir: Path, split: str = "train") -> list[dict]:

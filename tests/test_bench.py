@@ -54,3 +54,11 @@ def test_hh_pairs_are_deterministic_hh_format_text():
 def test_ci_of_a_mean():
     m, half = bench.mean_ci95([1.0, 2.0, 3.0])
     assert m == 2.0 and half == pytest.approx(4.30 * 1.0 / 3**0.5)
+
+
+def test_machinery_alone_times_both_arms():
+    """The in-process A/B of betadpo_loss: both arms timed, paired differences summarised (not their values: timing)."""
+    r = bench.machinery_alone(4, 1, n=20)
+    assert r["n"] == 20 and 0 < r["plain_s"] < 1 and 0 < r["betadpo_s"] < 1
+    extra, half = r["extra_s"]
+    assert abs(extra) < 1 and 0 <= half < 1

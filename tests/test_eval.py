@@ -192,8 +192,12 @@ def test_one_and_two_processes_agree(dirs, models, tmp_path):
     args = TINY + ["--eval.policy", dirs.policy, "--eval.reference", dirs.reference]
     one = run(args + ["--eval.output_dir", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr
-    two = run(args + ["--eval.output_dir", str(tmp_path / "two")], processes=2)
+    cache = ["--eval.cache_reference", "true", "--train.ref_cache_dir", str(tmp_path / "cache")]
+    two = run(args + cache + ["--eval.output_dir", str(tmp_path / "two")], processes=2)  # draws and caches the reference's
     assert two.returncode == 0, two.stderr
+    again = run(args + cache + ["--eval.output_dir", str(tmp_path / "again")])  # takes them from the cache
+    assert again.returncode == 0 and "(drawn, then cached)" in two.stdout and "(cached)" in again.stdout, again.stderr
+    assert json.loads((tmp_path / "again" / "eval.json").read_text())["metrics"] == json.loads((tmp_path / "one" / "eval.json").read_text())["metrics"]
     a, b = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("one", "two"))
     assert (a["num_processes"], b["num_processes"]) == (1, 2)
     assert a["metrics"].keys() == b["metrics"].keys()
@@ -233,3 +237,17 @@ def test_errors_are_one_line(dirs, tmp_path, case):
               "tokenizer": [policy, reference, "tokenizers"], "vocab": [policy, reference, "vocabulary"]}[case]
     assert all(s in last for s in expect), last
     assert not (tmp_path / "out").exists()
+
+
+def test_reference_cache_key_follows_what_the_completions_depend_on(dirs):
+    cfg = Config()
+    base = ev.reference_cache(cfg, dirs.reference, [[1, 2, 3]], [0.0, 1.0])
+    assert base == ev.reference_cache(Config(), dirs.reference, [[1, 2, 3]], [0.0, 1.0])
+    others = [ev.reference_cache(cfg, dirs.policy, [[1, 2, 3]], [0.0, 1.0]),  # another model
+              ev.reference_cache(cfg, dirs.reference, [[1, 2, 4]], [0.0, 1.0]),  # other prompts
+              ev.reference_cache(cfg, dirs.reference, [[1, 2, 3]], [1.0])]  # other temperatures
+    for field, value in (("seed", 1), ("max_new_tokens", 3), ("samples_per_prompt", 7)):
+        changed = Config()
+        setattr(changed.eval, field, value)
+        others.append(ev.reference_cache(changed, dirs.reference, [[1, 2, 3]], [0.0, 1.0]))
+    assert len({base, *others}) == 1 + len(others)

@@ -3,6 +3,7 @@ committed results against their CSV, and a smoke run of the pipeline (SFT → ru
 
 import json
 import math
+import platform
 import subprocess
 import sys
 
@@ -124,9 +125,11 @@ def test_tables_survive_the_csv_round_trip(tmp_path):
 
 
 # ---- the committed results -----------------------------------------------------------------------------------
-def test_committed_tables_come_from_the_committed_csv():
-    """docs/results/tables.md is exactly what `run.py report` makes of docs/results/runs.csv."""
-    csv_path, tables = ROOT / "docs" / "results" / "runs.csv", ROOT / "docs" / "results" / "tables.md"
+@pytest.mark.parametrize("results", ["docs/results", "docs/results/avx512"])
+def test_committed_tables_come_from_the_committed_csv(results):
+    """tables.md is exactly what `run.py report` makes of runs.csv: the main results (AVX2 kernels) and the
+    replication on AVX-512 kernels."""
+    csv_path, tables = ROOT / results / "runs.csv", ROOT / results / "tables.md"
     assert experiments.report(experiments.read_csv(csv_path)) == tables.read_text()
     rows = experiments.read_csv(csv_path)
     runs = [r for r in rows if r["study"] not in ("start", "realtext")]
@@ -138,8 +141,9 @@ def test_committed_tables_come_from_the_committed_csv():
 
 
 def test_every_table_row_of_the_results_page_is_generated():
-    """docs/RESULTS.md shows tables copied from tables.md, never typed by hand."""
-    generated = set((ROOT / "docs" / "results" / "tables.md").read_text().splitlines())
+    """docs/RESULTS.md shows tables copied from the two tables.md, never typed by hand."""
+    generated = {line for results in ("docs/results", "docs/results/avx512")
+                 for line in (ROOT / results / "tables.md").read_text().splitlines()}
     rows = [line for line in (ROOT / "docs" / "RESULTS.md").read_text().splitlines() if line.startswith("| ")]
     assert len(rows) > 50 and [r for r in rows if r not in generated] == []
 
@@ -187,6 +191,19 @@ def test_bootstrap_interval_contains_the_statistic_and_is_reproducible():
     assert stat == pytest.approx(1 / 3) and lo < stat < hi and (lo, hi) == experiments.bootstrap_ci(values, lambda v: sum(v) / len(v))[1:]
     # the normal approximation: ±1.96 · √(p(1−p)/n) = ±0.097
     assert hi - lo == pytest.approx(2 * 1.96 * math.sqrt(1 / 3 * 2 / 3 / 90), rel=0.2)
+
+
+def test_cpu_kernels_are_pinned_for_every_child_run(capsys):
+    """--cpu_kernels avx2 reaches the scripts' torch (x86); 'default' leaves the choice to torch."""
+    experiments.pin_cpu_kernels("avx2")
+    try:
+        if platform.machine().lower() in ("x86_64", "amd64"):
+            assert experiments.KERNEL_ENV == {"ATEN_CPU_CAPABILITY": "avx2"}
+            assert "CPU kernels of every run: AVX2 " in capsys.readouterr().out
+        experiments.pin_cpu_kernels("default")
+        assert experiments.KERNEL_ENV == {}
+    finally:
+        experiments.KERNEL_ENV.clear()
 
 
 # ---- the pipeline --------------------------------------------------------------------------------------------

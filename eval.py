@@ -8,7 +8,7 @@ Launch (one process, or any number through accelerate; the numbers do not depend
 
 `eval.policy` defaults to `train.output_dir/final`, `eval.reference` to the run's reference
 (`model.ref_name_or_path`, else `model.name_or_path`), so `python eval.py --config configs/sort.yaml` evaluates
-the run that config trains. Two more flags, drawn by plots.py: training curves of one or more runs (their
+the run that config trains. Two more flags, drawn by plumbing/plots.py: training curves of one or more runs (their
 metrics.jsonl, overlaid in one PNG)
 
     python eval.py --plot runs/sort_dpo runs/sort_betadpo --plot_out curves.png
@@ -60,22 +60,13 @@ from pathlib import Path
 
 import torch
 
-import plots
-import sort_task
-from betadpo import implicit_rewards, score_pairs
-from common import (
-    Config,
-    UserError,
-    generate,
-    load_model,
-    load_tokenizer,
-    main_guard,
-    model_identity,
-    parse_config,
-    token_logps,
-    validate,
-)
-from data import collate, load_pairs, tokenize, tokenize_pairs
+from betadpo import Config, implicit_rewards, score_pairs  # the β-DPO module's public functions: what is evaluated is what trains
+from plumbing import plots, sort_task
+from plumbing.config import parse_config, validate
+from plumbing.data import collate, load_pairs, tokenize, tokenize_pairs
+from plumbing.errors import UserError, main_guard
+from plumbing.fast_logps import token_logps
+from plumbing.models import generate, load_model, load_tokenizer, model_identity
 
 LOGP_KEYS = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
 
@@ -363,7 +354,7 @@ HELP = """Evaluate a trained policy against its reference (eval.policy, eval.ref
 
 
 def main():
-    # Pictures and tables of finished runs are plots.py's; eval.py only routes its two flags there,
+    # Pictures and tables of finished runs are plumbing/plots.py's; eval.py only routes its two flags there,
     # before the config parser (which knows neither).
     if "--plot" in sys.argv[1:]:
         return plots.plot_main(sys.argv[1:])

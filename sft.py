@@ -15,7 +15,7 @@ tokenizer and a tiny Llama from scratch, trains on deliberately imperfect demons
 held-out exact-match rate at the end: a competent but imperfect policy for β-DPO to improve on.
 `final/` is a plain `save_pretrained` model + tokenizer: pass it to betadpo.py as `model.name_or_path`.
 
-Optimizer, checkpoints, resume and the final save are betadpo.py's (shared in common.py): re-running the same
+Optimizer, checkpoints, resume and the final save are betadpo.py's (shared in plumbing/): re-running the same
 command resumes from the newest intact checkpoint, a finished run is not retrained, and a NaN stops the run.
 """
 
@@ -24,30 +24,16 @@ from pathlib import Path
 
 import torch
 
-import sort_task
-from common import (
-    Config,
-    StepCount,
-    UserError,
-    generate,
-    load_checkpoint,
-    load_model,
-    load_tokenizer,
-    main_guard,
-    make_optimizer,
-    make_scheduler,
-    no_sync_unless_last,
-    open_run,
-    optimizer_step,
-    parse_config,
-    resume_point,
-    save_checkpoint,
-    save_final,
-    start_run,
-    token_logps,
-    validate,
-)
-from data import collate, load_sft, micro_batch_indices, tokenize
+from plumbing import sort_task
+from plumbing.checkpoints import load_checkpoint, resume_point, save_checkpoint, save_final
+from plumbing.config import SFTConfig, parse_config
+from plumbing.data import collate, load_sft, micro_batch_indices, tokenize
+from plumbing.errors import UserError, main_guard
+from plumbing.fast_logps import token_logps
+from plumbing.launch import start_run
+from plumbing.metrics import Progress, open_run
+from plumbing.models import generate, load_model, load_tokenizer
+from plumbing.optim import StepCount, make_optimizer, make_scheduler, no_sync_unless_last, optimizer_step
 
 
 def sft_loss(model, batch: dict, total_tokens, num_processes: int) -> torch.Tensor:
@@ -58,7 +44,7 @@ def sft_loss(model, batch: dict, total_tokens, num_processes: int) -> torch.Tens
     return -logp.sum() * num_processes / total_tokens
 
 
-def exact_match(model, tokenizer, rows: list[dict], cfg: Config, batch_size: int = 256) -> float:
+def exact_match(model, tokenizer, rows: list[dict], cfg: SFTConfig, batch_size: int = 256) -> float:
     """Greedy completions of held-out prompts; fraction exactly equal to the sorted list."""
     hits = 0
     for i in range(0, len(rows), batch_size):
@@ -70,11 +56,8 @@ def exact_match(model, tokenizer, rows: list[dict], cfg: Config, batch_size: int
 
 
 def main():
-    from tqdm.auto import tqdm
-
     # ---- config ---------------------------------------------------------------------------------------
-    cfg = parse_config(Config)
-    validate(cfg)
+    cfg = parse_config(SFTConfig)
     # ---- accelerator, launch and config checks, seed --------------------------------------------------
     accelerator = start_run(cfg)
     P, rank = accelerator.num_processes, accelerator.process_index
@@ -113,7 +96,7 @@ def main():
     log = open_run(cfg, accelerator, progress.step)  # config.yaml, metrics.jsonl (rows after the step dropped), wandb
     # ---- loop -----------------------------------------------------------------------------------------
     model.train()
-    bar = tqdm(total=total_steps, initial=progress.step, desc="SFT", disable=not accelerator.is_main_process)
+    report = Progress("SFT", total_steps, progress.step, accelerator.is_main_process, cfg.log.progress_every)
     while progress.step < total_steps:
         t0 = time.perf_counter()
         step_loss = torch.zeros((), device=accelerator.device)
@@ -135,11 +118,10 @@ def main():
             row["grad_norm"] = grad_norm
         values = dict(zip(row, torch.stack([v.float() for v in row.values()]).tolist()))
         log.write({"step": progress.step, **values, "lr": lr, "pairs_per_s": cfg.train.batch_size / (time.perf_counter() - t0)})  # stops on NaN/inf
-        bar.update(1)
-        bar.set_postfix(loss=f"{values['loss']:.4f}")
+        report.step(loss=values["loss"])
         if progress.step % cfg.train.save_every == 0 or progress.step == total_steps:
             save_checkpoint(accelerator, out, progress.step, model.parameters())
-    bar.close()
+    report.close()
     # ---- save -----------------------------------------------------------------------------------------
     save_final(accelerator, model, tokenizer, out, progress.step)
     if accelerator.is_main_process:

@@ -189,7 +189,7 @@ def build_model_dir(preset: Preset, path: Path) -> dict:
 
 
 def build_real_model_dir(name: str, path: Path) -> dict:
-    """--model: a plain copy of a real checkpoint (common.load_model: a GGUF file is read and dequantised once here,
+    """--model: a plain copy of a real checkpoint (plumbing.models.load_model: a GGUF file is read and dequantised once here,
     not in every measured run) with its tokenizer; returns the sizes the FLOP count needs."""
     meta_file = path / "bench_meta.json"
     if meta_file.exists() and json.loads(meta_file.read_text()).get("source") == name:
@@ -197,7 +197,7 @@ def build_real_model_dir(name: str, path: Path) -> dict:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from common import load_model, load_tokenizer
+    from plumbing.models import load_model, load_tokenizer
 
     print(f"[setup] reading {name} (once) → {path}", flush=True)
     model = load_model(name)
@@ -324,7 +324,7 @@ def ours_command(bench: dict, out: Path, precompute: bool, extra: list[str]) -> 
 def read_ours(out: Path) -> dict:
     """Per-step numbers from our metrics.jsonl (training rows only)."""
     sys.path.insert(0, str(REPO))
-    from common import read_metrics
+    from plumbing.metrics import read_metrics
 
     rows = [r for r in read_metrics(out / "metrics.jsonl") if r.get("split") != "eval"]
     return {"loss": [r["loss"] for r in rows], "dt": [r["pairs"] / r["pairs_per_s"] for r in rows],
@@ -648,9 +648,9 @@ def run_variant(name: str, impl: str, live: bool, extra: list, bench: dict, work
 def prepare(a, workdir: Path, preset: Preset, steps: int, B: int) -> tuple[dict, dict, str]:
     """Model dir, data files, our tokenization, per-step shapes → (bench spec for the runs, model meta, description)."""
     sys.path.insert(0, str(REPO))
-    from betadpo import PACK_ROW_WIDTH, pack_layout
-    from common import load_tokenizer
-    from data import micro_batch_indices, tokenize_pairs
+    from plumbing.data import micro_batch_indices, tokenize_pairs
+    from plumbing.fast_logps import PACK_ROW_WIDTH, pack_layout
+    from plumbing.models import load_tokenizer
 
     if a.model:
         meta = build_real_model_dir(a.model, workdir / "model")
@@ -890,8 +890,7 @@ def machinery_alone(B: int, threads: int, n: int = 2000) -> dict:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from betadpo import BetaDPOState, betadpo_loss
-    from common import LossArgs
+    from betadpo import BetaDPOState, LossArgs, betadpo_loss
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
@@ -969,9 +968,9 @@ def profile_step(a, preset: Preset):
     workdir = (REPO / a.workdir / f"{preset.name}-profile").resolve()  # apart from a speed run's files
     workdir.mkdir(parents=True, exist_ok=True)
     bench, meta, what = prepare(a, workdir, preset, 2, B)
-    from betadpo import BetaDPOState, betadpo_loss, pair_logps
-    from common import LossArgs, load_model
-    from data import collate_pairs
+    from betadpo import BetaDPOState, LossArgs, betadpo_loss, pair_logps
+    from plumbing.data import collate_pairs
+    from plumbing.models import load_model
 
     policy = load_model(bench["model_dir"]).train()
     reference = load_model(bench["model_dir"]).eval().requires_grad_(False)

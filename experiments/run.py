@@ -5,7 +5,7 @@
     python experiments/run.py report --csv docs/results/runs.csv   # the tables again, from the CSV alone
     python experiments/run.py all --smoke           # tiny model, a few steps, one seed pair: checks the pipeline (CI)
 
-What it does (built-in sorting task, `sort_task.py`):
+What it does (built-in sorting task, `plumbing/sort_task.py`):
 1. Two SFT starts (`python sft.py --config configs/sort_sft.yaml`, SFT seeds 0 and 1): each its own model init
    (`train.seed`) *and* its own data (`data.seed`: demonstrations, preference pairs, held-out pairs and prompts).
    Each start is its variants' policy and reference; it is evaluated against itself for the tables' start row.
@@ -42,15 +42,15 @@ sys.path.insert(0, str(REPO))  # `python experiments/run.py` puts only experimen
 
 import yaml  # noqa: E402
 
-import plots  # noqa: E402
-from common import read_metrics  # noqa: E402
+from plumbing import plots  # noqa: E402
+from plumbing.metrics import read_metrics  # noqa: E402
 
 # ========================================================================================================
 # THE STUDIES: variant name → config overrides of configs/sort.yaml
 # ========================================================================================================
 SFT_SEEDS, TRAIN_SEEDS = (0, 1), (0, 1, 2)  # 2 starts × 3 training seeds = 6 paired units per variant
 LR, LR_LOW = 3e-5, 1e-5  # the frontier's two learning rates; every β-DPO variant trains at LR
-# Settings that a run directory's name leaves out (common.py's defaults and configs/sort.yaml's; a test checks).
+# Settings that a run directory's name leaves out (the config dataclasses' defaults and configs/sort.yaml's; a test checks).
 DEFAULTS = {"data.high_gap_ratio": 0.3, "loss.beta": 0.1, "train.lr": LR, "loss.filter": "margin"}
 DPO = {"loss.alpha": 0.0, "loss.filter_ratio": 0.0}
 BETA_DPO = {"loss.alpha": 0.6, "loss.filter_ratio": 0.2}  # the reference code's a and ρ (https://github.com/junkangwu/beta-DPO)

@@ -11,8 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import common  # noqa: E402
-import sort_task  # noqa: E402
+from plumbing import sort_task  # noqa: E402
+from plumbing.metrics import read_metrics as read_jsonl  # noqa: E402
 
 
 def save_tiny_model(path: Path, seed: int = 0, hidden: int = 32, layers: int = 1) -> Path:
@@ -71,4 +71,4 @@ def _free_port() -> int:
 
 def read_metrics(run_dir: Path, split: str = "train") -> list[dict]:
     """The `split` rows ("train" or "eval") of run_dir/metrics.jsonl, read by the scripts' own reader."""
-    return [r for r in common.read_metrics(run_dir / "metrics.jsonl") if r.get("split", "train") == split]
+    return [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("split", "train") == split]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from betadpo import PACK_ROW_WIDTH, pack_layout
+from plumbing.fast_logps import PACK_ROW_WIDTH, pack_layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_vs_trl as bench  # noqa: E402

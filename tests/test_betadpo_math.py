@@ -10,15 +10,18 @@ import torch.nn.functional as F
 from betadpo import (
     BetaDPOState,
     batch_beta,
-    beta_scale,
+    LossArgs,
     betadpo_loss,
     filter_log_weights,
     filter_mask,
+    kept_mean,
     margins,
+    pair_betas,
+    pair_scale,
     preference_losses,
     update_statistics,
 )
-from common import LossArgs
+import variants
 
 
 def random_stats(n=8, seed=0, grad=False):
@@ -36,6 +39,15 @@ def random_stats(n=8, seed=0, grad=False):
         for k in ("policy_chosen", "policy_rejected", "policy_chosen_avg", "policy_rejected_avg"):
             stats[k] = stats[k].clone().requires_grad_(True)
     return stats
+
+
+def beta_rule(beta0, alpha, M, kept, M0, beta_min, sigma=None, instance=False):
+    """β as betadpo_loss's step 4 computes it: the gap of loss.beta_level (batch, or variants' instance), in the
+    units of loss.alpha_units (nats, or variants' sigma), through batch_beta."""
+    gap = variants.BETA_LEVELS["instance"](M, kept, M0) if instance else kept_mean(M, kept) - M0
+    if sigma is not None:
+        gap = variants.ALPHA_UNITS["sigma"](gap, sigma)
+    return batch_beta(beta0, alpha, gap, beta_min)
 
 
 def sigmoid(x):
@@ -65,10 +77,10 @@ def test_moving_averages_over_several_steps():
 
 def test_batch_beta_and_its_floor():
     M, kept = torch.tensor([1.0, 2.0, 9.0, 4.5]), torch.tensor([True, True, False, True])  # kept mean 2.5
-    assert batch_beta(0.1, 0.6, M, kept, torch.tensor(1.0), 1e-3).item() == pytest.approx(0.1 * (1 + 0.6 * (2.5 - 1.0)))
-    assert batch_beta(0.1, 0.0, M, kept, torch.tensor(9.0), 1e-3).item() == pytest.approx(0.1)  # α = 0: static β
-    assert batch_beta(0.1, 0.6, M, kept, torch.tensor(100.0), 1e-3).item() == pytest.approx(1e-3)  # clamped
-    assert not batch_beta(0.1, 0.6, M.requires_grad_(True), kept, torch.tensor(1.0), 1e-3).requires_grad
+    assert beta_rule(0.1, 0.6, M, kept, torch.tensor(1.0), 1e-3).item() == pytest.approx(0.1 * (1 + 0.6 * (2.5 - 1.0)))
+    assert beta_rule(0.1, 0.0, M, kept, torch.tensor(9.0), 1e-3).item() == pytest.approx(0.1)  # α = 0: static β
+    assert beta_rule(0.1, 0.6, M, kept, torch.tensor(100.0), 1e-3).item() == pytest.approx(1e-3)  # clamped
+    assert not beta_rule(0.1, 0.6, M.requires_grad_(True), kept, torch.tensor(1.0), 1e-3).requires_grad
 
 
 def test_filter_weights_are_gaussian_around_M0():
@@ -131,9 +143,9 @@ def test_same_generator_state_gives_the_same_mask():
 def test_beta_scale_variants():
     log_ppl, c = torch.tensor([0.5, 2.0, -0.3]), torch.tensor(0.2)
     sp = math.log1p(math.exp(0.2))
-    assert beta_scale(c, log_ppl, False, False).tolist() == [1.0, 1.0, 1.0]
-    assert beta_scale(c, log_ppl, False, True).tolist() == pytest.approx([sp] * 3)
-    assert beta_scale(c, log_ppl, True, False).tolist() == pytest.approx([sp * 0.5, sp * 2.0, 0.0])  # log max(PPL, 1)
+    assert pair_scale(c, log_ppl, False, False).tolist() == [1.0, 1.0, 1.0]
+    assert pair_scale(c, log_ppl, False, True).tolist() == pytest.approx([sp] * 3)
+    assert pair_scale(c, log_ppl, True, False).tolist() == pytest.approx([sp * 0.5, sp * 2.0, 0.0])  # log max(PPL, 1)
 
 
 def test_each_loss_type_against_a_scalar_recomputation():
@@ -149,11 +161,11 @@ def test_each_loss_type_against_a_scalar_recomputation():
         simpo = -math.log(sigmoid(b * (aw - al) - 0.5))
         odds = lambda a: math.exp(a) / (1 - math.exp(a))  # noqa: E731
         orpo = -aw - b * math.log(sigmoid(math.log(odds(aw)) - math.log(odds(al))))
-        assert preference_losses("dpo", beta, s)[i].item() == pytest.approx(dpo, rel=1e-5)
-        assert preference_losses("dpo", beta, s, label_smoothing=0.2)[i].item() == pytest.approx(cdpo, rel=1e-5)
-        assert preference_losses("ipo", beta, s)[i].item() == pytest.approx(ipo, rel=1e-5)
-        assert preference_losses("simpo", beta, s, simpo_gamma=0.5)[i].item() == pytest.approx(simpo, rel=1e-5)
-        assert preference_losses("orpo", beta, s)[i].item() == pytest.approx(orpo, rel=1e-4)
+        assert preference_losses(beta, s, LossArgs(type="dpo"))[i].item() == pytest.approx(dpo, rel=1e-5)
+        assert preference_losses(beta, s, LossArgs(type="dpo", label_smoothing=0.2))[i].item() == pytest.approx(cdpo, rel=1e-5)
+        assert preference_losses(beta, s, LossArgs(type="ipo"))[i].item() == pytest.approx(ipo, rel=1e-5)
+        assert preference_losses(beta, s, LossArgs(type="simpo", simpo_gamma=0.5))[i].item() == pytest.approx(simpo, rel=1e-5)
+        assert preference_losses(beta, s, LossArgs(type="orpo"))[i].item() == pytest.approx(orpo, rel=1e-4)
 
 
 def test_everything_off_is_plain_dpo():
@@ -241,15 +253,15 @@ def test_sigma_units_and_instance_level_beta_by_hand():
     kept = torch.tensor([True, True, False, True])
     M0, sigma = torch.tensor(2.0), torch.tensor(4.0)
     # batch level, nats: kept mean (1 + 3 + 6)/3 = 10/3; β = 0.1 · (1 + 0.6 · (10/3 − 2)) = 0.18
-    assert batch_beta(0.1, 0.6, M, kept, M0, 1e-3).item() == pytest.approx(0.18)
+    assert beta_rule(0.1, 0.6, M, kept, M0, 1e-3).item() == pytest.approx(0.18)
     # batch level, σ units: gap (10/3 − 2)/4 = 1/3; β = 0.1 · (1 + 0.6/3) = 0.12
-    assert batch_beta(0.1, 0.6, M, kept, M0, 1e-3, sigma=sigma).item() == pytest.approx(0.12)
+    assert beta_rule(0.1, 0.6, M, kept, M0, 1e-3, sigma=sigma).item() == pytest.approx(0.12)
     # instance level, nats: β_i = 0.1 · (1 + 0.6 · (M_i − 2)), floored at 1e-3 (pair 3: 0.1 · (1 − 2.4) < 0)
     expected = [max(0.1 * (1 + 0.6 * (m - 2)), 1e-3) for m in M.tolist()]
-    assert batch_beta(0.1, 0.6, M, kept, M0, 1e-3, instance=True).tolist() == pytest.approx(expected)
+    assert beta_rule(0.1, 0.6, M, kept, M0, 1e-3, instance=True).tolist() == pytest.approx(expected)
     # instance level, σ units
     expected = [max(0.1 * (1 + 0.6 * (m - 2) / 4), 1e-3) for m in M.tolist()]
-    assert batch_beta(0.1, 0.6, M, kept, M0, 1e-3, sigma=sigma, instance=True).tolist() == pytest.approx(expected)
+    assert beta_rule(0.1, 0.6, M, kept, M0, 1e-3, sigma=sigma, instance=True).tolist() == pytest.approx(expected)
 
 
 def test_instance_level_loss_uses_each_pairs_own_beta():
@@ -268,13 +280,13 @@ def test_instance_level_loss_uses_each_pairs_own_beta():
 def test_uniform_filter_ignores_margins_and_keeps_the_same_number():
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     M1, M2 = torch.randn(20), torch.randn(20) * 50 + 7
-    a = filter_mask(M1, torch.tensor(0.0), torch.tensor(1.0), 0.25, g1, uniform=True)
-    b = filter_mask(M2, torch.tensor(7.0), torch.tensor(50.0), 0.25, g2, uniform=True)
+    a = filter_mask(M1, torch.tensor(0.0), torch.tensor(1.0), 0.25, g1, weights=variants.uniform_weights)
+    b = filter_mask(M2, torch.tensor(7.0), torch.tensor(50.0), 0.25, g2, weights=variants.uniform_weights)
     assert a.sum() == 15 and torch.equal(a, b)  # the same draw whatever the margins
     # Over many draws every pair is kept 75% of the time (margin-guided filtering would favour pairs near M₀).
     g = torch.Generator().manual_seed(0)
     M = torch.linspace(-10, 10, 8)
-    counts = sum(filter_mask(M, torch.tensor(0.0), torch.tensor(1.0), 0.25, g, uniform=True).float() for _ in range(4000))
+    counts = sum(filter_mask(M, torch.tensor(0.0), torch.tensor(1.0), 0.25, g, weights=variants.uniform_weights).float() for _ in range(4000))
     assert (counts / 4000 - 0.75).abs().max() < 0.03
     guided = sum(filter_mask(M, torch.tensor(0.0), torch.tensor(1.0), 0.25, g).float() for _ in range(500)) / 500
     assert guided[0] < 0.5 and guided[3] > 0.9  # the control really differs from the mechanism it controls
@@ -291,8 +303,8 @@ def test_replayed_beta_replaces_the_dynamic_beta():
 
 
 def test_beta_sequence_file_errors(tmp_path):
-    from betadpo import load_beta_sequence
-    from common import UserError
+    from plumbing.errors import UserError
+    from variants import load_beta_sequence
 
     assert load_beta_sequence("", 10) == []
     good = tmp_path / "b.json"
@@ -320,3 +332,64 @@ def test_summary_logs_floor_rate_and_skew():
     mu = sum(M) / 16
     m2, m3 = sum((m - mu) ** 2 for m in M) / 16, sum((m - mu) ** 3 for m in M) / 16
     assert summary["margin_skew"].item() == pytest.approx(m3 / m2 ** 1.5, rel=1e-4)
+
+
+# ---- β_i's floor and the detached perplexity -------------------------------------------------------------------
+def test_beta_i_is_floored_so_a_one_token_prompt_still_trains_under_dpo_and_ipo():
+    """A one-token prompt has no perplexity (log PPL = 0, so s_i = 0): β_i = β_min, not 0. Under DPO β_i = 0 would
+    give every such pair the constant loss log 2 and no gradient; under IPO 1/(2β_i) would be inf."""
+    s = random_stats(n=4, grad=True)
+    s["log_ppl"] = torch.tensor([0.0, 1.5, 0.0, 2.0])  # pairs 0 and 2: one-token prompts
+    for loss_type in ("dpo", "ipo"):
+        cfg = LossArgs(type=loss_type, beta=0.1, ppl_scale=True, beta_min=1e-3)
+        state = BetaDPOState(cfg, 0, "cpu")
+        beta_i = pair_betas(torch.tensor(0.1), state.c, s["log_ppl"], cfg)
+        assert beta_i.tolist() == pytest.approx([1e-3, 0.1 * 1.5, 1e-3, 0.1 * 2.0])  # softplus(c) = beta_scale_init = 1
+        loss, _ = betadpo_loss(s, {k: v.detach() for k, v in s.items()}, state, cfg, 0, 1, train=True)
+        assert torch.isfinite(loss)
+        loss.backward()
+        assert s["policy_chosen" if loss_type == "dpo" else "policy_chosen_avg"].grad[0].abs().item() > 0  # pair 0 trains
+        for v in s.values():
+            v.grad = None
+    M0 = margins(s, "dpo")[0].item()
+    by_hand = -math.log(sigmoid(1e-3 * M0))  # DPO at β_min for pair 0
+    per_pair = preference_losses(torch.full((4,), 1e-3), s, LossArgs())
+    assert per_pair[0].item() == pytest.approx(by_hand, rel=1e-6) and per_pair[0].item() != pytest.approx(math.log(2), rel=1e-9)
+
+
+def test_a_one_token_prompt_has_zero_log_perplexity():
+    """The prompt's mean log-prob is over tokens 1…|x|−1: none for |x| = 1, so log PPL = 0 exactly (no NaN)."""
+    from plumbing.data import collate_pairs
+    from plumbing.sort_task import build_tiny_llama, build_tokenizer
+    from betadpo import pair_logps
+
+    tok = build_tokenizer()
+    model = build_tiny_llama(len(tok), 32, 1, 0, tok.pad_token_id, tok.eos_token_id)
+    batch = collate_pairs([([5], [6, 7, tok.eos_token_id], [8, tok.eos_token_id]), ([5, 6, 7], [8, tok.eos_token_id], [9, tok.eos_token_id])], tok.pad_token_id)
+    stats = pair_logps(model, model, batch, with_ppl=True)
+    assert stats["log_ppl"][0].item() == 0.0 and stats["log_ppl"][1].item() > 0
+
+
+def test_log_perplexity_is_detached_so_the_policy_gets_no_gradient_through_its_prompt():
+    """We keep log PPL_θ(x) detached (the learnable-scale design keeps its gradient; docs/ALGORITHM.md): the
+    policy's gradient with ppl_scale equals the gradient with log PPL replaced by the same numbers as a constant."""
+    from plumbing.data import collate_pairs
+    from plumbing.sort_task import build_tiny_llama, build_tokenizer
+    from betadpo import pair_logps
+
+    tok = build_tokenizer()
+    model = build_tiny_llama(len(tok), 32, 1, 0, tok.pad_token_id, tok.eos_token_id)
+    pairs = [([5, 6, 7, 8], [6, 7, tok.eos_token_id], [8, tok.eos_token_id]), ([5, 9, 7], [8, tok.eos_token_id], [9, 6, tok.eos_token_id])]
+    batch = collate_pairs(pairs, tok.pad_token_id)
+    cfg = LossArgs(beta=0.1, ppl_scale=True)
+    grads = []
+    for constant in (False, True):
+        model.zero_grad()
+        stats = pair_logps(model, model, batch, with_ppl=True)
+        assert not stats["log_ppl"].requires_grad
+        if constant:
+            stats["log_ppl"] = torch.tensor(stats["log_ppl"].tolist())
+        loss, _ = betadpo_loss(stats, {k: v.detach() for k, v in stats.items()}, BetaDPOState(cfg, 0, "cpu"), cfg, 0, 1, train=True)
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1])

@@ -2,7 +2,9 @@
 
 import pytest
 
-from common import Config, UserError, parse_config, validate
+from betadpo import Config
+from plumbing.config import parse_config, validate
+from plumbing.errors import UserError
 
 
 def write(tmp_path, text):

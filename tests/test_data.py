@@ -5,10 +5,12 @@ import json
 
 import pytest
 
-from common import DataArgs, UserError, load_model
+from plumbing.config import DataArgs
+from plumbing.errors import UserError
+from plumbing.models import load_model
 from conftest import run_script
-from data import collate, collate_pairs, hh_messages, load_pairs, load_sft, special_prefix, split_hh, tokenize, tokenize_pairs
-from sort_task import build_tokenizer
+from plumbing.data import collate, collate_pairs, hh_messages, load_pairs, load_sft, special_prefix, split_hh, tokenize, tokenize_pairs
+from plumbing.sort_task import build_tokenizer
 
 
 def hh_row(human: str, chosen: str, rejected: str, rejected_human: str | None = None) -> dict:

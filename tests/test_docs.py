@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from common import Config, parse_config, validate
+from betadpo import Config
+from plumbing.config import parse_config, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -22,7 +23,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_vs_trl as bench  # noqa: E402
 import run as experiments  # noqa: E402
 
-SOURCES = ["betadpo.py", "sft.py", "eval.py", "plots.py", "README.md", "demo.sh", "experiments/run.py",
+SOURCES = ["betadpo.py", "sft.py", "eval.py", "plumbing/plots.py", "README.md", "demo.sh", "experiments/run.py",
            *(f"docs/{p.name}" for p in sorted(ROOT.glob("docs/*.md"))), "benchmarks/bench_vs_trl.py",
            *(f"configs/{p.name}" for p in ROOT.glob("configs/*.yaml"))]
 COMMAND = re.compile(r"(?:python|accelerate launch)\s[^\n`]*?(?<![\w/])([\w/]+\.py)\b([^\n`#]*)")
@@ -157,12 +158,12 @@ def test_the_reference_checks_catch_what_they_are_for():
 
 def test_the_algorithm_page_names_functions_that_exist():
     """docs/ALGORITHM.md's step table and "Where to change what" send a reader to functions by name: each one
-    is defined in betadpo.py, common.py or experiments/run.py (a rename that forgot the page fails here)."""
+    is defined in betadpo.py, variants.py, plumbing/ or experiments/run.py (a rename that forgot the page fails here)."""
     page = (ROOT / "docs/ALGORITHM.md").read_text()
-    code = "".join((ROOT / name).read_text() for name in ("betadpo.py", "common.py", "experiments/run.py"))
+    code = "".join(path.read_text() for path in (ROOT / "betadpo.py", ROOT / "variants.py", *sorted((ROOT / "plumbing").glob("*.py")), ROOT / "experiments/run.py"))
     defined = {f or c for f, c in re.findall(r"^\s*(?:def|class) (\w+)|^([A-Z_]+) = ", code, re.M)}  # functions, classes, constants
     table = [line.rsplit("|", 2)[1] for line in page.splitlines() if re.match(r"\| \d\. ", line)]  # the function column
     where = page.split("## Where to change what")[1]
     named = {name for text in (*table, where) for name in re.findall(r"`([A-Za-z_]\w*)`", text)}
-    assert {"batch_beta", "beta_scale", "betadpo_loss", "LossArgs", "REFERENCE_FREE", "STUDIES"} <= named
+    assert {"batch_beta", "pair_scale", "betadpo_loss", "LossArgs", "LOSSES", "STUDIES"} <= named
     assert named <= defined, sorted(named - defined)

@@ -15,10 +15,12 @@ import torch
 import torch.nn.functional as F
 
 import eval as ev
-import sort_task
-from common import Config, generate, load_model, load_tokenizer, parse_config
+from betadpo import Config
+from plumbing import sort_task
+from plumbing.config import parse_config
+from plumbing.models import generate, load_model, load_tokenizer
 from conftest import run_script, save_tiny_model
-from data import collate, load_pairs, tokenize, tokenize_pairs
+from plumbing.data import collate, load_pairs, tokenize, tokenize_pairs
 
 TINY = ["--data.eval_size", "8", "--eval.num_prompts", "3", "--eval.samples_per_prompt", "2",
         "--eval.max_new_tokens", "6", "--eval.batch_size", "3"]  # 3 chunks of pairs and 3 prompts: uneven over 2 processes

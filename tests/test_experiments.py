@@ -150,7 +150,8 @@ def test_every_table_row_of_the_results_page_is_generated():
 
 # ---- settings ------------------------------------------------------------------------------------------------
 def test_defaults_left_out_of_run_names_are_the_real_defaults():
-    from common import DataArgs, LossArgs
+    from betadpo import LossArgs
+    from plumbing.config import DataArgs
 
     sort = yaml.safe_load((ROOT / "configs" / "sort.yaml").read_text())
     defaults = {"data": DataArgs(), "loss": LossArgs()}
@@ -168,7 +169,7 @@ def test_defaults_left_out_of_run_names_are_the_real_defaults():
 
 
 def test_realtext_pairs_are_hh_dialogues_with_the_right_answer_chosen():
-    from data import _parse_hh
+    from plumbing.data import _parse_hh
 
     rows = experiments.realtext_pairs(60, seed=3)
     assert rows == experiments.realtext_pairs(60, seed=3) and rows != experiments.realtext_pairs(60, seed=4)

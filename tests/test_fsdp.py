@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common import token_logps
+from plumbing.fast_logps import token_logps
 from conftest import ROOT, _free_port, read_metrics, run_script
 
 COMPARED = ["loss", "beta", "beta_mean", "beta_scale", "kept", "M0", "sigma", "margin_mean", "rewards/accuracies", "grad_norm"]

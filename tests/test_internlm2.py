@@ -1,4 +1,4 @@
-"""internlm2.py: an InternLM2 checkpoint loads as transformers' Llama with the same logits and token ids.
+"""plumbing/internlm2.py: an InternLM2 checkpoint loads as transformers' Llama with the same logits and token ids.
 
 No real weights: the test writes a tiny random checkpoint in InternLM2's layout (config.json with
 model_type internlm2, safetensors with InternLM2's names and fused wqkv, a sentencepiece tokenizer.model
@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import load_model, load_tokenizer
+from plumbing.models import load_model, load_tokenizer
 from conftest import read_metrics, run_script
 
 SPECIAL = ["<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>", "<|im_end|>", "<|im_start|>"]
@@ -81,7 +81,7 @@ def write_internlm2_checkpoint(path: Path, seed: int = 0, bias: bool = False) ->
 
 
 def internlm2_logits(w: dict, cfg: dict, ids: torch.Tensor) -> torch.Tensor:
-    """InternLM2's forward pass, written from its checkpoint layout (not through internlm2.py). ids (B, T) → (B, T, V)."""
+    """InternLM2's forward pass, written from its checkpoint layout (not through plumbing/internlm2.py). ids (B, T) → (B, T, V)."""
     B, T = ids.shape
     H, KV = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     G, d = H // KV, cfg["hidden_size"] // H

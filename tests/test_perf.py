@@ -4,13 +4,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from betadpo import (PACK_ROW_WIDTH, BetaDPOState, _packs, _takes_position_mask, make_scale_optimizer, pack_layout, packed_logits, pair_logps,
-                     plain_sequence_logps, sequence_logps)
-from common import Config, load_model, make_optimizer, token_logps
+from betadpo import BetaDPOState, Config, make_scale_optimizer, pair_logps, sequence_logps
 from conftest import read_metrics, run_script
-from data import _epoch_order, collate_pairs, tokenize_pairs
-from sort_task import build_tokenizer
+from plumbing.data import _epoch_order, collate_pairs, tokenize_pairs
+from plumbing.fast_logps import PACK_ROW_WIDTH, pack_layout, packed_logits, token_logps
+from plumbing.fast_logps import packs as _packs
+from plumbing.fast_logps import takes_position_mask as _takes_position_mask
+from plumbing.models import load_model
+from plumbing.optim import make_optimizer
+from plumbing.sort_task import build_tokenizer
 from test_betadpo_train import flags
+
+
+def plain_sequence_logps(model, batch, prompt_rows=0):  # betadpo.FAST_LOGPS = False
+    return sequence_logps(model, batch, prompt_rows, fast=False)
+
+
+def fast_sequence_logps(model, batch, prompt_rows=0):  # betadpo.FAST_LOGPS = True
+    return sequence_logps(model, batch, prompt_rows, fast=True)
 
 
 def naive_token_logps(logits, targets):
@@ -140,7 +151,7 @@ def test_fast_sequence_logps_equal_the_plain_ones_with_and_without_position_mask
     assert plain["sum"].dtype == dtype and (plain["sum"] < 0).all() and plain["prompt"][2:].eq(0).all()
     assert all(g is not None and g.abs().sum() > 0 for g in plain_grads.values())
     for wrap, position_mask in ((lambda m: m, True), (RemoteCodeLike, False)):
-        fast, used_position_mask, grads = run(sequence_logps, wrap)
+        fast, used_position_mask, grads = run(fast_sequence_logps, wrap)
         assert used_position_mask == position_mask
         for k in ("sum", "avg", "prompt"):
             assert torch.allclose(fast[k], plain[k], rtol=0, atol=tol), k
@@ -192,7 +203,7 @@ def test_packed_sequences_give_the_padded_log_probs_and_gradients(tiny_model, ar
         return m.to(torch.float64).eval()  # eval(): a KV cache would be on by default, which packing must turn off
 
     runs = {}
-    for name, logps in (("plain", plain_sequence_logps), ("packed", sequence_logps)):
+    for name, logps in (("plain", plain_sequence_logps), ("packed", fast_sequence_logps)):
         m = model()
         out = logps(m, batch, prompt_rows=len(rows))
         (out["sum"].sum() + out["avg"].sum() + out["prompt"].sum()).backward()

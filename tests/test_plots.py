@@ -1,4 +1,4 @@
-"""plots.py and the metrics.jsonl reader: eval.py --plot / --compare as a user runs them, a study figure, and
+"""plumbing/plots.py and the metrics.jsonl reader: eval.py --plot / --compare as a user runs them, a study figure, and
 what a torn or damaged metrics.jsonl does."""
 
 import json
@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-import plots
-from common import UserError, read_metrics
+from plumbing import plots
+from plumbing.errors import UserError
+from plumbing.metrics import read_metrics
 from conftest import run_script
 
 PNG = b"\x89PNG\r\n\x1a\n"

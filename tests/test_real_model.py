@@ -15,10 +15,11 @@ import sys
 import numpy as np
 import pytest
 
-from common import DataArgs
-from common import UserError, load_model, load_tokenizer
+from plumbing.config import DataArgs
+from plumbing.errors import UserError
+from plumbing.models import load_model, load_tokenizer
 from conftest import read_metrics, run_script
-from data import collate_pairs, hh_messages, load_pairs, tokenize_pairs
+from plumbing.data import collate_pairs, hh_messages, load_pairs, tokenize_pairs
 
 QUESTIONS = [  # (question, chosen answer, rejected answer): short, so that a whole dialogue fits in 64 tokens
     ("What is the capital of France?", "Paris.", "I like turtles."),

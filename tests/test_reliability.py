@@ -1,4 +1,4 @@
-"""Reliability of a training run (common.py's plumbing, used by sft.py and betadpo.py): NaN stops the run,
+"""Reliability of a training run (plumbing/'s checkpoints and metrics, used by sft.py and betadpo.py): NaN stops the run,
 checkpoints survive damage, Ctrl-C and SIGKILL lose nothing, a finished run is not retrained, sft.py resumes
 exactly and honours train.optimizer / gradient_checkpointing / wandb."""
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common import read_metrics as read_jsonl
+from plumbing.metrics import read_metrics as read_jsonl
 from conftest import ROOT, read_metrics, run_script
 from test_betadpo_train import assert_close_rows, assert_same_weights, final_weights, flags
 
@@ -139,7 +139,7 @@ def test_ctrl_c_then_sigkill_in_the_final_save_then_finished(tmp_path):
 
 
 def test_read_metrics_skips_a_torn_last_line_and_names_a_damaged_one(tmp_path, capsys):
-    from common import UserError
+    from plumbing.errors import UserError
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 0.5}\n\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
@@ -154,7 +154,7 @@ def test_read_metrics_skips_a_torn_last_line_and_names_a_damaged_one(tmp_path, c
 
 
 def test_readme_names_the_keys_that_may_change_on_resume():
-    from common import RESUMABLE_KEYS
+    from plumbing.checkpoints import RESUMABLE_KEYS
 
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## When something goes wrong") :][:3000]

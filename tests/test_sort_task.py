@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from sort_task import gold_reward, make_prompt, preference_pairs, sft_examples
+from plumbing.sort_task import gold_reward, make_prompt, preference_pairs, sft_examples
 
 
 def pairs(n=200, seed=0, high=0.3, flip=0.0, split="train"):

@@ -49,8 +49,8 @@ from pathlib import Path
 
 import torch
 
-import sort_task
-from common import UserError
+from plumbing import sort_task
+from plumbing.errors import UserError
 
 HH_MARKER = "\n\nAssistant:"
 HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")  # a turn starts at a blank line (or the text's start)
@@ -103,7 +103,7 @@ def load_sft(data_cfg, split: str, tokenizer=None) -> list[dict]:
 def _load_hh_hub(data_cfg, split):
     import datasets
 
-    from common import hub_reachable
+    from plumbing.models import hub_reachable
 
     if not hub_reachable():  # the local datasets cache only: at once, instead of a minute of retries
         datasets.config.HF_HUB_OFFLINE = True

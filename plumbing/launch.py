@@ -47,7 +47,9 @@ def start_run(cfg):
     checks, the config checked for this process count, preflight (before anything is loaded or written: wandb
     login, a resumed run's config), and every random generator seeded from train.seed. → the accelerator."""
     from accelerate import Accelerator
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()  # transformers' per-file bars ("Writing model shards") would redraw in log files
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     check_launch(accelerator)
     preflight(cfg, accelerator.num_processes)  # validates the config for this many processes first

@@ -1,0 +1,180 @@
+"""Host memory of betadpo.py under FSDP2 on CPU processes: peak RSS per rank at load and over a whole step, and
+the gradient memory of accumulation, for the current code and (with --before REV) for an older commit.
+
+    python benchmarks/bench_scale.py                        # 272M-param Llama; after: 4 and 2 processes, grad_accum 1/2/4
+    python benchmarks/bench_scale.py --before 366a857       # the same, plus the code of commit 366a857 (2 processes)
+    python benchmarks/bench_scale.py --layers 2 --hidden 64 --processes 2 --accum 2   # a smoke run, ≈1 minute
+
+Each case is one `accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes P` of
+`tests/fsdp_launch.py betadpo.py` (accelerate's real FSDP2 code path on gloo CPU processes), 1 optimizer step of
+RMSprop with train.grad_accum micro-batches of one pair per process, a checkpoint and final/ (every memory
+peak a real run has). The launched script is this file in --probe mode: it records each process's peak RSS
+(VmHWM from /proc/self/status) when each model has been sharded (the end of loading), after each backward, and
+at exit. Numbers are given in S, the model's size in fp32, above the RSS of a bare
+`import torch, transformers, accelerate` (measured the same way).
+
+Fully sharded over P processes a rank needs about (params + grads + optimizer state + reference)/P ≈ 4S/P,
+plus transient whole tensors (one parameter at a time during loading, the gathered state of final/ on rank 0).
+docs/SCALING.md holds the table this printed, and the memory model it checks.
+"""
+
+import argparse
+import atexit
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MARK = re.compile(r"MEM rank (\d+) (\S+) hwm_kb (\d+) rss_kb (\d+)")  # processes share stdout: lines may run together
+
+
+def vm_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith(field + ":")).split()[1])
+
+
+def mark(label: str):
+    print(f"\nMEM rank {os.environ.get('RANK', '0')} {label} hwm_kb {vm_kb('VmHWM')} rss_kb {vm_kb('VmRSS')}", flush=True)
+
+
+def probe(argv: list[str]):
+    """The launched script: memory marks around accelerate's FSDP2 sharding and every backward, then
+    tests/fsdp_launch.py (of the code under test, the working directory) runs betadpo.py."""
+    import accelerate.accelerator
+    import accelerate.utils
+    from torch.distributed.fsdp import FSDPModule
+
+    shards = []
+
+    def marking(prepare):
+        def prepare_and_mark(accelerator, model):
+            already = isinstance(model, FSDPModule)
+            model = prepare(accelerator, model)
+            if not already:
+                shards.append(model)
+                mark(f"sharded_{len(shards)}")
+            return model
+        return prepare_and_mark
+
+    accelerate.accelerator.fsdp2_prepare_model = marking(accelerate.accelerator.fsdp2_prepare_model)
+    accelerate.utils.fsdp2_prepare_model = marking(accelerate.utils.fsdp2_prepare_model)
+    backward, count = accelerate.Accelerator.backward, [0]
+
+    def backward_and_mark(self, loss, **kwargs):
+        backward(self, loss, **kwargs)
+        count[0] += 1
+        mark(f"backward_{count[0]}")
+
+    accelerate.Accelerator.backward = backward_and_mark
+    atexit.register(mark, "exit")
+    import runpy
+
+    sys.argv = [str(Path("tests/fsdp_launch.py").resolve()), *argv]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+
+
+def bare_import_kb() -> int:
+    code = ("import torch, transformers, accelerate\n"
+            "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])")
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def build_model(path: Path, hidden: int, layers: int) -> int:
+    """A random Llama (plumbing/sort_task.py's, width `hidden`, `layers` layers) saved in fp32 → its parameter count."""
+    sys.path.insert(0, str(ROOT))
+    from plumbing import sort_task
+
+    tok = sort_task.build_tokenizer()
+    model = sort_task.build_tiny_llama(len(tok), hidden, layers, 0, tok.pad_token_id, tok.eos_token_id)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+
+def run_case(code: Path, model: Path, out: Path, processes: int, accum: int) -> dict:
+    """One launch → {rank: {mark: (hwm_kb, rss_kb)}}."""
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    port = 29500 + os.getpid() % 1000 + processes * 10 + accum
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/fsdp.yaml",
+           "--num_processes", str(processes), "--main_process_port", str(port), str(Path(__file__).resolve()), "--probe",
+           "betadpo.py", "--config", "configs/sort.yaml", "--model.name_or_path", str(model), "--train.output_dir", str(out),
+           "--train.optimizer", "rmsprop", "--train.grad_accum", str(accum), "--train.batch_size", str(processes * accum),
+           "--train.max_steps", "1", "--train.warmup_steps", "0", "--data.eval_size", "2", "--eval.batch_size", "2", "--data.num_train", "64",
+           "--log.progress_every", "1"]
+    result = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True, timeout=3600)
+    if result.returncode != 0:
+        raise SystemExit(f"failed ({result.returncode}): {' '.join(cmd)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    marks: dict = {}
+    for rank, label, hwm, rss in MARK.findall(result.stdout):
+        marks.setdefault(int(rank), {})[label] = (int(hwm), int(rss))
+    return marks
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--probe", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=26)
+    parser.add_argument("--processes", type=int, nargs="+", default=[4, 2])
+    parser.add_argument("--accum", type=int, nargs="+", default=[2, 1, 4])
+    parser.add_argument("--before", default="", help="also measure this git revision's code (2 processes: it needs ~4.5 S per rank)")
+    parser.add_argument("--before_processes", type=int, default=2)
+    parser.add_argument("--workdir", default="")
+    args = parser.parse_args()
+    if args.probe is not None:
+        return probe(args.probe)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_scale_"))
+    model = work / "model"
+    n = build_model(model, args.hidden, args.layers) if not (model / "config.json").is_file() else None
+    if n is None:
+        import json
+
+        c = json.loads((model / "config.json").read_text())
+        n = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_config(
+            __import__("transformers").AutoConfig.for_model(**c)).parameters())
+    S_kb = n * 4 / 1024
+    base = bare_import_kb()
+    codes = [("after", ROOT, args.processes)]
+    if args.before:
+        old = work / f"code-{args.before}"
+        if not old.is_dir():
+            old.mkdir(parents=True)
+            archive = subprocess.run(["git", "archive", args.before], cwd=ROOT, capture_output=True, check=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+        codes.append((f"before ({args.before})", old, [args.before_processes]))
+    print(f"model: {n / 1e6:.0f}M parameters, S = {S_kb / 2**20:.2f} GiB in fp32; bare import RSS {base / 2**20:.2f} GiB; "
+          f"CPU: {cpu_name()}")
+    print("\n| code | processes | grad_accum | rank | peak at load (S) | peak after 1st backward (S) | peak, whole run (S) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, code, process_counts in codes:
+        for P in process_counts:
+            for accum in args.accum:
+                marks = run_case(code, model, work / f"run-{name.split()[0]}-{P}-{accum}", P, accum)
+                totals = 0.0
+                for rank in sorted(marks):
+                    m = marks[rank]
+                    load = max(v[0] for k, v in m.items() if k.startswith("sharded_"))
+                    s = lambda kb: (kb - base) / S_kb  # noqa: E731
+                    totals += s(m["exit"][0])
+                    print(f"| {name} | {P} | {accum} | {rank} | {s(load):.2f} | {s(m['backward_1'][0]):.2f} | {s(m['exit'][0]):.2f} |", flush=True)
+                print(f"| {name} | {P} | {accum} | all | | | {totals:.2f} |", flush=True)
+
+
+def cpu_name() -> str:
+    try:
+        line = next(line for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        import torch
+
+        return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores, torch kernels {torch.backends.cpu.get_cpu_capability()}"
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()

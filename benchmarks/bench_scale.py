@@ -28,6 +28,11 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# glibc's malloc on its defaults keeps freed memory in per-thread arenas (gloo runs several threads) and raises its
+# mmap threshold after each large free, so a CPU process's RSS counts much memory no tensor holds any more (a
+# GPU's caching allocator holds no host memory at all). Two arenas and a fixed 1 MiB mmap threshold make RSS
+# follow the live tensors; --glibc_defaults measures without them.
+ALLOCATOR = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 MARK = re.compile(r"MEM rank (\d+) (\S+) hwm_kb (\d+) rss_kb (\d+)")  # processes share stdout: lines may run together
 
 
@@ -69,6 +74,18 @@ def probe(argv: list[str]):
         mark(f"backward_{count[0]}")
 
     accelerate.Accelerator.backward = backward_and_mark
+    sys.path.insert(0, os.getcwd())  # the code under test
+    import plumbing.models  # before betadpo.py imports load_model from it
+
+    load_model, loads = plumbing.models.load_model, [0]
+
+    def mark_and_load(*args, **kwargs):
+        loads[0] += 1
+        if loads[0] == 1:
+            mark("before_load")  # imports done, data read, nothing of the model yet
+        return load_model(*args, **kwargs)
+
+    plumbing.models.load_model = mark_and_load
     atexit.register(mark, "exit")
     import runpy
 
@@ -99,7 +116,7 @@ def run_case(code: Path, model: Path, out: Path, processes: int, accum: int) -> 
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1", **ALLOCATOR}
     port = 29500 + os.getpid() % 1000 + processes * 10 + accum
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/fsdp.yaml",
            "--num_processes", str(processes), "--main_process_port", str(port), str(Path(__file__).resolve()), "--probe",
@@ -126,9 +143,12 @@ def main():
     parser.add_argument("--before", default="", help="also measure this git revision's code (2 processes: it needs ~4.5 S per rank)")
     parser.add_argument("--before_processes", type=int, default=2)
     parser.add_argument("--workdir", default="")
+    parser.add_argument("--glibc_defaults", action="store_true", help="glibc's malloc defaults (see ALLOCATOR)")
     args = parser.parse_args()
     if args.probe is not None:
         return probe(args.probe)
+    if args.glibc_defaults:
+        ALLOCATOR.clear()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_scale_"))
     model = work / "model"
     n = build_model(model, args.hidden, args.layers) if not (model / "config.json").is_file() else None
@@ -150,8 +170,9 @@ def main():
         codes.append((f"before ({args.before})", old, [args.before_processes]))
     print(f"model: {n / 1e6:.0f}M parameters, S = {S_kb / 2**20:.2f} GiB in fp32; bare import RSS {base / 2**20:.2f} GiB; "
           f"CPU: {cpu_name()}")
-    print("\n| code | processes | grad_accum | rank | peak at load (S) | peak after 1st backward (S) | peak, whole run (S) |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"allocator: {ALLOCATOR or 'glibc defaults'}")
+    print("\n| code | processes | grad_accum | rank | before load (S) | peak at load (S) | peak after 1st backward (S) | peak, whole run (S) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, code, process_counts in codes:
         for P in process_counts:
             for accum in args.accum:
@@ -162,8 +183,9 @@ def main():
                     load = max(v[0] for k, v in m.items() if k.startswith("sharded_"))
                     s = lambda kb: (kb - base) / S_kb  # noqa: E731
                     totals += s(m["exit"][0])
-                    print(f"| {name} | {P} | {accum} | {rank} | {s(load):.2f} | {s(m['backward_1'][0]):.2f} | {s(m['exit'][0]):.2f} |", flush=True)
-                print(f"| {name} | {P} | {accum} | all | | | {totals:.2f} |", flush=True)
+                    print(f"| {name} | {P} | {accum} | {rank} | {s(m['before_load'][0]):.2f} | {s(load):.2f} | "
+                          f"{s(m['backward_1'][0]):.2f} | {s(m['exit'][0]):.2f} |", flush=True)
+                print(f"| {name} | {P} | {accum} | all | | | | {totals:.2f} |", flush=True)
 
 
 def cpu_name() -> str:

@@ -88,7 +88,7 @@ class EvalArgs:
     num_prompts: int = 128  # eval.py: held-out prompts to sample completions for
     samples_per_prompt: int = 4  # eval.py: completions per prompt at eval.temperature (for KL)
     max_new_tokens: int = 16  # eval.py: generation length limit
-    batch_size: int = 32  # eval.py: pairs per forward pass when scoring
+    batch_size: int = 32  # eval.py and held-out evaluation: pairs per scoring forward (2× as many sequences); at 2,048 tokens and 7B+ use 2–4 (docs/SCALING.md)
     seed: int = 0  # eval.py: sampling seed
     cache_reference: bool = False  # eval.py: keep the reference's completions in train.ref_cache_dir and reuse them (the same samples)
     temperature: float = 1.0  # eval.py: sampling temperature of the KL samples and the second set of gold metrics (> 0)

@@ -114,8 +114,9 @@ def uses_meta_loading(accelerator) -> bool:
     """Under FSDP2 with fsdp_cpu_ram_efficient_loading (configs/accelerate/fsdp.yaml), accelerate's
     fsdp2_prepare_model shards a model by broadcasting the main process's full weights one tensor at a time
     (fsdp2_load_full_state_dict): the other processes need only the model's shape, on the meta device."""
-    plugin = getattr(accelerator.state, "fsdp_plugin", None)
-    return accelerator.is_fsdp2 and accelerator.num_processes > 1 and bool(plugin.cpu_ram_efficient_loading)
+    if not getattr(accelerator, "is_fsdp2", False) or accelerator.num_processes == 1:
+        return False
+    return bool(accelerator.state.fsdp_plugin.cpu_ram_efficient_loading)
 
 
 def load_on_main(accelerator, load):
@@ -157,7 +158,7 @@ def shard_frozen(accelerator, model):
     (accelerator.prepare_model(model, evaluation_mode=True) would neither shard it nor move it under FSDP.)"""
     from accelerate.utils import fsdp2_prepare_model
 
-    return fsdp2_prepare_model(accelerator, model) if accelerator.is_fsdp2 else model.to(accelerator.device)
+    return fsdp2_prepare_model(accelerator, model) if getattr(accelerator, "is_fsdp2", False) else model.to(accelerator.device)
 
 
 def frozen_dtype(cfg, accelerator) -> str:
@@ -166,7 +167,7 @@ def frozen_dtype(cfg, accelerator) -> str:
     held in it computes exactly the same numbers in half the memory. Elsewhere model.dtype: under plain
     autocast the parameters of non-matmul ops (norms, embeddings) are used in their own dtype."""
     low = {"bf16": "bfloat16", "fp16": "float16"}.get(cfg.train.mixed_precision)
-    return low if accelerator.is_fsdp2 and low and cfg.model.dtype == "float32" else cfg.model.dtype
+    return low if getattr(accelerator, "is_fsdp2", False) and low and cfg.model.dtype == "float32" else cfg.model.dtype
 
 
 def spread(accelerator, items: list, fn) -> dict:

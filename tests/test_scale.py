@@ -65,3 +65,14 @@ def test_the_filter_generator_is_on_the_cpu_whatever_the_device():
     gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1 - 1e-7)))
     expected = (-((M - 0.2) ** 2) / 2 + gumbel).topk(3).indices
     assert a.sum() == 3 and set(a.nonzero().flatten().tolist()) == set(expected.tolist())
+
+
+def test_the_gpu_check_script_passes_in_its_cpu_mode(tmp_path):
+    """benchmarks/gpu_check.sh --cpu: the GPU check's logic (fast vs plain log-probs, plain vs FSDP2 with resume,
+    precomputed reference, eval.py), tiny, on CPU processes; it exits 1 on any disagreement."""
+    result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu", "--workdir", str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for line in ("log-probs fast vs plain", "step 1, plain vs FSDP2", "step 2 (after resume), plain vs FSDP2",
+                 "step 1, live vs precomputed reference", "5. eval.py: pref_accuracy", "all checks passed"):
+        assert line in result.stdout, result.stdout[-3000:]

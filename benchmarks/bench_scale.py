@@ -1,9 +1,12 @@
 """Host memory of betadpo.py under FSDP2 on CPU processes: peak RSS per rank at load and over a whole step, and
 the gradient memory of accumulation, for the current code and (with --before REV) for an older commit.
 
-    python benchmarks/bench_scale.py                        # 272M-param Llama; after: 4 and 2 processes, grad_accum 1/2/4
-    python benchmarks/bench_scale.py --before 366a857       # the same, plus the code of commit 366a857 (2 processes)
-    python benchmarks/bench_scale.py --layers 2 --hidden 64 --processes 2 --accum 2   # a smoke run, ≈1 minute
+    python benchmarks/bench_scale.py                        # 273M-param Llama, the cases below: ≈1 hour on 2 busy cores
+    python benchmarks/bench_scale.py --cases after:4:2 before:4:2   # CODE:PROCESSES:GRAD_ACCUM (before: 366a857's code)
+    python benchmarks/bench_scale.py --layers 2 --hidden 64 --cases after:2:2 before:2:2   # a smoke run, ≈3 minutes
+
+Default cases: the current code on 4 processes with grad_accum 2; then on 2 processes (the code before, commit
+366a857, needs ~4.5 S per rank: 4 of them do not fit in 24 GB) with grad_accum 4 and 1, before and after.
 
 Each case is one `accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes P` of
 `tests/fsdp_launch.py betadpo.py` (accelerate's real FSDP2 code path on gloo CPU processes), 1 optimizer step of
@@ -75,17 +78,16 @@ def probe(argv: list[str]):
 
     accelerate.Accelerator.backward = backward_and_mark
     sys.path.insert(0, os.getcwd())  # the code under test
-    import plumbing.models  # before betadpo.py imports load_model from it
+    import plumbing.launch  # before betadpo.py imports start_run from it
 
-    load_model, loads = plumbing.models.load_model, [0]
+    start_run = plumbing.launch.start_run
 
-    def mark_and_load(*args, **kwargs):
-        loads[0] += 1
-        if loads[0] == 1:
-            mark("before_load")  # imports done, data read, nothing of the model yet
-        return load_model(*args, **kwargs)
+    def start_and_mark(*args, **kwargs):
+        accelerator = start_run(*args, **kwargs)
+        mark("started")  # imports done, process group up, nothing of the model yet
+        return accelerator
 
-    plumbing.models.load_model = mark_and_load
+    plumbing.launch.start_run = start_and_mark
     atexit.register(mark, "exit")
     import runpy
 
@@ -138,10 +140,9 @@ def main():
     parser.add_argument("--probe", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=26)
-    parser.add_argument("--processes", type=int, nargs="+", default=[4, 2])
-    parser.add_argument("--accum", type=int, nargs="+", default=[2, 1, 4])
-    parser.add_argument("--before", default="", help="also measure this git revision's code (2 processes: it needs ~4.5 S per rank)")
-    parser.add_argument("--before_processes", type=int, default=2)
+    parser.add_argument("--cases", nargs="+", default=["after:4:2", "before:2:4", "after:2:4", "after:2:1", "before:2:1"],
+                        help="CODE:PROCESSES:GRAD_ACCUM, CODE = after (this tree) or before (--before's tree)")
+    parser.add_argument("--before", default="366a857", help="the git revision 'before' cases run (366a857: the code before issue 25)")
     parser.add_argument("--workdir", default="")
     parser.add_argument("--glibc_defaults", action="store_true", help="glibc's malloc defaults (see ALLOCATOR)")
     args = parser.parse_args()
@@ -160,32 +161,31 @@ def main():
             __import__("transformers").AutoConfig.for_model(**c)).parameters())
     S_kb = n * 4 / 1024
     base = bare_import_kb()
-    codes = [("after", ROOT, args.processes)]
-    if args.before:
+    cases = [tuple(c.split(":")) for c in args.cases]  # (code, processes, grad_accum)
+    trees = {"after": ROOT}
+    if any(code != "after" for code, _, _ in cases):
         old = work / f"code-{args.before}"
         if not old.is_dir():
             old.mkdir(parents=True)
             archive = subprocess.run(["git", "archive", args.before], cwd=ROOT, capture_output=True, check=True).stdout
             subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
-        codes.append((f"before ({args.before})", old, [args.before_processes]))
+        trees["before"] = old
     print(f"model: {n / 1e6:.0f}M parameters, S = {S_kb / 2**20:.2f} GiB in fp32; bare import RSS {base / 2**20:.2f} GiB; "
-          f"CPU: {cpu_name()}")
+          f"CPU: {cpu_name()}; before = {args.before}")
     print(f"allocator: {ALLOCATOR or 'glibc defaults'}")
-    print("\n| code | processes | grad_accum | rank | before load (S) | peak at load (S) | peak after 1st backward (S) | peak, whole run (S) |")
+    print("\n| code | processes | grad_accum | rank | started (S) | peak at load (S) | peak after 1st backward (S) | peak, whole run (S) |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, code, process_counts in codes:
-        for P in process_counts:
-            for accum in args.accum:
-                marks = run_case(code, model, work / f"run-{name.split()[0]}-{P}-{accum}", P, accum)
-                totals = 0.0
-                for rank in sorted(marks):
-                    m = marks[rank]
-                    load = max(v[0] for k, v in m.items() if k.startswith("sharded_"))
-                    s = lambda kb: (kb - base) / S_kb  # noqa: E731
-                    totals += s(m["exit"][0])
-                    print(f"| {name} | {P} | {accum} | {rank} | {s(m['before_load'][0]):.2f} | {s(load):.2f} | "
-                          f"{s(m['backward_1'][0]):.2f} | {s(m['exit'][0]):.2f} |", flush=True)
-                print(f"| {name} | {P} | {accum} | all | | | | {totals:.2f} |", flush=True)
+    s = lambda kb: f"{(kb - base) / S_kb:.2f}"  # noqa: E731
+    for code, P, accum in cases:
+        marks = run_case(trees[code], model, work / f"run-{code}-{P}-{accum}", int(P), int(accum))
+        total = 0.0
+        for rank in sorted(marks):
+            m = marks[rank]
+            load = max((v[0] for k, v in m.items() if k.startswith("sharded_")), default=None)
+            get = lambda key: s(m[key][0]) if key in m else "–"  # noqa: E731
+            total += (m["exit"][0] - base) / S_kb if "exit" in m else float("nan")
+            print(f"| {code} | {P} | {accum} | {rank} | {get('started')} | {s(load) if load else '–'} | {get('backward_1')} | {get('exit')} |", flush=True)
+        print(f"| {code} | {P} | {accum} | all | | | | {total:.2f} |", flush=True)
 
 
 def cpu_name() -> str:

@@ -53,7 +53,7 @@ from plumbing import fast_logps
 from plumbing.checkpoints import load_checkpoint, resume_point, save_checkpoint, save_final
 from plumbing.config import DataArgs, EvalArgs, LogArgs, ModelArgs, TrainArgs, parse_config, require
 from plumbing.data import collate_pairs, load_pairs, micro_batch_indices, tokenize_pairs
-from plumbing.distributed import frozen_dtype, load_on_main, shard_frozen
+from plumbing.distributed import frozen_dtype, load_on_main, main_first, shard_frozen
 from plumbing.errors import UserError, main_guard
 from plumbing.launch import start_run
 from plumbing.metrics import Progress, open_run
@@ -498,9 +498,10 @@ def train(cfg: Config):
     # ---- 2. data ---------------------------------------------------------------------------------------
     if cfg.model.name_or_path == "tiny":
         raise UserError("model.name_or_path: β-DPO starts from a trained policy; run sft.py first and pass its final/ dir")
-    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    train_pairs = load_pairs_for(cfg, tokenizer, "train")
-    eval_pairs = load_pairs_for(cfg, tokenizer, "eval")
+    def tokenizer_and_data():  # rank 0 first: a hub tokenizer or data set is downloaded once, then read from the cache
+        tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+        return tokenizer, load_pairs_for(cfg, tokenizer, "train"), load_pairs_for(cfg, tokenizer, "eval")
+    tokenizer, train_pairs, eval_pairs = main_first(accelerator, tokenizer_and_data)
     lengths = tuple(len(p) + max(len(c), len(r)) for p, c, r in train_pairs) if cfg.train.group_by_length else None
     calib_size = cfg.train.batch_size // cfg.train.grad_accum  # N: pairs in one calibration batch (all processes)
     per_process = calib_size // P  # B

@@ -144,10 +144,16 @@ def main():
                         help="CODE:PROCESSES:GRAD_ACCUM, CODE = after (this tree) or before (--before's tree)")
     parser.add_argument("--before", default="366a857", help="the git revision 'before' cases run (366a857: the code before issue 25)")
     parser.add_argument("--workdir", default="")
+    parser.add_argument("--memory_model", action="store_true", help="print docs/SCALING.md's memory model table and stop")
     parser.add_argument("--glibc_defaults", action="store_true", help="glibc's malloc defaults (see ALLOCATOR)")
     args = parser.parse_args()
     if args.probe is not None:
         return probe(args.probe)
+    if args.memory_model:
+        print_memory_model(4096)
+        print()
+        print_memory_model(2048)
+        return
     if args.glibc_defaults:
         ALLOCATOR.clear()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_scale_"))
@@ -186,6 +192,40 @@ def main():
             total += (m["exit"][0] - base) / S_kb if "exit" in m else float("nan")
             print(f"| {code} | {P} | {accum} | {rank} | {get('started')} | {s(load) if load else '–'} | {get('backward_1')} | {get('exit')} |", flush=True)
         print(f"| {code} | {P} | {accum} | all | | | | {total:.2f} |", flush=True)
+
+
+# InternLM2.5 shapes (config.json of internlm/internlm2_5-{1_8b,7b,20b}-chat): hidden, layers, heads, KV heads, MLP, vocab.
+SHAPES = {"1.8B": (2048, 24, 16, 8, 8192, 92544), "7B": (4096, 32, 32, 8, 14336, 92544), "20B": (6144, 48, 48, 8, 16384, 92544)}
+
+
+def memory_model(tokens: int = 4096, G: int = 8):
+    """docs/SCALING.md's memory model, per GPU, in GB (1e9 bytes): fp32 master weights, gradients and RMSprop's one
+    state tensor; the reference (fp32 under DDP, bf16 under FSDP2/HSDP: frozen_dtype); bf16-autocast activations of
+    `tokens` tokens per micro-batch with and without gradient checkpointing; FSDP2's transient unsharded bf16
+    parameters (two layers: the current one and the prefetched next) and its unsharded embedding/LM-head group."""
+    rows = []
+    for name, (h, L, H, KV, I, V) in SHAPES.items():
+        kv = h // H * KV
+        layer = h * (h + 2 * kv) + h * h + 3 * h * I + 2 * h  # q,k,v, o, gate/up/down, 2 norms
+        N = L * layer + 2 * V * h + h  # + embedding, untied LM head, final norm
+        act_layer = 2 * (7 * h + 2 * kv + 4 * I) + 4 * 2 * h  # bf16 saved tensors + fp32 residual/norm inputs, per token
+        act_full, act_ckpt = L * act_layer * tokens, (L * 4 * h + act_layer) * tokens
+        logits_plain, logits_fast = 3 * 4 * V * tokens, 2 * V * tokens + 4 * 512 * V * 4  # fp32 logits+log-softmax+grad; bf16 p + 4-row chunk
+        ddp = {"weights": 4 * N, "grads": 4 * N, "rmsprop": 4 * N, "reference": 4 * N}
+        fsdp = {"weights": 4 * N / G, "grads": 4 * N / G, "rmsprop": 4 * N / G, "reference": 2 * N / G}
+        transient = 2 * 2 * layer + 2 * 2 * V * h  # two unsharded layers + embedding/LM head, bf16
+        rows.append((name, N, ddp, fsdp, transient, act_full, act_ckpt, logits_plain, logits_fast))
+    return rows
+
+
+def print_memory_model(tokens: int = 4096, G: int = 8):
+    gb = lambda b: f"{b / 1e9:.1f}"  # noqa: E731
+    print(f"| model | params | DDP: weights+grads+RMSprop+ref (fp32) | FSDP/HSDP over {G}: the same, ref bf16 | FSDP transient "
+          f"(2 layers + embed/head, bf16) | activations, {tokens} tokens: none / checkpointed | logits {tokens} tokens: plain / fast |")
+    print("|---|---|---|---|---|---|---|")
+    for name, N, ddp, fsdp, transient, act_full, act_ckpt, lp, lf in memory_model(tokens, G):
+        print(f"| {name} | {N / 1e9:.2f} B | {gb(sum(ddp.values()))} | {gb(sum(fsdp.values()))} | {gb(transient)} | "
+              f"{gb(act_full)} / {gb(act_ckpt)} | {gb(lp)} / {gb(lf)} |")
 
 
 def cpu_name() -> str:

@@ -69,6 +69,17 @@ def main_decides(accelerator, decide):
     return answer[0]
 
 
+def main_first(accelerator, work):
+    """work() on the main process first, then on the others (which then find its downloads in the local cache):
+    accelerate's main_process_first, except that a UserError on the main process stops every process at once,
+    where main_process_first would leave the others waiting in its barrier until the timeout."""
+    if accelerator.num_processes == 1:
+        return work()
+    value = []
+    main_decides(accelerator, lambda: value.append(work()))  # only "done" or its UserError is broadcast, not the value
+    return value[0] if accelerator.is_main_process else work()
+
+
 SHARED_TOKEN = ".shared-dir-check"
 SHARED_WAIT_S = 5.0  # how long a process looks for the main process's token (NFS shows new files with a delay)
 
@@ -128,7 +139,7 @@ def load_on_main(accelerator, load):
 
     Without meta loading: load() on every process. A UserError in load() stops every process (main_decides)."""
     if not uses_meta_loading(accelerator):
-        return load()
+        return main_first(accelerator, load)  # a hub model is downloaded once
     loaded = []
 
     def load_and_describe():

@@ -76,3 +76,19 @@ def test_the_gpu_check_script_passes_in_its_cpu_mode(tmp_path):
     for line in ("log-probs fast vs plain", "step 1, plain vs FSDP2", "step 2 (after resume), plain vs FSDP2",
                  "step 1, live vs precomputed reference", "5. eval.py: pref_accuracy", "all checks passed"):
         assert line in result.stdout, result.stdout[-3000:]
+
+
+def test_the_accelerate_configs_load_and_hsdp_shards_within_a_machine():
+    """Every configs/accelerate/*.yaml parses with accelerate's own loader; the HSDP one replicates across its machines
+    and shards over the GPUs of one (replicate × shard = num_processes, shard = GPUs per machine)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    configs = {p.name: load_config_from_file(str(p)) for p in (ROOT / "configs" / "accelerate").glob("*.yaml")}
+    assert {"ddp.yaml", "fsdp.yaml", "fsdp_2machines.yaml", "hsdp_2machines.yaml"} <= set(configs)
+    for name, c in configs.items():
+        if c.distributed_type.name == "FSDP":
+            assert c.fsdp_config["fsdp_version"] == 2 and c.fsdp_config["fsdp_cpu_ram_efficient_loading"], name
+    hsdp = configs["hsdp_2machines.yaml"]
+    replicate = hsdp.parallelism_config["parallelism_config_dp_replicate_size"]
+    shard = hsdp.parallelism_config["parallelism_config_dp_shard_size"]
+    assert replicate == hsdp.num_machines and replicate * shard == hsdp.num_processes

@@ -53,6 +53,7 @@ from plumbing import fast_logps
 from plumbing.checkpoints import load_checkpoint, resume_point, save_checkpoint, save_final
 from plumbing.config import SFTConfig, parse_config, require
 from plumbing.data import collate_pairs, load_pairs, micro_batch_indices, tokenize_pairs
+from plumbing.distributed import frozen_dtype, load_on_main, main_first, shard_frozen
 from plumbing.errors import UserError, main_guard
 from plumbing.launch import start_run
 from plumbing.metrics import Progress, open_run
@@ -235,7 +236,7 @@ class BetaDPOState:
 
     M0, sigma: the moving averages (0-dim tensors, start at 0). c: the raw β-scale, beta_scale = softplus(c),
     a trainable nn.Parameter with learn_scale, else a constant. generator: the filter's random generator,
-    seeded from train.seed, identical on every process. step: optimizer steps done.
+    seeded from train.seed, identical on every process, on the CPU. step: optimizer steps done.
     """
 
     def __init__(self, loss_cfg: LossArgs, seed: int, device):
@@ -246,7 +247,9 @@ class BetaDPOState:
         # The learnable-scale design initialised c itself (so its "init 1.0" meant a scale of softplus(1) ≈ 1.31).
         c0 = math.log(math.expm1(loss_cfg.beta_scale_init))
         self.c = torch.nn.Parameter(torch.tensor(c0, device=device), requires_grad=loss_cfg.learn_scale)
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        # On the CPU whatever the device: the same draws on any GPU type or count (N is a few hundred at most, so
+        # drawing there costs nothing), and a resume on another machine keeps the masks.
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "M0": self.M0.cpu(), "sigma": self.sigma.cpu(), "c": self.c.detach().cpu(),
@@ -448,20 +451,23 @@ def load_pairs_for(cfg: Config, tokenizer, split: str) -> list:
     return tokenize_pairs(tokenizer, rows, cfg.data.max_length, cfg.data.max_prompt_length)
 
 
-def load_policy_and_reference(cfg: Config):
-    """→ (policy to train, frozen reference π_ref or None). None for the reference-free losses (SimPO, ORPO),
-    and when the reference log-probs are precomputed from the policy's own start: before step 1 the policy
-    *is* the reference, so no second model is loaded. load_model turns dropout off in both: DPO compares
-    log-probs of two models, and dropout noise would leak into every margin."""
-    policy = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
+def load_policy_and_reference(cfg: Config, accelerator):
+    """→ (policy to train, load_reference), load_reference() → the frozen reference π_ref or None; called once
+    the policy is sharded, so that the main process never holds two whole models. None for the reference-free
+    losses (SimPO, ORPO), and when the reference log-probs are precomputed from the policy's own start: before
+    step 1 the policy *is* the reference, so no second model is loaded. load_model turns dropout off in both:
+    DPO compares log-probs of two models, and dropout noise would leak into every margin. Under FSDP2 only
+    the main process reads the weights; the others build the model on the meta device (load_on_main)."""
+    policy = load_on_main(accelerator, lambda: load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code))
     if cfg.train.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy_scores_itself = cfg.train.precompute_ref and not cfg.model.ref_name_or_path
     if variants.reference_free(cfg.loss.type) or policy_scores_itself:
-        return policy, None
+        return policy, lambda: None
     ref_key = "model.ref_name_or_path" if cfg.model.ref_name_or_path else "model.name_or_path"
-    reference = load_model(cfg.model.ref_name_or_path or cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code, ref_key)
-    return policy, reference.requires_grad_(False).eval()
+    ref_name = cfg.model.ref_name_or_path or cfg.model.name_or_path
+    load = lambda: load_model(ref_name, frozen_dtype(cfg, accelerator), cfg.model.trust_remote_code, ref_key)  # noqa: E731
+    return policy, lambda: load_on_main(accelerator, load).requires_grad_(False).eval()
 
 
 def make_scale_optimizer(cfg: Config, state: BetaDPOState, device):
@@ -487,9 +493,10 @@ def train(cfg: Config):
     # ---- 2. data ---------------------------------------------------------------------------------------
     if cfg.model.name_or_path == "tiny":
         raise UserError("model.name_or_path: β-DPO starts from a trained policy; run sft.py first and pass its final/ dir")
-    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    train_pairs = load_pairs_for(cfg, tokenizer, "train")
-    eval_pairs = load_pairs_for(cfg, tokenizer, "eval")
+    def tokenizer_and_data():  # rank 0 first: a hub tokenizer or data set is downloaded once, then read from the cache
+        tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+        return tokenizer, load_pairs_for(cfg, tokenizer, "train"), load_pairs_for(cfg, tokenizer, "eval")
+    tokenizer, train_pairs, eval_pairs = main_first(accelerator, tokenizer_and_data)
     lengths = tuple(len(p) + max(len(c), len(r)) for p, c, r in train_pairs) if cfg.train.group_by_length else None
     calib_size = cfg.train.batch_size // cfg.train.grad_accum  # N: pairs in one calibration batch (all processes)
     per_process = calib_size // P  # B
@@ -501,17 +508,18 @@ def train(cfg: Config):
     if finished:
         return out
     # ---- 3. models, β-DPO state, optimizers ------------------------------------------------------------
-    policy, reference = load_policy_and_reference(cfg)
+    policy, load_reference = load_policy_and_reference(cfg, accelerator)
+    if accelerator.is_fsdp2:  # sharded first (the main process's weights sent out), so the optimizer holds the shards
+        policy = fsdp2_prepare_model(accelerator, policy)
     state = BetaDPOState(cfg.loss, cfg.train.seed, accelerator.device)
     optimizer = make_optimizer(cfg.train, policy.parameters(), accelerator.device)
     scheduler = make_scheduler(optimizer, cfg.train.warmup_steps)
     scale_optimizer, scale_scheduler = make_scale_optimizer(cfg, state, accelerator.device)
     # ---- 4. onto the devices ---------------------------------------------------------------------------
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    if reference is not None:  # sharded like the policy under FSDP2 (and never saved: it is not in accelerator._models)
-        # (prepare_model(reference, evaluation_mode=True) would neither shard it nor move it to the GPU under FSDP.)
-        # DDP, one process and FSDP1: a whole frozen copy on every process.
-        reference = fsdp2_prepare_model(accelerator, reference) if accelerator.is_fsdp2 else reference.to(accelerator.device)
+    reference = load_reference()  # now that the policy is sharded
+    if reference is not None:  # sharded like the policy under FSDP2 (never saved: it is not in accelerator._models)
+        reference = shard_frozen(accelerator, reference)
     accelerator.register_for_checkpointing(scheduler, state, *([scale_optimizer, scale_scheduler] if scale_optimizer else []))
     # ---- 5. reference log-probs, once (train.precompute_ref) -------------------------------------------
     ref_train = ref_eval = None
@@ -519,7 +527,7 @@ def train(cfg: Config):
         scorer = reference if reference is not None else policy
         ref_train = precompute_reference_logps(accelerator, cfg, scorer, train_pairs, tokenizer.pad_token_id, "train")
         ref_eval = precompute_reference_logps(accelerator, cfg, scorer, eval_pairs, tokenizer.pad_token_id, "eval") if eval_pairs else None
-        reference = None  # freed: from here on its log-probs come with each batch
+        reference = scorer = None  # freed: from here on its log-probs come with each batch
     replayed = variants.load_beta_sequence(cfg.loss.beta_sequence, total_steps)  # [] unless loss.beta_sequence
     # ---- 6. resume -------------------------------------------------------------------------------------
     if ckpt is not None:

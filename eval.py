@@ -64,6 +64,7 @@ from betadpo import Config, implicit_rewards, score_pairs  # the β-DPO module's
 from plumbing import plots, sort_task
 from plumbing.config import parse_config, validate
 from plumbing.data import collate, load_pairs, tokenize, tokenize_pairs
+from plumbing.distributed import frozen_dtype, load_on_main, main_decides, make_accelerator, shard_frozen
 from plumbing.errors import UserError, main_guard
 from plumbing.fast_logps import token_logps
 from plumbing.models import generate, load_model, load_tokenizer, model_identity
@@ -259,9 +260,14 @@ def evaluate(cfg: Config, accelerator) -> dict:
     pairs = tokenize_pairs(tokenizer, rows, D.max_length, D.max_prompt_length)
     rows = rows[: E.num_prompts]  # prompts to complete: the first held-out ones
     prompts = [p for p, _ in tokenize(tokenizer, [r["prompt"] for r in rows], [""] * len(rows), D.max_length, D.max_prompt_length)]
-    # ---- models (frozen, eval mode, one copy per process) ------------------------------------------------
-    models = {role: load_model(path, cfg.model.dtype, trust, key).requires_grad_(False).eval().to(accelerator.device)
-              for role, path, key in (("policy", policy_path, policy_key), ("reference", ref_path, ref_key))}
+    # ---- models (frozen, eval mode): one after the other; under FSDP2 (the accelerate config of training) rank 0
+    # alone reads each, in the mixed-precision dtype, and each is sharded before the next is read; otherwise
+    # one whole copy per process -------------------------------------------------------------------------
+    def load_frozen(path, key):
+        load = lambda: load_model(path, frozen_dtype(cfg, accelerator), trust, key)  # noqa: E731
+        return shard_frozen(accelerator, load_on_main(accelerator, load).requires_grad_(False).eval())
+
+    models = {role: load_frozen(path, key) for role, path, key in (("policy", policy_path, policy_key), ("reference", ref_path, ref_key))}
     sizes = [m.get_output_embeddings().weight.shape[0] for m in models.values()]
     if sizes[0] != sizes[1]:
         raise UserError(f"policy '{policy_path}' has a vocabulary of {sizes[0]} tokens, reference '{ref_path}' "
@@ -276,10 +282,11 @@ def evaluate(cfg: Config, accelerator) -> dict:
     temps = {"policy": sorted({T, T_gen} | ({0.0} if gold else set())),
              "reference": sorted({T_gen} | ({0.0, T} if gold else set()))}
     cache = reference_cache(cfg, ref_path, prompts, temps["reference"]) if E.cache_reference else None
-    cached = torch.load(cache) if cache is not None and cache.exists() else None
+    cached = main_decides(accelerator, lambda: torch.load(cache) if cache is not None and cache.exists() else None)  # one answer for all
     if cache is not None:
         accelerator.print(f"reference completions: {cache}" + (" (cached)" if cached is not None else " (drawn, then cached)"))
-    done = sample_prompts(accelerator, models, prompts, temps, tokenizer, cfg, cached)
+    with accelerator.autocast():  # train.mixed_precision, as in training and in score_pairs
+        done = sample_prompts(accelerator, models, prompts, temps, tokenizer, cfg, cached)
     if cache is not None and cached is None and accelerator.is_main_process:
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save([{k: v for k, v in d.items() if k.startswith("reference@")} for d in done], cache.with_suffix(f".{os.getpid()}.tmp"))
@@ -360,12 +367,10 @@ def main():
         return plots.plot_main(sys.argv[1:])
     if sys.argv[1:2] == ["--compare"]:  # python eval.py --compare EVAL_DIR [EVAL_DIR ...]
         return print(plots.compare_table(sys.argv[2:]))
-    from accelerate import Accelerator
-
     t0 = time.perf_counter()
     cfg = parse_config(Config, description=HELP)
     validate(cfg)
-    accelerator = Accelerator()
+    accelerator = make_accelerator(cfg)  # train.mixed_precision (bf16 matmuls on GPUs), process-group timeout
     result = evaluate(cfg, accelerator)
     if accelerator.is_main_process:
         written = write_outputs(cfg, result, Path(cfg.eval.output_dir), accelerator.num_processes, time.perf_counter() - t0)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from plumbing.distributed import main_decides, spread
 from plumbing.errors import STATUS, TrainingStopped, UserError
 from plumbing.models import gathered_state_dict
 
@@ -53,7 +54,7 @@ FINISHED = "finished.json"
 # Keys that may change when a run resumes: how long it trains, how often it saves and evaluates, where it
 # logs and caches, eval.py's own settings. Anything else would change what the saved state means.
 RESUMABLE_KEYS = ("train.max_steps", "train.epochs", "train.save_every", "train.eval_every", "train.output_dir",
-                  "train.ref_cache_dir", "train.gradient_checkpointing", "log.", "eval.")
+                  "train.ref_cache_dir", "train.gradient_checkpointing", "train.dist_timeout_min", "log.", "eval.")
 
 
 def _sha256(path: Path) -> str:
@@ -66,9 +67,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def checkpoint_problem(ckpt: Path, checksums: bool = True) -> str | None:
+def checkpoint_problem(ckpt: Path, checksums: bool | dict = True) -> str | None:
     """None if every file of the checkpoint is present with the size (and SHA-256) its manifest lists;
-    otherwise what is wrong, in a few words."""
+    otherwise what is wrong, in a few words. checksums: a dict {file path: SHA-256} already computed (spread
+    over the processes) is used instead of reading the files again."""
     try:
         files = json.loads((ckpt / MANIFEST).read_text())["files"]
     except FileNotFoundError:
@@ -81,7 +83,7 @@ def checkpoint_problem(ckpt: Path, checksums: bool = True) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != meta["bytes"]:
             return f"{name} has {path.stat().st_size} bytes, not {meta['bytes']}"
-        if checksums and _sha256(path) != meta["sha256"]:
+        if checksums and (checksums[str(path)] if isinstance(checksums, dict) and str(path) in checksums else _sha256(path)) != meta["sha256"]:
             return f"{name} does not match its checksum"
     return None
 
@@ -95,7 +97,8 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, tensors):
     in a temporary directory renamed into place; then all but the newest CHECKPOINTS_KEPT are deleted, once
     the new one is verified. `tensors`: the weights (and extra trained tensors), checked finite first.
 
-    Verification is cheap: every file is read back once to compute its SHA-256 for the manifest, and after the
+    Verification is cheap: every file is read back once to compute its SHA-256 for the manifest (the files spread
+    over the processes, so that no process waits in a collective while one hashes everything), and after the
     rename every size is checked against it. (On resume the checksums are checked too.)"""
     check_finite_weights(accelerator, tensors, step)
     root = output_dir / "checkpoints"
@@ -105,9 +108,10 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, tensors):
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
+    names = main_decides(accelerator, lambda: [str(f.relative_to(tmp)) for f in sorted(tmp.rglob("*")) if f.is_file()])
+    checksums = spread(accelerator, names, lambda name: _sha256(tmp / name))
     if accelerator.is_main_process:
-        files = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
-                 for f in sorted(tmp.rglob("*")) if f.is_file()}
+        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": checksums[name]} for name in names}
         (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
         if final.exists():  # left by an earlier attempt at this step
             shutil.rmtree(final)
@@ -166,15 +170,18 @@ def resume_point(accelerator, output_dir: Path, total_steps: int) -> tuple[Path 
     resumed from). Every process gets the same answer (the main process checks, then broadcasts)."""
     from accelerate.utils import broadcast_object_list
 
-    done = finished_steps(output_dir)
+    done, newest = main_decides(accelerator, lambda: (finished_steps(output_dir), [str(p) for p in list_checkpoints(output_dir)[-1:]]))
     if done is not None and done >= total_steps:
         accelerator.print(f"{output_dir} already finished {done} steps (this config asks for {total_steps}); nothing to do")
         return None, True
+    # The newest checkpoint's checksums, its files spread over the processes (older ones: main alone, if needed).
+    listed = main_decides(accelerator, lambda: [str(f) for c in newest for f in sorted(Path(c).rglob("*")) if f.is_file()])
+    checksums = spread(accelerator, listed, lambda f: _sha256(Path(f)))
     answer = [None, None]  # [checkpoint, error]
     if accelerator.is_main_process:
         damaged = []
         for ckpt in reversed(list_checkpoints(output_dir)):
-            problem = checkpoint_problem(ckpt)
+            problem = checkpoint_problem(ckpt, checksums)
             if problem is None:
                 answer[0] = str(ckpt)
                 break

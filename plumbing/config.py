@@ -74,6 +74,8 @@ class TrainArgs:
     precompute_ref: bool = False  # one no-grad reference pass over all pairs before training, then free the reference
     ref_cache_dir: str = "runs/ref_cache"  # precomputed reference log-probs, keyed by reference model and data
     group_by_length: bool = False  # batch pairs of similar length (less padding); changes which pairs calibrate together
+    fsdp_reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # FSDP2 with mixed precision: dtype of the gradient reduce-scatter (bf16 halves its traffic; docs/SCALING.md)
+    dist_timeout_min: float = 60.0  # minutes a process waits in a collective (e.g. while rank 0 loads or saves) before the run stops
 
 
 @dataclass
@@ -86,7 +88,7 @@ class EvalArgs:
     num_prompts: int = 128  # eval.py: held-out prompts to sample completions for
     samples_per_prompt: int = 4  # eval.py: completions per prompt at eval.temperature (for KL)
     max_new_tokens: int = 16  # eval.py: generation length limit
-    batch_size: int = 32  # eval.py: pairs per forward pass when scoring
+    batch_size: int = 32  # eval.py and held-out evaluation: pairs per scoring forward (2× as many sequences); at 2,048 tokens and 7B+ use 2–4 (docs/SCALING.md)
     seed: int = 0  # eval.py: sampling seed
     cache_reference: bool = False  # eval.py: keep the reference's completions in train.ref_cache_dir and reuse them (the same samples)
     temperature: float = 1.0  # eval.py: sampling temperature of the KL samples and the second set of gold metrics (> 0)
@@ -138,6 +140,7 @@ def validate(cfg, num_processes: int = 1):
     require(T.eval_every >= 0, "train.eval_every", f"must be ≥ 0, got {T.eval_every}")
     require(T.max_grad_norm >= 0, "train.max_grad_norm", f"must be ≥ 0, got {T.max_grad_norm}")
     require(T.weight_decay >= 0, "train.weight_decay", f"must be ≥ 0, got {T.weight_decay}")
+    require(T.dist_timeout_min > 0, "train.dist_timeout_min", f"must be > 0, got {T.dist_timeout_min}")
     require(
         T.batch_size % (num_processes * T.grad_accum) == 0,
         "train.batch_size",

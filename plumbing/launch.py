@@ -12,6 +12,7 @@ import torch
 
 from plumbing.checkpoints import RESUMABLE_KEYS, finished_steps, list_checkpoints
 from plumbing.config import read_yaml, validate
+from plumbing.distributed import check_shared_output_dir, main_decides, make_accelerator
 from plumbing.errors import UserError
 from plumbing.metrics import wandb_logged_in
 
@@ -46,13 +47,15 @@ def start_run(cfg):
     """The first step of sft.py's and betadpo.py's training: the Accelerator (train.mixed_precision), the launch
     checks, the config checked for this process count, preflight (before anything is loaded or written: wandb
     login, a resumed run's config), and every random generator seeded from train.seed. → the accelerator."""
-    from accelerate import Accelerator
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # transformers' per-file bars ("Writing model shards") would redraw in log files
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    accelerator = make_accelerator(cfg)  # mixed precision, process-group timeout, FSDP2 reduce dtype
     check_launch(accelerator)
-    preflight(cfg, accelerator.num_processes)  # validates the config for this many processes first
+    # The main process checks (it reads the filesystem) and every process gets its verdict; then every process
+    # must see the output directory the main process writes into.
+    main_decides(accelerator, lambda: preflight(cfg, accelerator.num_processes))  # validates the config first
+    check_shared_output_dir(accelerator, Path(cfg.train.output_dir))
     seed_everything(cfg.train.seed)
     return accelerator
 

@@ -277,6 +277,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     vocabulary (no top-k / top-p, so reference-KL estimates are unbiased). Prompts are left-padded, as a
     decoder-only model needs for batched generation. Sampling uses torch's global RNG: seed it first.
     """
+    from torch.distributed.fsdp import FSDPModule
+
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -287,5 +289,6 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     out = model.generate(
         input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
         eos_token_id=eos_id, pad_token_id=pad_id, **sampling,
+        synced_gpus=isinstance(model, FSDPModule),  # sharded: every process runs each forward until all have stopped
     )[:, width:].tolist()
     return [row[: row.index(eos_id) + 1] if eos_id in row else row for row in out]

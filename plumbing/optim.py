@@ -31,8 +31,15 @@ def make_scheduler(optimizer, warmup_steps: int):
 
 def no_sync_unless_last(accelerator, model, k: int, grad_accum: int):
     """Context for the backward of micro-batch k of a step: DDP all-reduces gradients in every backward, which
-    is wasted on all but the last micro-batch, whose backward then reduces the accumulated sum."""
-    return contextlib.nullcontext() if k == grad_accum - 1 else accelerator.no_sync(model)
+    is wasted on all but the last micro-batch, whose backward then reduces the accumulated sum.
+
+    Not under FSDP2: there accelerator.no_sync (set_requires_gradient_sync(False)) keeps every micro-batch's
+    *unsharded* gradients, a whole model's worth per process (+14 GB at 7B in bf16), accumulated in the compute
+    dtype. Reduce-scattering each micro-batch instead keeps only this process's fp32 gradient shard, to which
+    each micro-batch's reduced shard is added (docs/SCALING.md)."""
+    if k == grad_accum - 1 or accelerator.is_fsdp2:
+        return contextlib.nullcontext()
+    return accelerator.no_sync(model)
 
 
 def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float):

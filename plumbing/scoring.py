@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from plumbing.data import collate_pairs
+from plumbing.distributed import main_decides
 from plumbing.models import model_identity
 
 
@@ -63,10 +64,13 @@ def reference_cache_file(cfg, pairs, name: str) -> Path:
 
 def cached(accelerator, path: Path, compute, what: str) -> dict:
     """torch.load(path) if it exists; else compute() on every process, saved by the main process through a
-    temporary file (a crash never leaves half a cache)."""
-    if path.exists():
+    temporary file (a crash never leaves half a cache). The main process alone looks and reads, and sends the
+    values (a few floats per pair) to the others: they take the same branch even where they do not see the
+    same train.ref_cache_dir (another machine, NFS delay)."""
+    values = main_decides(accelerator, lambda: torch.load(path) if path.exists() else None)
+    if values is not None:
         accelerator.print(f"{what}: {path} (cached)")
-        return torch.load(path)
+        return values
     accelerator.print(f"{what}: one pass → {path}")
     values = compute()
     if accelerator.is_main_process:

@@ -6,7 +6,7 @@ it is given an `fsdp_plugin` and the processes are MULTI_CPU, the state becomes 
 PartialState's shared state, which later AcceleratorState instances copy). Everything else is accelerate's and
 torch's own code: `fully_shard`, DTensor parameters, sharded checkpoints, gathered state dicts.
 
-It also prints one line per `fsdp2_prepare_model` call (policy via `accelerator.prepare`, reference directly)
+It also prints one line per `fsdp2_prepare_model` call that shards a model (policy and reference)
 saying how many of the model's parameters are DTensors, for the tests to check that both are sharded.
 
     ACCELERATE_USE_CPU=true accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2 \\
@@ -39,8 +39,11 @@ def _init_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
 
 def _reporting(prepare):
     def prepare_and_report(accelerator, model):
+        from torch.distributed.fsdp import FSDPModule
         from torch.distributed.tensor import DTensor
 
+        if isinstance(model, FSDPModule):  # already sharded (betadpo.py shards the policy before accelerator.prepare)
+            return prepare(accelerator, model)
         model = prepare(accelerator, model)
         params = list(model.parameters())
         sharded = sum(isinstance(p, DTensor) for p in params)

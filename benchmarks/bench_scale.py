@@ -1,0 +1,242 @@
+"""Host memory of betadpo.py under FSDP2 on CPU processes: peak RSS per rank at load and over a whole step, and
+the gradient memory of accumulation, for the current code and (with --before REV) for an older commit.
+
+    python benchmarks/bench_scale.py                        # 273M-param Llama, the cases below: ≈1 hour on 2 busy cores
+    python benchmarks/bench_scale.py --cases after:4:2 before:4:2   # CODE:PROCESSES:GRAD_ACCUM (before: 366a857's code)
+    python benchmarks/bench_scale.py --layers 2 --hidden 64 --cases after:2:2 before:2:2   # a smoke run, ≈3 minutes
+
+Default cases: the current code on 4 processes with grad_accum 2; then on 2 processes (the code before, commit
+366a857, needs ~4.5 S per rank: 4 of them do not fit in 24 GB) with grad_accum 4 and 1, before and after.
+
+Each case is one `accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes P` of
+`tests/fsdp_launch.py betadpo.py` (accelerate's real FSDP2 code path on gloo CPU processes), 1 optimizer step of
+RMSprop with train.grad_accum micro-batches of one pair per process, a checkpoint and final/ (every memory
+peak a real run has). The launched script is this file in --probe mode: it records each process's peak RSS
+(VmHWM from /proc/self/status) when each model has been sharded (the end of loading), after each backward, and
+at exit. Numbers are given in S, the model's size in fp32, above the RSS of a bare
+`import torch, transformers, accelerate` (measured the same way).
+
+Fully sharded over P processes a rank needs about (params + grads + optimizer state + reference)/P ≈ 4S/P,
+plus transient whole tensors (one parameter at a time during loading, the gathered state of final/ on rank 0).
+docs/SCALING.md holds the table this printed, and the memory model it checks.
+"""
+
+import argparse
+import atexit
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# glibc's malloc on its defaults keeps freed memory in per-thread arenas (gloo runs several threads) and raises its
+# mmap threshold after each large free, so a CPU process's RSS counts much memory no tensor holds any more (a
+# GPU's caching allocator holds no host memory at all). Two arenas and a fixed 1 MiB mmap threshold make RSS
+# follow the live tensors; --glibc_defaults measures without them.
+ALLOCATOR = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+MARK = re.compile(r"MEM rank (\d+) (\S+) hwm_kb (\d+) rss_kb (\d+)")  # processes share stdout: lines may run together
+
+
+def vm_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith(field + ":")).split()[1])
+
+
+def mark(label: str):
+    print(f"\nMEM rank {os.environ.get('RANK', '0')} {label} hwm_kb {vm_kb('VmHWM')} rss_kb {vm_kb('VmRSS')}", flush=True)
+
+
+def probe(argv: list[str]):
+    """The launched script: memory marks around accelerate's FSDP2 sharding and every backward, then
+    tests/fsdp_launch.py (of the code under test, the working directory) runs betadpo.py."""
+    import accelerate.accelerator
+    import accelerate.utils
+    from torch.distributed.fsdp import FSDPModule
+
+    shards = []
+
+    def marking(prepare):
+        def prepare_and_mark(accelerator, model):
+            already = isinstance(model, FSDPModule)
+            model = prepare(accelerator, model)
+            if not already:
+                shards.append(model)
+                mark(f"sharded_{len(shards)}")
+            return model
+        return prepare_and_mark
+
+    accelerate.accelerator.fsdp2_prepare_model = marking(accelerate.accelerator.fsdp2_prepare_model)
+    accelerate.utils.fsdp2_prepare_model = marking(accelerate.utils.fsdp2_prepare_model)
+    backward, count = accelerate.Accelerator.backward, [0]
+
+    def backward_and_mark(self, loss, **kwargs):
+        backward(self, loss, **kwargs)
+        count[0] += 1
+        mark(f"backward_{count[0]}")
+
+    accelerate.Accelerator.backward = backward_and_mark
+    sys.path.insert(0, os.getcwd())  # the code under test
+    import plumbing.launch  # before betadpo.py imports start_run from it
+
+    start_run = plumbing.launch.start_run
+
+    def start_and_mark(*args, **kwargs):
+        accelerator = start_run(*args, **kwargs)
+        mark("started")  # imports done, process group up, nothing of the model yet
+        return accelerator
+
+    plumbing.launch.start_run = start_and_mark
+    atexit.register(mark, "exit")
+    import runpy
+
+    sys.argv = [str(Path("tests/fsdp_launch.py").resolve()), *argv]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+
+
+def bare_import_kb() -> int:
+    code = ("import torch, transformers, accelerate\n"
+            "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])")
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def build_model(path: Path, hidden: int, layers: int) -> int:
+    """A random Llama (plumbing/sort_task.py's, width `hidden`, `layers` layers) saved in fp32 → its parameter count."""
+    sys.path.insert(0, str(ROOT))
+    from plumbing import sort_task
+
+    tok = sort_task.build_tokenizer()
+    model = sort_task.build_tiny_llama(len(tok), hidden, layers, 0, tok.pad_token_id, tok.eos_token_id)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+
+def run_case(code: Path, model: Path, out: Path, processes: int, accum: int) -> dict:
+    """One launch → {rank: {mark: (hwm_kb, rss_kb)}}."""
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1", **ALLOCATOR}
+    port = 29500 + os.getpid() % 1000 + processes * 10 + accum
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/fsdp.yaml",
+           "--num_processes", str(processes), "--main_process_port", str(port), str(Path(__file__).resolve()), "--probe",
+           "betadpo.py", "--config", "configs/sort.yaml", "--model.name_or_path", str(model), "--train.output_dir", str(out),
+           "--train.optimizer", "rmsprop", "--train.grad_accum", str(accum), "--train.batch_size", str(processes * accum),
+           "--train.max_steps", "1", "--train.warmup_steps", "0", "--data.eval_size", "2", "--eval.batch_size", "2", "--data.num_train", "64",
+           "--log.progress_every", "1"]
+    result = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True, timeout=3600)
+    if result.returncode != 0:
+        raise SystemExit(f"failed ({result.returncode}): {' '.join(cmd)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    marks: dict = {}
+    for rank, label, hwm, rss in MARK.findall(result.stdout):
+        marks.setdefault(int(rank), {})[label] = (int(hwm), int(rss))
+    return marks
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--probe", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=26)
+    parser.add_argument("--cases", nargs="+", default=["after:4:2", "before:2:4", "after:2:4", "after:2:1", "before:2:1"],
+                        help="CODE:PROCESSES:GRAD_ACCUM, CODE = after (this tree) or before (--before's tree)")
+    parser.add_argument("--before", default="366a857", help="the git revision 'before' cases run (366a857: the code before issue 25)")
+    parser.add_argument("--workdir", default="")
+    parser.add_argument("--memory_model", action="store_true", help="print docs/SCALING.md's memory model table and stop")
+    parser.add_argument("--glibc_defaults", action="store_true", help="glibc's malloc defaults (see ALLOCATOR)")
+    args = parser.parse_args()
+    if args.probe is not None:
+        return probe(args.probe)
+    if args.memory_model:
+        print_memory_model(4096)
+        print()
+        print_memory_model(2048)
+        return
+    if args.glibc_defaults:
+        ALLOCATOR.clear()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_scale_"))
+    model = work / "model"
+    n = build_model(model, args.hidden, args.layers) if not (model / "config.json").is_file() else None
+    if n is None:
+        import json
+
+        c = json.loads((model / "config.json").read_text())
+        n = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_config(
+            __import__("transformers").AutoConfig.for_model(**c)).parameters())
+    S_kb = n * 4 / 1024
+    base = bare_import_kb()
+    cases = [tuple(c.split(":")) for c in args.cases]  # (code, processes, grad_accum)
+    trees = {"after": ROOT}
+    if any(code != "after" for code, _, _ in cases):
+        old = work / f"code-{args.before}"
+        if not old.is_dir():
+            old.mkdir(parents=True)
+            archive = subprocess.run(["git", "archive", args.before], cwd=ROOT, capture_output=True, check=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+        trees["before"] = old
+    print(f"model: {n / 1e6:.0f}M parameters, S = {S_kb / 2**20:.2f} GiB in fp32; bare import RSS {base / 2**20:.2f} GiB; "
+          f"CPU: {cpu_name()}; before = {args.before}")
+    print(f"allocator: {ALLOCATOR or 'glibc defaults'}")
+    print("\n| code | processes | grad_accum | rank | started (S) | peak at load (S) | peak after 1st backward (S) | peak, whole run (S) |")
+    print("|---|---|---|---|---|---|---|---|")
+    s = lambda kb: f"{(kb - base) / S_kb:.2f}"  # noqa: E731
+    for code, P, accum in cases:
+        marks = run_case(trees[code], model, work / f"run-{code}-{P}-{accum}", int(P), int(accum))
+        total = 0.0
+        for rank in sorted(marks):
+            m = marks[rank]
+            load = max((v[0] for k, v in m.items() if k.startswith("sharded_")), default=None)
+            get = lambda key: s(m[key][0]) if key in m else "–"  # noqa: E731
+            total += (m["exit"][0] - base) / S_kb if "exit" in m else float("nan")
+            print(f"| {code} | {P} | {accum} | {rank} | {get('started')} | {s(load) if load else '–'} | {get('backward_1')} | {get('exit')} |", flush=True)
+        print(f"| {code} | {P} | {accum} | all | | | | {total:.2f} |", flush=True)
+
+
+# InternLM2.5 shapes (config.json of internlm/internlm2_5-{1_8b,7b,20b}-chat): hidden, layers, heads, KV heads, MLP, vocab.
+SHAPES = {"1.8B": (2048, 24, 16, 8, 8192, 92544), "7B": (4096, 32, 32, 8, 14336, 92544), "20B": (6144, 48, 48, 8, 16384, 92544)}
+
+
+def memory_model(tokens: int = 4096, G: int = 8):
+    """docs/SCALING.md's memory model, per GPU, in GB (1e9 bytes): fp32 master weights, gradients and RMSprop's one
+    state tensor; the reference (fp32 under DDP, bf16 under FSDP2/HSDP: frozen_dtype); bf16-autocast activations of
+    `tokens` tokens per micro-batch with and without gradient checkpointing; FSDP2's transient unsharded bf16
+    parameters (two layers: the current one and the prefetched next) and its unsharded embedding/LM-head group."""
+    rows = []
+    for name, (h, L, H, KV, I, V) in SHAPES.items():
+        kv = h // H * KV
+        layer = h * (h + 2 * kv) + h * h + 3 * h * I + 2 * h  # q,k,v, o, gate/up/down, 2 norms
+        N = L * layer + 2 * V * h + h  # + embedding, untied LM head, final norm
+        act_layer = 2 * (7 * h + 2 * kv + 4 * I) + 4 * 2 * h  # bf16 saved tensors + fp32 residual/norm inputs, per token
+        act_full, act_ckpt = L * act_layer * tokens, (L * 4 * h + act_layer) * tokens
+        logits_plain, logits_fast = 3 * 4 * V * tokens, 2 * V * tokens + 4 * 512 * V * 4  # fp32 logits+log-softmax+grad; bf16 p + 4-row chunk
+        ddp = {"weights": 4 * N, "grads": 4 * N, "rmsprop": 4 * N, "reference": 4 * N}
+        fsdp = {"weights": 4 * N / G, "grads": 4 * N / G, "rmsprop": 4 * N / G, "reference": 2 * N / G}
+        transient = 2 * 2 * layer + 2 * 2 * V * h  # two unsharded layers + embedding/LM head, bf16
+        rows.append((name, N, ddp, fsdp, transient, act_full, act_ckpt, logits_plain, logits_fast))
+    return rows
+
+
+def print_memory_model(tokens: int = 4096, G: int = 8):
+    gb = lambda b: f"{b / 1e9:.1f}"  # noqa: E731
+    print(f"| model | params | DDP: weights+grads+RMSprop+ref (fp32) | FSDP/HSDP over {G}: the same, ref bf16 | FSDP transient "
+          f"(2 layers + embed/head, bf16) | activations, {tokens} tokens: none / checkpointed | logits {tokens} tokens: plain / fast |")
+    print("|---|---|---|---|---|---|---|")
+    for name, N, ddp, fsdp, transient, act_full, act_ckpt, lp, lf in memory_model(tokens, G):
+        print(f"| {name} | {N / 1e9:.2f} B | {gb(sum(ddp.values()))} | {gb(sum(fsdp.values()))} | {gb(transient)} | "
+              f"{gb(act_full)} / {gb(act_ckpt)} | {gb(lp)} / {gb(lf)} |")
+
+
+def cpu_name() -> str:
+    try:
+        line = next(line for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        import torch
+
+        return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores, torch kernels {torch.backends.cpu.get_cpu_capability()}"
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()

@@ -51,7 +51,7 @@ from common import Config, LossArgs, UserError, main_guard, parse_config, valida
 from common import load_model, load_tokenizer, model_identity, token_logps  # models; the log-prob kernel (APPENDIX)
 from common import (load_checkpoint, make_optimizer, make_scheduler, no_sync_unless_last, open_run, optimizer_step,  # training
                     resume_point, save_checkpoint, save_final, start_run)  # plumbing shared with sft.py
-from data import collate_pairs, load_pairs, micro_batch_indices, tokenize_pairs
+from data import collate_pairs, micro_batch_indices, training_pairs
 
 # ========================================================================================================
 # CONFIG: the dataclasses live in common.py (every field is a flag; `python betadpo.py --help` lists them).
@@ -448,12 +448,6 @@ def precompute_reference_logps(accelerator, cfg: Config, reference, pairs, pad_i
     return values
 
 
-def load_pairs_for(cfg: Config, tokenizer, split: str) -> list:
-    """The tokenized (prompt, chosen, rejected) id lists of one split, "train" or "eval" (data.py)."""
-    rows = load_pairs(cfg.data, split, tokenizer)
-    return tokenize_pairs(tokenizer, rows, cfg.data.max_length, cfg.data.max_prompt_length)
-
-
 def load_policy_and_reference(cfg: Config):
     """→ (policy to train, frozen reference π_ref or None). None for the reference-free losses (SimPO, ORPO),
     and when the reference log-probs are precomputed from the policy's own start: before step 1 the policy
@@ -511,8 +505,10 @@ def train(cfg: Config):
     if cfg.model.name_or_path == "tiny":
         raise UserError("model.name_or_path: β-DPO starts from a trained policy; run sft.py first and pass its final/ dir")
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    train_pairs = load_pairs_for(cfg, tokenizer, "train")
-    eval_pairs = load_pairs_for(cfg, tokenizer, "eval")
+    data = training_pairs(cfg.data, tokenizer, accelerator.is_main_process)  # token ids; prints the data summary line
+    if data is None:  # data.preview N printed the first N pairs: stop before anything is written
+        return out
+    train_pairs, eval_pairs = data  # (prompt, chosen, rejected) id lists of the training and held-out pairs
     lengths = tuple(len(p) + max(len(c), len(r)) for p, c, r in train_pairs) if cfg.train.group_by_length else None
     calib_size = cfg.train.batch_size // cfg.train.grad_accum  # N: pairs in one calibration batch (all processes)
     per_process = calib_size // P  # B

@@ -47,7 +47,7 @@ from common import (
     token_logps,
     validate,
 )
-from data import collate, load_sft, micro_batch_indices, tokenize
+from data import collate, load_sft, micro_batch_indices, tokenize, training_examples
 
 
 def sft_loss(model, batch: dict, total_tokens, num_processes: int) -> torch.Tensor:
@@ -82,8 +82,9 @@ def main():
     # ---- data -----------------------------------------------------------------------------------------
     from_scratch = cfg.model.name_or_path == "tiny"
     tokenizer = sort_task.build_tokenizer() if from_scratch else load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    rows = load_sft(cfg.data, "train", tokenizer)
-    examples = tokenize(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows], cfg.data.max_length, cfg.data.max_prompt_length)
+    examples = training_examples(cfg.data, tokenizer, accelerator.is_main_process)  # (prompt, response) ids; prints the data summary
+    if examples is None:  # data.preview N printed the first N examples: stop before anything is written
+        return
     micro = cfg.train.batch_size // cfg.train.grad_accum
     steps_per_epoch = len(examples) // cfg.train.batch_size
     if steps_per_epoch == 0:

@@ -11,7 +11,9 @@ Sources behind `load_pairs` (preference pairs) and `load_sft` (prompt → respon
 Held-out pairs: all of `data.eval_dataset`; else the first `data.eval_size` rows (0 = all) of split
 `data.eval_split` of the same dataset (hh: its test split); else the last `data.eval_size` rows, never trained on.
 The rows' shape (strings, messages, implicit prompt, UltraFeedback's, HH) and what text the model sees with or
-without a chat template (`data.chat_template`) are data_shapes.py's.
+without a chat template (`data.chat_template`) are data_shapes.py's. `training_pairs` / `training_examples` give
+the scripts their token ids and print a one-line data summary first; with `data.preview N` they print the first N
+training pairs as JSON lines instead, and the script stops before anything is written.
 
 Tokenization (the rules of the original DPO code, https://github.com/eric-mitchell/direct-preference-optimization,
 plus what a real tokenizer needs): prompt and response are
@@ -349,11 +351,11 @@ def data_summary(report: dict, ids: list, untruncated: list, fields: tuple, n_he
     kind = "pairs" if len(fields) == 3 else "examples"
     line = f"data: {len(ids)} training {kind}" + (f", {n_held_out} held out" if n_held_out is not None else "")
     line += f", from {report.get('source', '?')}" + (f" ({report['shape']}; {report['rendering']})" if "shape" in report else "")
-    skipped = report.get("skipped") or {}
-    line += f"; rows: {report.get('rows', len(ids))} read, " + (
-        f"{sum(skipped.values())} skipped ({', '.join(f'{why}: {n}' for why, n in sorted(skipped.items()))})" if skipped else "none skipped")
-    if report.get("ties") is not None:
-        line += f", {report['ties']} ties" + (" (dropped)" if report.get("dropped_ties") else " (kept; data.drop_ties drops them)")
+    skipped, ties = report.get("skipped") or {}, report.get("ties")
+    reasons = ", ".join(f"{why}: {n}" for why, n in sorted(skipped.items()))
+    line += f"; rows: {report.get('rows', len(ids))} read, " + (f"{sum(skipped.values())} skipped ({reasons})" if skipped else "none skipped")
+    if ties is not None:
+        line += f", {ties} tie{'s' * (ties != 1)} " + ("(dropped)" if report.get("dropped_ties") else "(kept; data.drop_ties drops them)")
     if ids:
         def q(values, share):  # nearest-rank percentile
             return sorted(values)[max(0, math.ceil(share * len(values)) - 1)]

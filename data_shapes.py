@@ -2,35 +2,27 @@ r"""Row shapes: what one row of preference data holds, and how it becomes the pr
 model sees. data.py reads the rows (files, `save_to_disk` directories, the Hub) and tokenizes what this returns.
 
 The shape is detected once per dataset, from its first row (after `data.columns` renamed the user's columns);
-every other row must have the same one, or the run stops naming file, 1-based row and field:
-
-    (a) {"prompt": str, "chosen": str, "rejected": str}                         the text of each part
-    (b) {"prompt": [messages], "chosen": [messages] or str, "rejected": ...}   TRL's conversational format
-    (c) {"chosen": [messages], "rejected": [messages]}  implicit prompt: the leading turns both share
-        {"chosen": str, "rejected": str}              implicit prompt: the leading characters both share
-                                                      (TRL's maybe_extract_prompt, incl. its space rule)
-    (d) {"prompt": str, "chosen": [user turn = prompt, assistant turn, ...], "rejected": [...]}
-        (HuggingFaceH4/ultrafeedback_binarized): the conversation's leading turns are matched against the
-        prompt and removed
-    (e) {"chosen": "\n\nHuman: … \n\nAssistant: …", "rejected": …}             Anthropic HH dialogues
-
-A message is {"role": str, "content": str}. A response never contains its prompt: a response conversation
-that starts with a user (or system) turn must start with exactly the row's prompt, which is then removed, or the
-row is refused. After the prompt, turns that chosen and rejected still share (a multi-turn conversation that
-only differs in its last answer) move into the prompt too, so a response always starts with the assistant's
-turn. Rows whose chosen and rejected are identical carry no preference: skipped and counted.
+a later row of another shape stops the run naming file, 1-based row and field. A message is {"role", "content"}.
+    (a) {"prompt": str, "chosen": str, "rejected": str}
+    (b) {"prompt": [messages], "chosen": [messages] or str, "rejected": ...}        TRL's conversational format
+    (c) {"chosen": [messages], "rejected": [messages]}   implicit prompt: the leading turns both share, or
+        {"chosen": str, "rejected": str}               the leading characters (TRL's maybe_extract_prompt)
+    (d) {"prompt": str, "chosen": [user turn = prompt, assistant turn, ...], ...}   HuggingFaceH4/ultrafeedback_binarized
+    (e) {"chosen": "\n\nHuman: … \n\nAssistant: …", "rejected": …}                 Anthropic HH dialogues
+A response never contains its prompt: a response conversation that starts with a user (or system) turn must
+start with exactly the row's prompt, which is removed, or the row is refused. Turns that chosen and rejected
+still share after it (a multi-turn dialogue that differs only in its last answer) join the prompt, so a response
+starts with the assistant's turn. Rows with an empty response, or identical chosen and rejected (no
+preference), are skipped and counted, as HH's blemishes.
 
 What the model sees (`data.chat_template`; auto = on when the tokenizer has a chat template):
-    template on   every shape becomes turns rendered by the tokenizer's chat template: (a)'s strings are one
-                  user and one assistant turn, HH turns are Human → user, Assistant → assistant (text
-                  stripped). The prompt is rendered with the generation prompt; a response is what the template
-                  adds after it when the response's turns are appended (its text and end-of-turn tokens).
-                  Strings that already hold the tokenizer's special tokens (rendered before) are used as
-                  they are.
-    template off  strings are used as they are: (a) and (c)'s text, HH's raw dialogue split at its last
-                  "\n\nAssistant:" (the paper's setting). Conversations, which have no text of their own,
-                  are written as HH dialogues: "\n\nHuman: …\n\nAssistant:" + " answer".
-So one pair renders the same in every shape, except that (a)'s plain strings stay plain text without a template.
+    on    every shape becomes turns rendered by the chat template ((a)'s strings: one user and one assistant
+          turn; HH: Human → user, Assistant → assistant, text stripped). The prompt is rendered with the generation
+          prompt; a response is what the template adds after it when the response's turns are appended (its text
+          and end-of-turn tokens). Strings that already hold the tokenizer's special tokens are used as they are.
+    off   strings as they are: (a)'s and (c)'s text, HH's raw dialogue split at its last "\n\nAssistant:" (the
+          paper's setting); conversations, which have no text of their own, written as HH dialogues.
+So a pair renders the same in every shape, except that (a)'s plain strings stay plain text without a template.
 """
 
 import re
@@ -44,7 +36,6 @@ HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 HH_NAMES = {"user": "Human", "assistant": "Assistant"}  # other roles are written with their own name, capitalised
 MAX_SKIPPED = 0.01  # more than 1% skipped rows means the parser (or the data) is wrong: stop,
 MAX_SKIPPED_ROWS = 5  # unless they are only a handful (real HH has single blemishes: a 96-row slice may hold one)
-COLUMNS = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected")  # what data.columns can map
 
 SHAPES = {
     "text": "(a) prompt/chosen/rejected strings",
@@ -54,8 +45,6 @@ SHAPES = {
     "implicit-text": "(c) chosen/rejected strings, prompt = their shared prefix",
     "hh": "(e) Anthropic HH dialogues",
 }
-FIELDS = {"text": ("prompt", "chosen", "rejected"), "chat": ("prompt", "chosen", "rejected"),
-          "implicit-chat": ("chosen", "rejected"), "implicit-text": ("chosen", "rejected"), "hh": ("chosen", "rejected")}
 
 
 class DataError(UserError):
@@ -131,7 +120,7 @@ def _check_row(i, row, shape: str, source: str):
     """Every field the dataset's shape needs, with the right type; else one line naming row and field."""
     if not isinstance(row, dict):
         raise DataError(f"{source} row {i}: expected an object with prompt/chosen/rejected")
-    for field in FIELDS[shape]:
+    for field in ("prompt", "chosen", "rejected")[shape not in ("text", "chat") :]:
         if field not in row:
             raise DataError(f"{source} row {i}: field '{field}' is missing")
         value = row[field]
@@ -146,6 +135,10 @@ def _check_row(i, row, shape: str, source: str):
 # --------------------------------------------------------------------------------------------------------
 # Rows → (kind, prompt, chosen, rejected): "text" (strings), "hh" (HH text) or "chat" (lists of turns)
 # --------------------------------------------------------------------------------------------------------
+def _turn(role: str, text: str) -> dict:
+    return {"role": role, "content": text}
+
+
 def _same(a: dict, b: dict) -> bool:
     return a["role"] == b["role"] and a["content"].strip() == b["content"].strip()
 
@@ -167,10 +160,10 @@ def _prompt_turns(prompt, turns: list) -> int:
     return len(prompt) if len(turns) >= len(prompt) and all(map(_same, turns, prompt)) else 0
 
 
-def _chat_row(i, row, where):
-    """(b), (d) and (c)-conversations → ("chat", prompt turns, chosen turns, rejected turns, prompt removed?)."""
-    as_turns = lambda v: [{"role": "assistant", "content": v}] if isinstance(v, str) else list(v)  # noqa: E731
-    c, r = as_turns(row["chosen"]), as_turns(row["rejected"])
+def _chat_row(row, where):
+    """(b), (d) and (c)-conversations → ("chat", prompt turns, chosen turns, rejected turns, prompt removed?), or
+    why the row is skipped."""
+    c, r = ([_turn("assistant", v)] if isinstance(v, str) else list(v) for v in (row["chosen"], row["rejected"]))
     if "prompt" not in row:  # (c): the shared leading turns are the prompt
         n = _shared(c, r)
         if n == 0:
@@ -184,33 +177,31 @@ def _chat_row(i, row, where):
             n = _prompt_turns(p, turns)
             if n == 0:  # a conversation that starts with another prompt: training on it would teach that prompt
                 first = next((t for t in turns if t["role"] != "system"), turns[0])
+                ours = p if isinstance(p, str) else p[-1]["content"]
                 raise DataError(f"{where}: field '{field}' starts with a {first['role']} turn ({first['content'][:40]!r}) "
-                                f"that is not the row's prompt ({_text(p)[:40]!r}); a response must not contain a prompt: "
+                                f"that is not the row's prompt ({ours[:40]!r}); a response must not contain a prompt: "
                                 "fix the row, or map the right columns with data.columns")
             leads[field] = turns[:n]
         if len(leads) == 2 and not (len(leads["chosen"]) == len(leads["rejected"]) and all(map(_same, *leads.values()))):
             raise DataError(f"{where}: fields 'chosen' and 'rejected' start with different prompt turns")
         # (d): the conversation's own prompt turns (with its system turn, if any), removed from the responses
-        prompt = next(iter(leads.values()), None) or ([{"role": "user", "content": p}] if isinstance(p, str) else list(p))
+        prompt = next(iter(leads.values()), None) or ([_turn("user", p)] if isinstance(p, str) else list(p))
         c, r, removed = c[len(leads.get("chosen", [])) :], r[len(leads.get("rejected", [])) :], bool(leads)
         n = _shared(c, r)  # a multi-turn conversation: the turns before the answers differ belong to the prompt
         prompt = prompt + c[:n]
     c, r = c[n:], r[n:]
     for field, turns in (("chosen", c), ("rejected", r)):
         if not turns or not "".join(t["content"] for t in turns).strip():
-            raise DataError(f"{where}: field '{field}' is an empty response")
+            return "an empty response"
         if turns[0]["role"] != "assistant":
             raise DataError(f"{where}: field '{field}': after the prompt, the response starts with a {turns[0]['role']} "
                             "turn; a response starts with the assistant's turn")
     return ("chat", prompt, c, r, removed)
 
 
-def _text(value) -> str:
-    return value if isinstance(value, str) else "".join(m["content"] for m in value)
-
-
-def _text_row(i, row, shape, where):
-    """(a) and (c)-strings → ("text", prompt, chosen, rejected); an HH dialogue as the prompt → ("hh", ...)."""
+def _text_row(row, shape, where):
+    """(a) and (c)-strings → ("text", prompt, chosen, rejected) (an HH dialogue as the prompt: "hh"), or why the
+    row is skipped."""
     c, r = row["chosen"], row["rejected"]
     if shape == "implicit-text":  # TRL's extract_prompt: the shared prefix, a space before the cut goes to the responses
         n = 0
@@ -222,9 +213,8 @@ def _text_row(i, row, shape, where):
         p, c, r = c[:n], c[n:], r[n:]
     else:
         p = row["prompt"]
-    for field, value in (("chosen", c), ("rejected", r)):
-        if not value.strip():
-            raise DataError(f"{where}: field '{field}' is an empty response")
+    if not c.strip() or not r.strip():
+        return "an empty response"
     return ("hh" if is_hh_prompt(p) else "text", p, c, r, False)
 
 
@@ -278,9 +268,9 @@ def _render(kind, p, c, r, tokenizer, raw: bool, where):
         turns = hh_messages(p)
         if not turns or turns[-1] != {"role": "assistant", "content": ""}:
             return None  # text before the first turn: no dialogue to render
-        p, c, r = turns[:-1], [{"role": "assistant", "content": c.strip()}], [{"role": "assistant", "content": r.strip()}]
+        p, c, r = turns[:-1], [_turn("assistant", c.strip())], [_turn("assistant", r.strip())]
     elif kind == "text":
-        p, c, r = [{"role": "user", "content": p}], [{"role": "assistant", "content": c}], [{"role": "assistant", "content": r}]
+        p, c, r = [_turn("user", p)], [_turn("assistant", c)], [_turn("assistant", r)]
     rendered = render_chat(tokenizer, p, [c, r], where)
     return None if rendered is None else (rendered[0], *rendered[1])
 
@@ -321,7 +311,11 @@ def to_pairs(rows: list, source: str, data_cfg, tokenizer=None, report: dict | N
                 skipped.append((i, "chosen = rejected"))
                 continue
             where = f"{source} row {i}"
-            normalised.append((i, *(_chat_row(i, row, where) if shape in ("chat", "implicit-chat") else _text_row(i, row, shape, where))))
+            out = _chat_row(row, where) if shape in ("chat", "implicit-chat") else _text_row(row, shape, where)
+            if isinstance(out, str):  # why it is skipped: an empty response, as HH's
+                skipped.append((i, out))
+            else:
+                normalised.append((i, *out))
         if shape == "text":
             _remove_repeated_prompt(normalised, source, report)
         shape = "chat-full" if shape == "chat" and any(n[5] for n in normalised) else shape
@@ -337,9 +331,10 @@ def to_pairs(rows: list, source: str, data_cfg, tokenizer=None, report: dict | N
         else:
             pairs.append((i, dict(zip(("prompt", "chosen", "rejected"), rendered))))
     _count_skipped(skipped, len(rows), source, shape == "hh")
-    report.update(source=source, shape=SHAPES[shape], rows=len(rows), skipped=Counter(reason for _, reason in skipped),
-                  rendering=("chat template" if template is not None and not raw
-                             else "HH text" if shape in ("chat", "chat-full", "implicit-chat") else "text as given"))
+    removed = "; the prompt cut off the responses, which repeated it" if report.pop("prompt_removed", False) else ""
+    report.update(source=source, shape=SHAPES[shape] + removed, rows=len(rows), skipped=Counter(reason for _, reason in skipped),
+                  rendering=("rendered by the chat template" if template is not None and not raw
+                             else "written as HH text" if shape in ("chat", "chat-full", "implicit-chat") else "text as given"))
     return _scores(pairs, dict(rows), source, data_cfg.drop_ties, report)
 
 

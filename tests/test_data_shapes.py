@@ -42,7 +42,8 @@ def shapes(row: dict) -> dict:
     scores = {"score_chosen": row["metadata"]["score_chosen"], "score_rejected": row["metadata"]["score_rejected"]}
     return {
         "a": {"prompt": p, "chosen": c, "rejected": r},
-        "a, HH-formatted": {"prompt": f"\n\nHuman: {p}\n\nAssistant:", "chosen": " " + c, "rejected": " " + r},  # Dahoas/rm-static's layout
+        "a, HH-formatted": {"prompt": f"\n\nHuman: {p}\n\nAssistant:", "response": " " + c, "chosen": " " + c,  # Dahoas/rm-static
+                            "rejected": " " + r},
         "b": {"prompt": [user(p)], "chosen": [assistant(c)], "rejected": [assistant(r)]},
         "c, conversations": {"chosen": [user(p), assistant(c)], "rejected": [user(p), assistant(r)], **scores},  # trl-lib/ultrafeedback_binarized
         "c, strings": {"chosen": p + c, "rejected": p + r},

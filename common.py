@@ -113,7 +113,7 @@ class DataArgs:
     drop_ties: bool = False  # drop pairs with score_chosen == score_rejected (they are counted either way)
     preview: int = 0  # N > 0: print the first N training pairs as JSON lines (exact text, token counts, cuts) and exit
     hh_subset: str = ""  # Anthropic/hh-rlhf data_dir, e.g. "harmless-base"; "" = all of HH
-    chat_template: Literal["auto", "on", "off"] = "auto"  # HH dialogues through the tokenizer's chat template: auto = if it has one; off = raw "\n\nHuman: … \n\nAssistant:" text (the paper's)
+    chat_template: Literal["auto", "on", "off"] = "auto"  # rows through the tokenizer's chat template: auto = if it has one; off = text as given (HH: raw "\n\nHuman: … \n\nAssistant:", the paper's)
     max_length: int = 64  # max tokens of prompt + response
     max_prompt_length: int = 32  # longer prompts keep their last max_prompt_length tokens
     seed: int = 0  # seed of the built-in task's data (fixed across training seeds)

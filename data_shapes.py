@@ -95,10 +95,9 @@ def _is_messages(value) -> bool:
 
 
 def _found(value) -> str:
-    if isinstance(value, str):
-        return "a string"
-    if _is_messages(value):
-        return f"a list of {len(value)} messages"
+    """What a field holds, for error messages."""
+    if isinstance(value, str) or _is_messages(value):
+        return "a string" if isinstance(value, str) else f"a list of {len(value)} messages"
     return f"a list ({value[0]!r:.40})" if isinstance(value, list) and value else type(value).__name__
 
 
@@ -120,16 +119,14 @@ def _check_row(i, row, shape: str, source: str):
     """Every field the dataset's shape needs, with the right type; else one line naming row and field."""
     if not isinstance(row, dict):
         raise DataError(f"{source} row {i}: expected an object with prompt/chosen/rejected")
+    ok, kind = {"implicit-chat": (_is_messages, "a list of {role, content} messages"),
+                "chat": (lambda v: isinstance(v, str) or _is_messages(v), "a string or a list of {role, content} messages"),
+                }.get(shape, (lambda v: isinstance(v, str), "a string"))
     for field in ("prompt", "chosen", "rejected")[shape not in ("text", "chat") :]:
         if field not in row:
             raise DataError(f"{source} row {i}: field '{field}' is missing")
-        value = row[field]
-        if shape == "implicit-chat" and not _is_messages(value):
-            raise DataError(f"{source} row {i}: field '{field}' must be a list of {{role, content}} messages, got {_found(value)}")
-        if shape == "chat" and not (isinstance(value, str) or _is_messages(value)):
-            raise DataError(f"{source} row {i}: field '{field}' must be a string or a list of {{role, content}} messages, got {_found(value)}")
-        if shape in ("text", "implicit-text", "hh") and not isinstance(value, str):
-            raise DataError(f"{source} row {i}: field '{field}' must be a string, got {type(value).__name__}")
+        if not ok(row[field]):
+            raise DataError(f"{source} row {i}: field '{field}' must be {kind}, got {_found(row[field])}")
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ import variants
 from plumbing import fast_logps
 from plumbing.checkpoints import load_checkpoint, resume_point, save_checkpoint, save_final
 from plumbing.config import SFTConfig, parse_config, require
-from plumbing.data import collate_pairs, load_pairs, micro_batch_indices, tokenize_pairs
+from plumbing.data import collate_pairs, micro_batch_indices, training_pairs
 from plumbing.distributed import frozen_dtype, load_on_main, main_first, shard_frozen
 from plumbing.errors import UserError, main_guard
 from plumbing.launch import start_run
@@ -445,12 +445,6 @@ def precompute_reference_logps(accelerator, cfg: Config, reference, pairs, pad_i
     return cached(accelerator, reference_cache_file(cfg, pairs, name), score_all, f"reference log-probs of {len(pairs)} {name} pairs")
 
 
-def load_pairs_for(cfg: Config, tokenizer, split: str) -> list:
-    """The tokenized (prompt, chosen, rejected) id lists of one split, "train" or "eval" (plumbing/data.py)."""
-    rows = load_pairs(cfg.data, split, tokenizer)
-    return tokenize_pairs(tokenizer, rows, cfg.data.max_length, cfg.data.max_prompt_length)
-
-
 def load_policy_and_reference(cfg: Config, accelerator):
     """→ (policy to train, load_reference), load_reference() → the frozen reference π_ref or None; called once
     the policy is sharded, so that the main process never holds two whole models. None for the reference-free
@@ -493,10 +487,12 @@ def train(cfg: Config):
     # ---- 2. data ---------------------------------------------------------------------------------------
     if cfg.model.name_or_path == "tiny":
         raise UserError("model.name_or_path: β-DPO starts from a trained policy; run sft.py first and pass its final/ dir")
-    def tokenizer_and_data():  # rank 0 first: a hub tokenizer or data set is downloaded once, then read from the cache
-        tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-        return tokenizer, load_pairs_for(cfg, tokenizer, "train"), load_pairs_for(cfg, tokenizer, "eval")
-    tokenizer, train_pairs, eval_pairs = main_first(accelerator, tokenizer_and_data)
+    # Rank 0 first: a hub tokenizer (or data set, inside training_pairs) is downloaded once, then read from the cache.
+    tokenizer = main_first(accelerator, lambda: load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code))
+    data = training_pairs(cfg.data, tokenizer, accelerator.is_main_process)  # prints the data summary line
+    if data is None:  # data.preview N printed the first N pairs: stop before anything is written
+        return out
+    train_pairs, eval_pairs = data  # (prompt, chosen, rejected) id lists of the training and held-out pairs
     lengths = tuple(len(p) + max(len(c), len(r)) for p, c, r in train_pairs) if cfg.train.group_by_length else None
     calib_size = cfg.train.batch_size // cfg.train.grad_accum  # N: pairs in one calibration batch (all processes)
     per_process = calib_size // P  # B

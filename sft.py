@@ -27,7 +27,7 @@ import torch
 from plumbing import sort_task
 from plumbing.checkpoints import load_checkpoint, resume_point, save_checkpoint, save_final
 from plumbing.config import SFTConfig, parse_config
-from plumbing.data import collate, load_sft, micro_batch_indices, tokenize
+from plumbing.data import collate, load_sft, micro_batch_indices, tokenize, training_examples
 from plumbing.errors import UserError, main_guard
 from plumbing.fast_logps import token_logps
 from plumbing.launch import start_run
@@ -65,8 +65,9 @@ def main():
     # ---- data -----------------------------------------------------------------------------------------
     from_scratch = cfg.model.name_or_path == "tiny"
     tokenizer = sort_task.build_tokenizer() if from_scratch else load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    rows = load_sft(cfg.data, "train", tokenizer)
-    examples = tokenize(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows], cfg.data.max_length, cfg.data.max_prompt_length)
+    examples = training_examples(cfg.data, tokenizer, accelerator.is_main_process)  # (prompt, response) ids; prints the data summary
+    if examples is None:  # data.preview N printed the first N examples: stop before anything is written
+        return
     micro = cfg.train.batch_size // cfg.train.grad_accum
     steps_per_epoch = len(examples) // cfg.train.batch_size
     if steps_per_epoch == 0:

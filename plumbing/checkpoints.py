@@ -54,7 +54,7 @@ FINISHED = "finished.json"
 # Keys that may change when a run resumes: how long it trains, how often it saves and evaluates, where it
 # logs and caches, eval.py's own settings. Anything else would change what the saved state means.
 RESUMABLE_KEYS = ("train.max_steps", "train.epochs", "train.save_every", "train.eval_every", "train.output_dir",
-                  "train.ref_cache_dir", "train.gradient_checkpointing", "train.dist_timeout_min", "log.", "eval.")
+                  "train.ref_cache_dir", "train.gradient_checkpointing", "train.dist_timeout_min", "log.", "eval.", "data.preview")
 
 
 def _sha256(path: Path) -> str:

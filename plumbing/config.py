@@ -35,11 +35,17 @@ class ModelArgs:
 class DataArgs:
     """data.*: which pairs (or demonstrations), and how they are cut to length."""
 
-    dataset: str = "sort"  # "sort" (built-in task), "hh" (Anthropic/hh-rlhf from the Hub) or a .jsonl/.json/.parquet path
-    eval_dataset: str = ""  # held-out pairs file for a local dataset; "" = hold out its last eval_size rows
-    eval_size: int = 256  # held-out pairs (sort: generated; hh: first N of the test split, 0 = all; file: see above)
+    dataset: str = "sort"  # "sort" (built-in task), "hh" (Anthropic/hh-rlhf), a Hub id org/name, a save_to_disk dir or a .jsonl(.gz)/.json/.parquet file
+    eval_dataset: str = ""  # held-out pairs (any source above, all its rows); "" = eval_split, else the last eval_size rows of dataset
+    eval_size: int = 256  # held-out pairs (sort: generated; hh, eval_split: the first N, 0 = all; else: see eval_dataset)
+    subset: str = ""  # Hub dataset: its subset (load_dataset's `name`); "" = the dataset's default
+    split: str = "train"  # Hub dataset or save_to_disk DatasetDict: the training split, e.g. "train_prefs"
+    eval_split: str = ""  # held-out split of the same dataset, e.g. "test_prefs" (its first eval_size rows)
+    columns: str = ""  # other column names, ours=theirs: "prompt=question,chosen=response_j,rejected=response_k" (a.b = nested)
+    drop_ties: bool = False  # drop pairs with score_chosen == score_rejected (they are counted either way)
+    preview: int = 0  # N > 0: print the first N training pairs as JSON lines (exact text, token counts, cuts) and exit
     hh_subset: str = ""  # Anthropic/hh-rlhf data_dir, e.g. "harmless-base"; "" = all of HH
-    chat_template: Literal["auto", "on", "off"] = "auto"  # HH dialogues through the tokenizer's chat template: auto = if it has one; off = raw "\n\nHuman: … \n\nAssistant:" text (the paper's)
+    chat_template: Literal["auto", "on", "off"] = "auto"  # rows through the tokenizer's chat template: auto = if it has one; off = text as given (HH: raw "\n\nHuman: … \n\nAssistant:", the paper's)
     max_length: int = 64  # max tokens of prompt + response
     max_prompt_length: int = 32  # longer prompts keep their last max_prompt_length tokens
     seed: int = 0  # seed of the built-in task's data (fixed across training seeds)
@@ -152,6 +158,12 @@ def validate(cfg, num_processes: int = 1):
     require(0 <= D.sft_noise <= 1, "data.sft_noise", f"must be in [0, 1], got {D.sft_noise}")
     require(D.eval_size >= 0, "data.eval_size", f"must be ≥ 0, got {D.eval_size}")
     require(1 <= D.sort_min_len <= D.sort_max_len, "data.sort_min_len", "must be in [1, data.sort_max_len]")
+    require(D.preview >= 0, "data.preview", f"must be ≥ 0, got {D.preview}")
+    columns = [item.split("=") for item in D.columns.split(",") if item.strip()]
+    require(all(len(c) == 2 and c[0].strip() in ("prompt", "chosen", "rejected", "score_chosen", "score_rejected") and c[1].strip()
+                for c in columns) and len({c[0].strip() for c in columns}) == len(columns), "data.columns",
+            f"must be like 'prompt=question,chosen=response_j,rejected=response_k' (ours: prompt, chosen, rejected, "
+            f"score_chosen, score_rejected; each once), got {D.columns!r}")
     require(cfg.log.progress_every > 0, "log.progress_every", f"must be > 0, got {cfg.log.progress_every}")
     E = cfg.eval
     for key in ("num_prompts", "samples_per_prompt", "max_new_tokens", "batch_size"):

@@ -1,24 +1,19 @@
 r"""Data for all three scripts: where pairs come from, how they are tokenized, how batches are padded, and
 in which order they are trained on.
 
-Three sources behind `load_pairs` (preference pairs) and `load_sft` (prompt → response):
+Sources behind `load_pairs` (preference pairs) and `load_sft` (prompt → response), for `data.dataset` and
+`data.eval_dataset`:
     sort              the built-in task (sort_task.py), generated from `data.seed`
-    hh                Anthropic HH through `datasets.load_dataset("Anthropic/hh-rlhf")`
-    path/to/file      .jsonl / .jsonl.gz / .json / .parquet with `prompt`, `chosen`, `rejected`
-                      (strings, or chat message lists rendered with the tokenizer's chat template),
-                      or HH-style rows with only `chosen` / `rejected` dialogues, parsed like the hub data
-
-HH dialogues ("\n\nHuman: … \n\nAssistant: …" turns) are split at the last "\n\nAssistant:". What the model then
-sees depends on `data.chat_template`:
-    off    the raw text: prompt = everything up to and including the last "\n\nAssistant:", response = the
-           rest. The paper's setting, for base models (Pythia-2.8B).
-    on     the turns become chat messages (Human → user, Assistant → assistant, text stripped) rendered by the
-           tokenizer's chat template: prompt = every turn before the last assistant turn, rendered with the
-           generation prompt ("<|im_start|>assistant\n" for SmolLM2); response = what the template adds after
-           that prompt when the last assistant turn is appended: its text and the end-of-turn tokens
-           ("…<|im_end|>\n"). A chat model sees HH the way it was tuned to see conversations. The template may
-           add its own default system turn (SmolLM2's does).
-    auto   (default) `on` when the tokenizer has a chat template, else `off`.
+    hh                Anthropic HH through `datasets.load_dataset("Anthropic/hh-rlhf")` (`data.hh_subset`)
+    org/name          a Hub dataset, `datasets.load_dataset(org/name, data.subset, split=data.split)`
+    path/to/dir       a directory written by `datasets.save_to_disk` (a DatasetDict: its split `data.split`)
+    path/to/file      .jsonl / .jsonl.gz / .json / .parquet
+Held-out pairs: all of `data.eval_dataset`; else the first `data.eval_size` rows (0 = all) of split
+`data.eval_split` of the same dataset (hh: its test split); else the last `data.eval_size` rows, never trained on.
+The rows' shape (strings, messages, implicit prompt, UltraFeedback's, HH) and what text the model sees with or
+without a chat template (`data.chat_template`) are data_shapes.py's. `training_pairs` / `training_examples` give
+the scripts their token ids and print a one-line data summary first; with `data.preview N` they print the first N
+training pairs as JSON lines instead, and the script stops before anything is written.
 
 Tokenization (the rules of the original DPO code, https://github.com/eric-mitchell/direct-preference-optimization,
 plus what a real tokenizer needs): prompt and response are
@@ -40,81 +35,133 @@ cut, keeping its start, so that prompt + response ≤ `max_length`; a cut respon
 response tokens are scored.
 """
 
+import contextlib
 import functools
 import gzip
 import json
+import math
 import re
+import statistics
+import sys
 import zlib
 from pathlib import Path
 
 import torch
 
 from plumbing import sort_task
-from plumbing.errors import UserError
+from plumbing.data_shapes import DataError, hh_messages, split_hh, to_pairs  # noqa: F401 (hh_messages, split_hh: data's API)
 
-HH_MARKER = "\n\nAssistant:"
-HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")  # a turn starts at a blank line (or the text's start)
-HH_ROLES = {"Human": "user", "Assistant": "assistant"}
-HH_MAX_SKIPPED = 0.01  # more than 1% malformed public rows means the parser (or the data) is wrong: stop,
-HH_MAX_SKIPPED_ROWS = 5  # unless they are only a handful (real HH has single blemishes: a 96-row slice may hold one)
-
-
-class DataError(UserError):
-    pass
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name
+FILE_SUFFIXES = (".jsonl", ".json", ".gz", ".parquet", ".csv", ".txt", ".arrow")  # a path, not a Hub id, when missing
 
 
 # --------------------------------------------------------------------------------------------------------
 # Sources
 # --------------------------------------------------------------------------------------------------------
-def load_pairs(data_cfg, split: str, tokenizer=None) -> list[dict]:
-    """Rows {prompt, chosen, rejected} (strings) of the `train` or `eval` split."""
-    if data_cfg.dataset == "sort":
-        n = data_cfg.num_train if split == "train" else data_cfg.eval_size
-        flip = data_cfg.flip_ratio if split == "train" else 0.0  # held-out labels stay clean
-        return sort_task.preference_pairs(
-            n, data_cfg.seed, data_cfg.high_gap_ratio, flip, data_cfg.sort_min_len, data_cfg.sort_max_len, split
-        )
-    if data_cfg.dataset == "hh":
-        chat = _hh_template(data_cfg, tokenizer)
-        rows = _parse_hh(_load_hh_hub(data_cfg, "train" if split == "train" else "test"), "Anthropic/hh-rlhf", chat)
-        return rows if split == "train" or not data_cfg.eval_size else rows[: data_cfg.eval_size]
-    if split == "eval" and data_cfg.eval_dataset:
-        return _load_file_pairs(data_cfg.eval_dataset, tokenizer, data_cfg)
-    rows = _load_file_pairs(data_cfg.dataset, tokenizer, data_cfg)
-    if data_cfg.eval_dataset:
+def load_pairs(data_cfg, split: str, tokenizer=None, report: dict | None = None) -> list[dict]:
+    """Rows {prompt, chosen, rejected} (strings, + score_chosen/score_rejected if the data has them) of the
+    `train` or `eval` split. `report` (a dict) receives what the data summary says: source, shape, rows read,
+    skipped (by reason), ties."""
+    D, report = data_cfg, {} if report is None else report
+    if D.dataset == "sort":
+        n = D.num_train if split == "train" else D.eval_size
+        flip = D.flip_ratio if split == "train" else 0.0  # held-out labels stay clean
+        report.update(source="the built-in sort task", rows=n)
+        return sort_task.preference_pairs(n, D.seed, D.high_gap_ratio, flip, D.sort_min_len, D.sort_max_len, split)
+    if D.dataset == "hh":
+        advice = "Without network, download it elsewhere and pass the local file, e.g. data.dataset: harmless-base/train.jsonl.gz"
+        rows = _hub_rows("Anthropic/hh-rlhf", "could not load Anthropic/hh-rlhf", advice, data_dir=D.hh_subset or None,
+                         split="train" if split == "train" else "test")
+        rows = to_pairs(rows, "Anthropic/hh-rlhf", D, tokenizer, report)
+        return rows if split == "train" or not D.eval_size else rows[: D.eval_size]
+    if split == "eval" and D.eval_dataset:
+        return _source_pairs(D.eval_dataset, "data.eval_dataset", *_split(D, D.eval_split), D, tokenizer, report)
+    if split == "eval" and D.eval_split:
+        rows = _source_pairs(D.dataset, "data.dataset", D.eval_split, "data.eval_split", D, tokenizer, report)
+        return rows[: D.eval_size] if D.eval_size else rows
+    rows = _source_pairs(D.dataset, "data.dataset", D.split, "data.split", D, tokenizer, report)
+    if D.eval_dataset or D.eval_split:
         return rows
-    # No separate eval file: the last `eval_size` rows are held out and never trained on.
-    if len(rows) <= data_cfg.eval_size:
-        raise DataError(f"{data_cfg.dataset}: {len(rows)} rows leave none for training after holding out "
-                        f"data.eval_size={data_cfg.eval_size} (set data.eval_dataset or a smaller data.eval_size)")
-    n_train = len(rows) - data_cfg.eval_size  # (not rows[:-eval_size]: that is empty for eval_size 0)
+    # No separate held-out data: the last `eval_size` rows are held out and never trained on.
+    if len(rows) <= D.eval_size:
+        raise DataError(f"{D.dataset}: {len(rows)} rows leave none for training after holding out "
+                        f"data.eval_size={D.eval_size} (set data.eval_dataset or a smaller data.eval_size)")
+    n_train = len(rows) - D.eval_size  # (not rows[:-eval_size]: that is empty for eval_size 0)
     return rows[:n_train] if split == "train" else rows[n_train:]
 
 
-def load_sft(data_cfg, split: str, tokenizer=None) -> list[dict]:
+def load_sft(data_cfg, split: str, tokenizer=None, report: dict | None = None) -> list[dict]:
     """Rows {prompt, response}: the built-in task's imperfect demonstrations, else the pairs' chosen side."""
     if data_cfg.dataset == "sort":
         n = data_cfg.num_sft if split == "train" else data_cfg.eval_size
         noise = data_cfg.sft_noise if split == "train" else 0.0
+        if report is not None:
+            report.update(source="the built-in sort task", rows=n)
         return sort_task.sft_examples(n, data_cfg.seed + (split != "train"), noise, data_cfg.sort_min_len, data_cfg.sort_max_len)
-    return [{"prompt": r["prompt"], "response": r["chosen"]} for r in load_pairs(data_cfg, split, tokenizer)]
+    return [{"prompt": r["prompt"], "response": r["chosen"]} for r in load_pairs(data_cfg, split, tokenizer, report)]
 
 
-def _load_hh_hub(data_cfg, split):
+def _split(D, eval_split: str) -> tuple[str, str]:
+    return (eval_split, "data.eval_split") if eval_split else (D.split, "data.split")
+
+
+def _source_pairs(spec: str, key: str, split: str, split_key: str, data_cfg, tokenizer, report: dict) -> list[dict]:
+    """One source (a Hub id, a save_to_disk directory or a file) → pairs; `split` (named `split_key` in the config)
+    is the split of a Hub dataset or a saved DatasetDict."""
+    path = Path(spec)
+    if path.is_dir():
+        return to_pairs(_disk_rows(spec, key, split, split_key), f"{spec} (split {split})", data_cfg, tokenizer, report)
+    if not path.exists() and HUB_ID.fullmatch(spec) and not spec.lower().endswith(FILE_SUFFIXES):
+        subset = f", '{data_cfg.subset}'" if data_cfg.subset else ""
+        advice = (f"Where there is network, save it (datasets.load_dataset('{spec}'{subset}, split='{split}')"
+                  f".save_to_disk('DIR')) and pass DIR as {key}; or pass a local .jsonl/.parquet file")
+        rows = _hub_rows(spec, f"{key}: could not load '{spec}' from the Hugging Face Hub", advice,
+                         name=data_cfg.subset or None, split=split)
+        return to_pairs(rows, f"{spec} (split {split})", data_cfg, tokenizer, report)
+    return to_pairs(_read_rows(spec), spec, data_cfg, tokenizer, report)
+
+
+def _hub_rows(repo: str, failed: str, advice: str, **kwargs) -> list[tuple[int, dict]]:
+    """(1-based row number, row) of a Hub dataset split. The main process downloads it while the others wait; they
+    then read the cache it filled. Without network only the local cache is tried, at once (not a minute of
+    retries): the Hub is asked once, with a timeout (plumbing.models.hub_reachable)."""
     import datasets
+    from accelerate import PartialState
 
     from plumbing.models import hub_reachable
 
-    if not hub_reachable():  # the local datasets cache only: at once, instead of a minute of retries
+    offline = not hub_reachable()
+    if offline:
         datasets.config.HF_HUB_OFFLINE = True
+    failure = None
+    with PartialState().main_process_first():
+        try:
+            ds = datasets.load_dataset(repo, **kwargs)
+        except Exception as e:  # offline, unknown id or split, hub down: each ends in one line
+            failure = e  # (raised after the barrier: the processes waiting for this one must not wait forever)
+    if failure is not None:
+        why = (f"{type(failure).__name__}: {str(failure).strip().splitlines()[0][:200]}" if str(failure).strip() else type(failure).__name__)
+        if offline and isinstance(failure, ConnectionError):
+            why = "the Hub cannot be reached (no network?) and it is not in the local cache"
+        raise DataError(f"{failed} ({why}). {advice}")
+    return list(enumerate(ds.to_list(), 1))
+
+
+def _disk_rows(path: str, key: str, split: str, split_key: str) -> list[tuple[int, dict]]:
+    """(1-based row number, row) of a directory written by `datasets.save_to_disk` (a Dataset, or a DatasetDict's
+    split `split`)."""
+    import datasets
+
     try:
-        ds = datasets.load_dataset("Anthropic/hh-rlhf", data_dir=data_cfg.hh_subset or None, split=split)
-    except Exception as e:  # offline, hub down, unknown subset: all end the same way for the user
-        raise DataError(
-            f"could not load Anthropic/hh-rlhf ({type(e).__name__}: {str(e).splitlines()[0][:200]}). Without "
-            "network, download it elsewhere and pass the local file, e.g. data.dataset: harmless-base/train.jsonl.gz"
-        ) from None
-    return [(i + 1, row) for i, row in enumerate(ds)]
+        ds = datasets.load_from_disk(path)
+    except FileNotFoundError:
+        raise DataError(f"{key}: '{path}' is a directory, but not one written by datasets' save_to_disk "
+                        "(pass a .jsonl/.parquet file, or such a directory)") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{split_key}: {path} has no split '{split}' (it has {', '.join(ds)}); set {split_key}")
+        ds = ds[split]
+    return list(enumerate(ds.to_list(), 1))
 
 
 def _read_rows(path: str) -> list[tuple[int, object]]:
@@ -174,150 +221,6 @@ def _read_parquet(p: Path) -> list[tuple[int, object]]:
         raise DataError(f"{p}: not a readable parquet file ({first})") from None
 
 
-def _load_file_pairs(path: str, tokenizer, data_cfg) -> list[dict]:
-    rows = _read_rows(path)
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    if not isinstance(rows[0][1], dict):
-        raise DataError(f"{path} row {rows[0][0]}: expected an object with prompt/chosen/rejected")
-    if "prompt" not in rows[0][1]:  # HH-style dialogues: parse exactly like the hub dataset
-        return _parse_hh(rows, path, _hh_template(data_cfg, tokenizer))
-    return [_user_row(path, i, row, tokenizer) for i, row in rows]
-
-
-def _user_row(path, i, row, tokenizer) -> dict:
-    """Validate one row of the user's own data; any problem stops the run naming file, row and field."""
-    if not isinstance(row, dict):
-        raise DataError(f"{path} row {i}: expected an object with prompt/chosen/rejected")
-    for field in ("prompt", "chosen", "rejected"):
-        if field not in row:
-            raise DataError(f"{path} row {i}: field '{field}' is missing")
-        value = row[field]
-        if isinstance(value, list):
-            if not all(isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in value):
-                raise DataError(f"{path} row {i}: field '{field}' must be a string or a list of {{role, content}} messages")
-        elif not isinstance(value, str):
-            raise DataError(f"{path} row {i}: field '{field}' must be a string, got {type(value).__name__}")
-    if isinstance(row["prompt"], list):
-        out = _render_chat(path, i, row, tokenizer)
-    else:
-        out = {k: row[k] if isinstance(row[k], str) else _message_text(row[k]) for k in ("prompt", "chosen", "rejected")}
-    for field in ("chosen", "rejected"):
-        if not out[field].strip():
-            raise DataError(f"{path} row {i}: field '{field}' is an empty response")
-    return out
-
-
-def _message_text(messages) -> str:
-    return "".join(m["content"] for m in messages)
-
-
-def _render_chat(path, i, row, tokenizer) -> dict:
-    """Chat rows: the prompt is rendered with the generation prompt; a response is whatever the template
-    adds after it when the assistant turn is appended (so end-of-turn tokens are part of the response)."""
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{path} row {i}: chat-format rows need a tokenizer with a chat template")
-    prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
-    out = {"prompt": prompt}
-    for field in ("chosen", "rejected"):
-        turn = row[field] if isinstance(row[field], list) else [{"role": "assistant", "content": row[field]}]
-        full = tokenizer.apply_chat_template(row["prompt"] + turn, tokenize=False)
-        if not full.startswith(prompt):
-            raise DataError(f"{path} row {i}: the chat template renders '{field}' without the prompt as its prefix")
-        out[field] = full[len(prompt) :]
-    return out
-
-
-def split_hh(text: str) -> tuple[str, str]:
-    """Split an HH dialogue at its last '\\n\\nAssistant:' into (prompt incl. the marker, response)."""
-    cut = text.rfind(HH_MARKER) + len(HH_MARKER)
-    return text[:cut], text[cut:]
-
-
-def hh_messages(text: str) -> list[dict] | None:
-    """An HH dialogue → chat messages [{role, content}], Human → user, Assistant → assistant, each turn's text
-    stripped. None if text precedes the first turn (not an HH dialogue)."""
-    parts = HH_TURN.split(text)  # [text before the first turn, role, text, role, text, ...]
-    if parts[0].strip():
-        return None
-    return [{"role": HH_ROLES[role], "content": content.strip()} for role, content in zip(parts[1::2], parts[2::2])]
-
-
-def _hh_template(data_cfg, tokenizer):
-    """The tokenizer whose chat template renders HH dialogues, or None for the raw text (`data.chat_template`)."""
-    has_template = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
-    if data_cfg.chat_template == "on" and not has_template:
-        raise DataError("data.chat_template is 'on' but the tokenizer has no chat template (use 'auto' or 'off')")
-    return tokenizer if has_template and data_cfg.chat_template != "off" else None
-
-
-def _render_hh(tokenizer, prompt: str, responses: tuple[str, ...], where: str) -> tuple[str, tuple[str, ...]] | None:
-    """Raw HH prompt and responses → (chat-rendered prompt, rendered responses), or None if the template refuses
-    the dialogue (e.g. one that insists on alternating roles)."""
-    from jinja2 import TemplateError
-
-    turns = hh_messages(prompt)
-    if turns is None or not turns or turns[-1] != {"role": "assistant", "content": ""}:
-        return None
-    turns = turns[:-1]  # the prompt ends with the empty "\n\nAssistant:" the response is the text of
-    try:
-        rendered = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-        out = []
-        for response in responses:
-            full = tokenizer.apply_chat_template(turns + [{"role": "assistant", "content": response.strip()}], tokenize=False)
-            if not full.startswith(rendered):
-                raise DataError(f"{where}: the chat template does not render the prompt as the start of the whole "
-                                "dialogue, so the response cannot be cut off it; set data.chat_template: off")
-            out.append(full[len(rendered) :])
-    except TemplateError:
-        return None
-    return rendered, tuple(out)
-
-
-def _parse_hh(rows, source: str, chat_tokenizer=None) -> list[dict]:
-    """HH rows → pairs, as raw text or, with `chat_tokenizer`, rendered by its chat template. Rows with an empty
-    response, chosen and rejected dialogues that do not share the prompt, or (chat) turns the template refuses,
-    are skipped and counted (the original DPO code trained on them as if they were fine)."""
-    pairs, skipped = [], []
-    for i, row in rows:
-        for field in ("chosen", "rejected"):
-            if not isinstance(row, dict) or field not in row:
-                raise DataError(f"{source} row {i}: field '{field}' is missing")
-            if not isinstance(row[field], str):
-                raise DataError(f"{source} row {i}: field '{field}' must be a string, got {type(row[field]).__name__}")
-        prompt, chosen = split_hh(row["chosen"])
-        rejected_prompt, rejected = split_hh(row["rejected"])
-        if prompt != rejected_prompt or not chosen.strip() or not rejected.strip() or HH_MARKER not in prompt:
-            skipped.append(i)
-            continue
-        if chat_tokenizer is not None:
-            rendered = _render_hh(chat_tokenizer, prompt, (chosen, rejected), f"{source} row {i}")
-            if rendered is None:
-                skipped.append(i)
-                continue
-            prompt, (chosen, rejected) = rendered
-        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    if skipped:
-        share = len(skipped) / len(rows)
-        msg = (f"{source}: {len(skipped)} of {len(rows)} rows have an empty response or chosen/rejected "
-               f"prompts that differ{' or turns the chat template refuses' if chat_tokenizer is not None else ''} "
-               f"(rows {', '.join(map(str, skipped[:5]))}{', ...' if len(skipped) > 5 else ''})")
-        if share > HH_MAX_SKIPPED and len(skipped) > HH_MAX_SKIPPED_ROWS:
-            raise DataError(msg + f": more than {HH_MAX_SKIPPED:.0%}, is this really HH-format data?")
-        _warn_once(f"warning: {msg}; skipped")
-    return pairs
-
-
-_warned = set()
-
-
-def _warn_once(message: str):
-    """The same file is parsed for the training and the held-out split: say what is wrong with it once."""
-    if message not in _warned:
-        _warned.add(message)
-        print(message, flush=True)
-
-
 # --------------------------------------------------------------------------------------------------------
 # Tokenization and padding
 # --------------------------------------------------------------------------------------------------------
@@ -332,8 +235,10 @@ def special_prefix(tokenizer) -> list[int]:
     return []
 
 
-def tokenize(tokenizer, prompts: list[str], responses: list[str], max_length: int, max_prompt_length: int):
-    """→ list of (prompt_ids, response_ids) after the BOS/EOS and truncation rules in the module docstring."""
+def tokenize(tokenizer, prompts: list[str], responses: list[str], max_length: int, max_prompt_length: int,
+             untruncated: list | None = None):
+    """→ list of (prompt_ids, response_ids) after the BOS/EOS and truncation rules in the module docstring.
+    `untruncated` (a list) receives each (prompt, response) token count before truncation (the data summary's)."""
     bos, eos = special_prefix(tokenizer), tokenizer.eos_token_id
     p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     r_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
@@ -341,18 +246,22 @@ def tokenize(tokenizer, prompts: list[str], responses: list[str], max_length: in
     for p, r in zip(p_ids, r_ids):
         if bos and p[: len(bos)] == bos:  # the text brings its own BOS (a chat template that writes it)
             p = p[len(bos) :]
+        r = r if eos in r else r + [eos]
+        if untruncated is not None:
+            untruncated.append((len(bos) + len(p), len(r)))
         keep = max_prompt_length - len(bos)  # prompt tokens after the BOS
         p = bos + p[max(0, len(p) - keep) :]
-        r = (r if eos in r else r + [eos])[: max_length - len(p)]
-        out.append((p, r))
+        out.append((p, r[: max_length - len(p)]))
     return out
 
 
-def tokenize_pairs(tokenizer, rows: list[dict], max_length: int, max_prompt_length: int) -> list[tuple]:
-    """→ list of (prompt_ids, chosen_ids, rejected_ids)."""
-    prompts = [r["prompt"] for r in rows]
-    chosen = tokenize(tokenizer, prompts, [r["chosen"] for r in rows], max_length, max_prompt_length)
-    rejected = tokenize(tokenizer, prompts, [r["rejected"] for r in rows], max_length, max_prompt_length)
+def tokenize_pairs(tokenizer, rows: list[dict], max_length: int, max_prompt_length: int, untruncated: list | None = None) -> list[tuple]:
+    """→ list of (prompt_ids, chosen_ids, rejected_ids); `untruncated` receives their token counts before truncation."""
+    prompts, n_c, n_r = [r["prompt"] for r in rows], [], []
+    chosen = tokenize(tokenizer, prompts, [r["chosen"] for r in rows], max_length, max_prompt_length, n_c)
+    rejected = tokenize(tokenizer, prompts, [r["rejected"] for r in rows], max_length, max_prompt_length, n_r)
+    if untruncated is not None:
+        untruncated.extend((p, c, r) for (p, c), (_, r) in zip(n_c, n_r))
     return [(p, c, r) for (p, c), (_, r) in zip(chosen, rejected)]
 
 
@@ -379,6 +288,81 @@ def collate_pairs(pairs: list[tuple], pad_id: int) -> dict:
     """B pairs → one batch of 2B rows: chosen responses in rows [0, B), rejected in [B, 2B), so that both go
     through the model in one forward pass."""
     return collate([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], pad_id)
+
+
+# --------------------------------------------------------------------------------------------------------
+# What a run trains on: the one-line data summary, and data.preview
+# --------------------------------------------------------------------------------------------------------
+def training_pairs(data_cfg, tokenizer, main_process: bool = True) -> tuple[list, list] | None:
+    """betadpo.py's data: (training, held-out) token ids (prompt, chosen, rejected), after the data summary line.
+    With data.preview N the first N training pairs are printed instead and None is returned (the run stops)."""
+    report, untruncated = {}, []
+    with contextlib.redirect_stdout(sys.stderr) if data_cfg.preview else contextlib.nullcontext():  # stdout: JSON only
+        rows = load_pairs(data_cfg, "train", tokenizer, report)
+        held_out = load_pairs(data_cfg, "eval", tokenizer)
+    ids = tokenize_pairs(tokenizer, rows, data_cfg.max_length, data_cfg.max_prompt_length, untruncated)
+    if not _announce(data_cfg, tokenizer, report, rows, ids, untruncated, ("prompt", "chosen", "rejected"), len(held_out), main_process):
+        return None
+    return ids, tokenize_pairs(tokenizer, held_out, data_cfg.max_length, data_cfg.max_prompt_length)
+
+
+def training_examples(data_cfg, tokenizer, main_process: bool = True) -> list | None:
+    """sft.py's data: token ids (prompt, response) of the training examples, as training_pairs."""
+    report, untruncated = {}, []
+    with contextlib.redirect_stdout(sys.stderr) if data_cfg.preview else contextlib.nullcontext():
+        rows = load_sft(data_cfg, "train", tokenizer, report)
+    ids = tokenize(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows], data_cfg.max_length,
+                   data_cfg.max_prompt_length, untruncated)
+    return ids if _announce(data_cfg, tokenizer, report, rows, ids, untruncated, ("prompt", "response"), None, main_process) else None
+
+
+def _announce(data_cfg, tokenizer, report, rows, ids, untruncated, fields, n_held_out, main_process) -> bool:
+    """Print the summary line (stdout), or, with data.preview N, N JSON lines (stdout) and the summary (stderr).
+    → whether the run goes on."""
+    if main_process:
+        summary = data_summary(report, ids, untruncated, fields, n_held_out)
+        if data_cfg.preview:
+            bos = special_prefix(tokenizer)
+            for k in range(min(data_cfg.preview, len(rows))):
+                print(json.dumps(_preview(tokenizer, bos, k, rows[k], ids[k], untruncated[k], fields), ensure_ascii=False))
+        print(summary, file=sys.stderr if data_cfg.preview else sys.stdout, flush=True)
+    return not data_cfg.preview
+
+
+def _preview(tokenizer, bos, k, row, ids, full, fields) -> dict:
+    """One training pair as the model sees it: the exact text that is tokenized (after the chat template), token
+    counts before ("tokens") and after ("kept") truncation, and where truncation cuts: how many tokens a prompt
+    loses at its start (and the text its kept part starts with), or a response at its end (and where it now ends)."""
+    out = {"pair": k + 1, **{f: row[f] for f in fields}, **{f: row[f] for f in ("score_chosen", "score_rejected") if f in row}}
+    out["tokens"] = dict(zip(fields, full))
+    out["kept"] = {f: len(x) for f, x in zip(fields, ids)}
+    out["cut"] = {}
+    if full[0] > len(ids[0]):
+        out["cut"]["prompt"] = {"dropped_tokens": full[0] - len(ids[0]), "kept_starts": tokenizer.decode(ids[0][len(bos) :][:8])}
+    for f, x, n in zip(fields[1:], ids[1:], full[1:]):
+        if n > len(x):
+            out["cut"][f] = {"dropped_tokens": n - len(x), "kept_ends": tokenizer.decode(x[-8:]) if x else ""}
+    return out
+
+
+def data_summary(report: dict, ids: list, untruncated: list, fields: tuple, n_held_out: int | None) -> str:
+    """One line: what was read and kept (skipped rows by reason, ties), token lengths (median / 95th percentile,
+    before truncation) and the share of training pairs (or examples) that truncation cuts."""
+    kind = "pairs" if len(fields) == 3 else "examples"
+    line = f"data: {len(ids)} training {kind}" + (f", {n_held_out} held out" if n_held_out is not None else "")
+    line += f", from {report.get('source', '?')}" + (f" ({report['shape']}; {report['rendering']})" if "shape" in report else "")
+    skipped, ties = report.get("skipped") or {}, report.get("ties")
+    reasons = ", ".join(f"{why}: {n}" for why, n in sorted(skipped.items()))
+    line += f"; rows: {report.get('rows', len(ids))} read, " + (f"{sum(skipped.values())} skipped ({reasons})" if skipped else "none skipped")
+    if ties is not None:
+        line += f", {ties} tie{'s' * (ties != 1)} " + ("(dropped)" if report.get("dropped_ties") else "(kept; data.drop_ties drops them)")
+    if ids:
+        def q(values, share):  # nearest-rank percentile
+            return sorted(values)[max(0, math.ceil(share * len(values)) - 1)]
+        lengths = [f"{f} {statistics.median(col):g}/{q(col, 0.95)}" for f, col in zip(fields, zip(*untruncated))]
+        cut = sum(any(n > len(x) for n, x in zip(full, kept)) for full, kept in zip(untruncated, ids))
+        line += f"; tokens median/p95: {', '.join(lengths)}; truncated: {cut / len(ids):.1%} of {kind}"
+    return line
 
 
 # --------------------------------------------------------------------------------------------------------

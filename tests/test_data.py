@@ -209,13 +209,23 @@ def test_pairs_are_concatenated_chosen_first():
     [
         ({"prompt": "p", "rejected": "r"}, "row 2: field 'chosen' is missing"),
         ({"prompt": "p", "chosen": 3, "rejected": "r"}, "row 2: field 'chosen' must be a string, got int"),
-        ({"prompt": "p", "chosen": "c", "rejected": "  "}, "row 2: field 'rejected' is an empty response"),
     ],
 )
 def test_bad_rows_name_file_row_and_field(tmp_path, row, message):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r"}, row, {"prompt": "p", "chosen": "c", "rejected": "r"}])
     with pytest.raises(UserError, match=f"bad.jsonl {message}"):
         load_pairs(file_cfg(path, eval_size=1), "train")
+
+
+def test_empty_responses_are_skipped_and_counted_like_hh_blemishes(tmp_path, capsys):
+    """Real UltraFeedback has them (2 rows in 1,000): skipped with a warning naming the rows; too many stop the run."""
+    good = {"prompt": "p", "chosen": "c", "rejected": "r"}
+    path = write_jsonl(tmp_path / "empty.jsonl", [good, {"prompt": "p", "chosen": "c", "rejected": "  "}, good])
+    assert load_pairs(file_cfg(path, eval_size=0), "train") == [good, good]
+    assert "empty.jsonl: 1 of 3 rows have an empty response (rows 2); skipped" in capsys.readouterr().out
+    path = write_jsonl(tmp_path / "empties.jsonl", [good] * 10 + [{"prompt": "p", "chosen": "", "rejected": "r"}] * 6)
+    with pytest.raises(UserError, match="empties.jsonl: 6 of 16 rows have an empty response .*more than 1%"):
+        load_pairs(file_cfg(path, eval_size=0), "train")
 
 
 def test_missing_data_file():

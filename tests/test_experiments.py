@@ -169,11 +169,12 @@ def test_defaults_left_out_of_run_names_are_the_real_defaults():
 
 
 def test_realtext_pairs_are_hh_dialogues_with_the_right_answer_chosen():
-    from plumbing.data import _parse_hh
+    from plumbing.config import DataArgs
+    from plumbing.data import to_pairs
 
     rows = experiments.realtext_pairs(60, seed=3)
     assert rows == experiments.realtext_pairs(60, seed=3) and rows != experiments.realtext_pairs(60, seed=4)
-    pairs = _parse_hh(list(enumerate(rows)), "generated")
+    pairs = to_pairs(list(enumerate(rows, 1)), "generated", DataArgs())  # HH dialogues, raw (no tokenizer)
     assert len(pairs) == 60 and all(p["chosen"] != p["rejected"] for p in pairs)
     for p in pairs:
         if " plus " in p["prompt"]:

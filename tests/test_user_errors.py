@@ -91,6 +91,22 @@ def saved_run(dpo_args: list, config_changes: dict | None = None, checkpoint: bo
     return setup
 
 
+def conversations(mismatch_row: int = 0) -> list[dict]:
+    """pairs() as HuggingFaceH4/ultrafeedback_binarized lays them out: a prompt string, whole conversations; in
+    row `mismatch_row` the rejected conversation starts with another row's prompt."""
+    rows = [{"prompt": r["prompt"], "chosen": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["rejected"]}]} for r in pairs()]
+    if mismatch_row:
+        rows[mismatch_row - 1]["rejected"][0]["content"] = "sort 98: "
+    return rows
+
+
+def saved_dataset(d: Path):
+    import datasets
+
+    datasets.DatasetDict({"train_prefs": datasets.Dataset.from_list(pairs())}).save_to_disk(d / "saved")
+
+
 def truncated_gzip(d: Path):
     data = gzip.compress(jsonl(pairs()))
     (d / "pairs.jsonl.gz").write_bytes(data[: len(data) // 2])
@@ -149,6 +165,18 @@ CASES = [
          write("pairs.parquet", b"PAR1 not really")),
     Case("a data file that does not exist", "betadpo.py", [*DPO, "--data.dataset", "nothere.jsonl"], ("nothere.jsonl", "does not exist")),
     Case("fewer pairs than one batch", "betadpo.py", [*DPO, "--train.batch_size", 64], ("train.batch_size",)),
+    Case("a conversation that starts with another prompt (UltraFeedback-binarized layout)", "betadpo.py", DPO,
+         ("pairs.jsonl", "row 3", "'rejected'", "not the row's prompt"), write("pairs.jsonl", jsonl(conversations(mismatch_row=3)))),
+    Case("rows of no known shape", "betadpo.py", DPO, ("pairs.jsonl", "row 1", "question: a string", "data.columns"),
+         write("pairs.jsonl", jsonl([{"question": "q", "response_j": "a", "response_k": "b"}] * 20))),
+    Case("data.columns naming a column the rows lack", "betadpo.py", [*DPO, "--data.columns", "prompt=question,chosen=response_j"],
+         ("pairs.jsonl", "row 1", "'question'")),
+    Case("data.columns that does not parse", "betadpo.py", [*DPO, "--data.columns", "prompt:question"], ("data.columns",)),
+    Case("data.drop_ties on data without scores", "betadpo.py", [*DPO, "--data.drop_ties", "true"], ("data.drop_ties", "score_chosen")),
+    Case("a save_to_disk directory without the split", "betadpo.py", [*DPO, "--data.dataset", "saved"], ("data.split", "'train'", "train_prefs"),
+         saved_dataset),
+    Case("a Hub dataset id that cannot be loaded (here: no network)", "betadpo.py", [*DPO, "--data.dataset", "no-such-org/no-such-data"],
+         ("data.dataset", "'no-such-org/no-such-data'", "save_to_disk")),
     # ---- models ----------------------------------------------------------------------------------------
     Case("a model directory that does not exist", "betadpo.py", [*DPO, "--model.name_or_path", "./nothere"], ("model.name_or_path", "./nothere")),
     Case("an empty model directory", "betadpo.py", DPO, ("model.name_or_path", "config.json"), empty_model_dir),

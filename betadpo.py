@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 import variants
-from plumbing import fast_logps
+from plumbing import fast_logps, lora
 from plumbing.checkpoints import load_checkpoint, resume_point, save_checkpoint, save_final
 from plumbing.config import DataArgs, EvalArgs, LogArgs, ModelArgs, TrainArgs, parse_config, require
 from plumbing.data import collate_pairs, load_pairs, micro_batch_indices, tokenize_pairs
@@ -457,15 +457,21 @@ def load_policy_and_reference(cfg: Config):
     """→ (policy to train, frozen reference π_ref or None). None for the reference-free losses (SimPO, ORPO),
     and when the reference log-probs are precomputed from the policy's own start: before step 1 the policy
     *is* the reference, so no second model is loaded. load_model turns dropout off in both: DPO compares
-    log-probs of two models, and dropout noise would leak into every margin."""
-    policy = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
+    log-probs of two models, and dropout noise would leak into every margin.
+    With LoRA (model.lora_r > 0) the policy carries adapters and π_ref is the policy with them switched off
+    (lora.AdaptersOff): no second model either."""
+    M = cfg.model
+    policy = load_model(M.name_or_path, M.dtype, M.trust_remote_code, attn_implementation=M.attn_implementation)
+    policy = lora.add_adapters(policy, M, M.name_or_path)  # the model itself when model.lora_r is 0
     if cfg.train.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy_scores_itself = cfg.train.precompute_ref and not cfg.model.ref_name_or_path
+    policy_scores_itself = cfg.train.precompute_ref and not M.ref_name_or_path and not lora.enabled(M)
     if variants.reference_free(cfg.loss.type) or policy_scores_itself:
         return policy, None
-    ref_key = "model.ref_name_or_path" if cfg.model.ref_name_or_path else "model.name_or_path"
-    reference = load_model(cfg.model.ref_name_or_path or cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code, ref_key)
+    if lora.enabled(M) and not M.ref_name_or_path:
+        return policy, lora.AdaptersOff(policy)
+    ref_key = "model.ref_name_or_path" if M.ref_name_or_path else "model.name_or_path"
+    reference = load_model(M.ref_name_or_path or M.name_or_path, M.dtype, M.trust_remote_code, ref_key, M.attn_implementation)
     return policy, reference.requires_grad_(False).eval()
 
 
@@ -513,7 +519,9 @@ def train(cfg: Config):
     scale_optimizer, scale_scheduler = make_scale_optimizer(cfg, state, accelerator.device)
     # ---- 4. onto the devices ---------------------------------------------------------------------------
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    if reference is not None:  # sharded like the policy under FSDP2 (and never saved: it is not in accelerator._models)
+    if isinstance(reference, lora.AdaptersOff):  # the policy itself, adapters off: prepared with it
+        accelerator.print(lora.trainable_summary(policy))
+    elif reference is not None:  # sharded like the policy under FSDP2 (and never saved: it is not in accelerator._models)
         # (prepare_model(reference, evaluation_mode=True) would neither shard it nor move it to the GPU under FSDP.)
         # DDP, one process and FSDP1: a whole frozen copy on every process.
         reference = fsdp2_prepare_model(accelerator, reference) if accelerator.is_fsdp2 else reference.to(accelerator.device)
@@ -579,7 +587,8 @@ def train(cfg: Config):
     # ---- save -----------------------------------------------------------------------------------------
     scale = {"c": state.c.item(), "beta_scale": F.softplus(state.c).item(), "ppl_scale": cfg.loss.ppl_scale,
              "learn_scale": cfg.loss.learn_scale, "M0": state.M0.item(), "sigma": state.sigma.item(), "step": state.step}
-    save_final(accelerator, policy, tokenizer, out, state.step, {"beta_scale.json": scale})  # + the learned β-scale
+    save_final(accelerator, policy, tokenizer, out, state.step, {"beta_scale.json": scale},  # + the learned β-scale
+               merge_lora=cfg.model.lora_merge_final)  # LoRA: final/ holds the adapter; merged/ the folded model
     accelerator.print(f"model: {out / 'final'}\nmetrics: {out / 'metrics.jsonl'}")
     accelerator.wait_for_everyone()  # no process tears down the process group while another still uses it
     accelerator.end_training()

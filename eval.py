@@ -7,8 +7,9 @@ Launch (one process, or any number through accelerate; the numbers do not depend
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 eval.py --config configs/sort.yaml --eval.policy RUN/final --eval.reference SFT/final
 
 `eval.policy` defaults to `train.output_dir/final`, `eval.reference` to the run's reference
-(`model.ref_name_or_path`, else `model.name_or_path`), so `python eval.py --config configs/sort.yaml` evaluates
-the run that config trains. Two more flags, drawn by plumbing/plots.py: training curves of one or more runs (their
+(`model.ref_name_or_path`, else the base model of a LoRA adapter, else `model.name_or_path`), so
+`python eval.py --config configs/sort.yaml` evaluates the run that config trains. A LoRA run's final/ (an adapter
+directory, plumbing/lora.py) is loaded on its base model with the adapters merged in. Two more flags, drawn by plumbing/plots.py: training curves of one or more runs (their
 metrics.jsonl, overlaid in one PNG)
 
     python eval.py --plot runs/sort_dpo runs/sort_betadpo --plot_out curves.png
@@ -61,12 +62,12 @@ from pathlib import Path
 import torch
 
 from betadpo import Config, implicit_rewards, score_pairs  # the β-DPO module's public functions: what is evaluated is what trains
-from plumbing import plots, sort_task
+from plumbing import lora, plots, sort_task
 from plumbing.config import parse_config, validate
 from plumbing.data import collate, load_pairs, tokenize, tokenize_pairs
 from plumbing.errors import UserError, main_guard
 from plumbing.fast_logps import token_logps
-from plumbing.models import generate, load_model, load_tokenizer, model_identity
+from plumbing.models import generate, load_tokenizer, model_identity
 
 LOGP_KEYS = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
 
@@ -219,13 +220,16 @@ def sample_prompts(accelerator, models: dict, prompts: list[list[int]], temps: d
 def model_paths(cfg: Config) -> tuple[str, str]:
     """(policy, reference): the eval.* paths, or by default the run's final/ and its reference."""
     policy = cfg.eval.policy or str(Path(cfg.train.output_dir) / "final")
-    return policy, cfg.eval.reference or cfg.model.ref_name_or_path or cfg.model.name_or_path
+    base = lora.adapter_base(policy) if lora.is_adapter_dir(policy) else ""  # a LoRA run's final/: its base model
+    return policy, cfg.eval.reference or cfg.model.ref_name_or_path or base or cfg.model.name_or_path
 
 
 def model_keys(cfg: Config) -> tuple[str, str]:
     """The config keys model_paths took the two paths from, for error messages."""
     policy = "eval.policy" if cfg.eval.policy else "train.output_dir (its final/)"
     sources = (("eval.reference", cfg.eval.reference), ("model.ref_name_or_path", cfg.model.ref_name_or_path))
+    adapter = lora.is_adapter_dir(model_paths(cfg)[0]) and lora.adapter_base(model_paths(cfg)[0])
+    sources += ((f"{policy}'s {lora.ADAPTER_CONFIG} (base_model_name_or_path)", adapter),)
     reference = next((key for key, value in sources if value), "model.name_or_path")
     return policy, reference
 
@@ -260,7 +264,8 @@ def evaluate(cfg: Config, accelerator) -> dict:
     rows = rows[: E.num_prompts]  # prompts to complete: the first held-out ones
     prompts = [p for p, _ in tokenize(tokenizer, [r["prompt"] for r in rows], [""] * len(rows), D.max_length, D.max_prompt_length)]
     # ---- models (frozen, eval mode, one copy per process) ------------------------------------------------
-    models = {role: load_model(path, cfg.model.dtype, trust, key).requires_grad_(False).eval().to(accelerator.device)
+    models = {role: lora.load_trained(path, cfg.model.dtype, trust, key, cfg.model.attn_implementation)  # (a LoRA adapter: merged into its base)
+              .requires_grad_(False).eval().to(accelerator.device)
               for role, path, key in (("policy", policy_path, policy_key), ("reference", ref_path, ref_key))}
     sizes = [m.get_output_embeddings().weight.shape[0] for m in models.values()]
     if sizes[0] != sizes[1]:

@@ -188,9 +188,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _GGUF_LOADED: dict = {}  # (path, dtype) → (config, dequantised weights) of the last GGUF file loaded, in memory only
 
 
-def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False, key: str = "model.name_or_path"):
+def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False, key: str = "model.name_or_path",
+               attn_implementation: str = "sdpa"):
     """A hub id, a local `save_pretrained` directory, a .gguf file or a PACKAGED_MODELS name → a plain model.
-    `key`: the config key the name came from, named in error messages."""
+    `key`: the config key the name came from, named in error messages. attn_implementation: model.attn_implementation
+    (from_pretrained's argument; the GGUF and InternLM2 paths set it on the model they build)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
@@ -201,7 +203,10 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
     elif (internlm2_dir := _internlm2_dir(name, key)) is not None:  # InternLM2: loaded as transformers' Llama
         model = _convert(lambda: internlm2.load_model(internlm2_dir, DTYPES[dtype]), name)
     else:
-        model = _load(AutoModelForCausalLM, name, "model", key, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        model = _load(AutoModelForCausalLM, name, "model", key, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                      attn_implementation=attn_implementation)
+    if getattr(model.config, "_attn_implementation", attn_implementation) != attn_implementation:
+        model.set_attn_implementation(attn_implementation)  # GGUF, InternLM2: built from a config, sdpa by default
     disable_dropout(model)
     return model
 

@@ -32,7 +32,7 @@ from plumbing.errors import UserError, main_guard
 from plumbing.fast_logps import token_logps
 from plumbing.launch import start_run
 from plumbing.metrics import Progress, open_run
-from plumbing.models import generate, load_model, load_tokenizer
+from plumbing.models import generate, load_model, load_tokenizer, set_attn_implementation
 from plumbing.optim import StepCount, make_optimizer, make_scheduler, no_sync_unless_last, optimizer_step
 
 
@@ -80,7 +80,7 @@ def main():
     if from_scratch:
         model = sort_task.build_tiny_llama(len(tokenizer), cfg.model.tiny_hidden_size, cfg.model.tiny_layers,
                                            cfg.train.seed, tokenizer.pad_token_id, tokenizer.eos_token_id)
-        model.set_attn_implementation(cfg.model.attn_implementation)
+        set_attn_implementation(model, cfg.model.attn_implementation)
     else:
         model = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
     model = lora.add_adapters(model, cfg.model, cfg.model.name_or_path)  # model.lora_r > 0: train adapters only

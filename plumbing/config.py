@@ -29,7 +29,7 @@ class ModelArgs:
     trust_remote_code: bool = False  # run a hub model's own code (InternLM2 needs none: internlm2.py converts it)
     tiny_hidden_size: int = 128  # width of the "tiny" model (only used when name_or_path is "tiny")
     tiny_layers: int = 2  # depth of the "tiny" model (only used when name_or_path is "tiny")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # attention kernel (flash_attention_2: needs the flash-attn package and a GPU)
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"  # attention kernel; auto = transformers' choice for the model (sdpa, or eager where sdpa is unsupported, e.g. Gemma 2); flash_attention_2 needs the flash-attn package and a GPU
     # LoRA (plumbing/lora.py, through peft): train low-rank adapters instead of every weight; the reference is then
     # the policy with its adapters switched off (no second model). lora_r 0 = full fine-tuning.
     lora_r: int = 0  # rank r of each adapter; 0 = no LoRA

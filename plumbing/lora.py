@@ -100,7 +100,7 @@ def adapter_base(path: str) -> str:
     return json.loads((Path(path).expanduser() / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or ""
 
 
-def load_trained(path: str, dtype: str, trust_remote_code: bool, key: str, attn_implementation: str = "sdpa"):
+def load_trained(path: str, dtype: str, trust_remote_code: bool, key: str, attn_implementation: str = "auto"):
     """A trained model for eval.py (and sft.py's last check) → a plain transformers model: load_model's, or for a
     LoRA adapter directory its base model (adapter_config.json names it) with the adapters folded in by peft
     (merge_and_unload: generation and scoring then run at full speed, without the peft wrapper)."""

@@ -189,10 +189,12 @@ _GGUF_LOADED: dict = {}  # (path, dtype) → (config, dequantised weights) of th
 
 
 def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False, key: str = "model.name_or_path",
-               attn_implementation: str = "sdpa"):
+               attn_implementation: str = "auto"):
     """A hub id, a local `save_pretrained` directory, a .gguf file or a PACKAGED_MODELS name → a plain model.
     `key`: the config key the name came from, named in error messages. attn_implementation: model.attn_implementation
-    (from_pretrained's argument; the GGUF and InternLM2 paths set it on the model they build)."""
+    ("auto": transformers' default for the model), set once the model is built, the same way for every source (GGUF
+    and InternLM2 models are built from a config; passing it to from_pretrained would make an unsupported kernel
+    look like damaged files in _load's message)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
@@ -203,12 +205,22 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
     elif (internlm2_dir := _internlm2_dir(name, key)) is not None:  # InternLM2: loaded as transformers' Llama
         model = _convert(lambda: internlm2.load_model(internlm2_dir, DTYPES[dtype]), name)
     else:
-        model = _load(AutoModelForCausalLM, name, "model", key, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-                      attn_implementation=attn_implementation)
-    if getattr(model.config, "_attn_implementation", attn_implementation) != attn_implementation:
-        model.set_attn_implementation(attn_implementation)  # GGUF, InternLM2: built from a config, sdpa by default
+        model = _load(AutoModelForCausalLM, name, "model", key, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    set_attn_implementation(model, attn_implementation, key)
     disable_dropout(model)
     return model
+
+
+def set_attn_implementation(model, name: str, key: str = "model.name_or_path"):
+    """model.attn_implementation on a model already built ("auto": leave it); a kernel the architecture lacks
+    (e.g. sdpa for Gemma 2) is one line."""
+    if name == "auto" or getattr(model.config, "_attn_implementation", None) == name:
+        return
+    try:
+        model.set_attn_implementation(name)
+    except (ValueError, ImportError) as e:
+        raise UserError(f"model.attn_implementation: {name} does not work with {key}'s model ({str(e).splitlines()[0][:200]}); "
+                        "use auto") from None
 
 
 def gathered_state_dict(accelerator, model) -> dict:

@@ -23,6 +23,8 @@ the run's extras; with model.lora_merge_final also final/merged/, the adapters f
 import json
 from pathlib import Path
 
+import torch
+
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -126,10 +128,11 @@ def merged_state_dict(peft_model, state_dict: dict) -> dict:
     for name, module in peft_model.named_modules():
         if isinstance(module, LoraLayer) and "default" in module.scaling:
             W, A, B = (state_dict[f"{name}.{k}"] for k in ("base_layer.weight", "lora_A.default.weight", "lora_B.default.weight"))
-            delta = module.scaling["default"] * (B.float() @ A.float())  # (d_out, d_in)
+            acc = torch.promote_types(W.dtype, torch.float32)  # bf16 weights: the sum in fp32, then rounded once
+            delta = module.scaling["default"] * (B.to(acc) @ A.to(acc))  # (d_out, d_in)
             if getattr(module, "fan_in_fan_out", False):  # GPT-2's Conv1D stores W transposed
                 delta = delta.T
-            merged[f"{name}.weight".removeprefix(prefix)] = (W.float() + delta).to(W.dtype)
+            merged[f"{name}.weight".removeprefix(prefix)] = (W.to(acc) + delta).to(W.dtype)
     for key, value in state_dict.items():
         plain = key.removeprefix(prefix).replace(".base_layer.", ".")
         if "lora_" not in key and plain not in merged:

@@ -88,7 +88,8 @@ def _load(loader, name: str, what: str, key: str, **kwargs):
         path = Path(name).expanduser()
         if not path.exists():
             raise UserError(f"{key}: '{name}' does not exist")
-        if path.is_dir() and not (path / "config.json").is_file():
+        adapter_tokenizer = what == "tokenizer" and (path / "adapter_config.json").is_file()  # a LoRA run's final/
+        if path.is_dir() and not (path / "config.json").is_file() and not adapter_tokenizer:
             raise UserError(f"{key}: '{name}' has no config.json; pass a directory written by save_pretrained "
                             "(a run's final/, or a downloaded model)")
         if what == "tokenizer" and path.is_dir() and not any((path / f).is_file() for f in TOKENIZER_FILES):

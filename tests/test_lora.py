@@ -141,7 +141,10 @@ def test_lora_two_processes_match_one(tmp_path, tiny_model, lora_run, kind):
         prepared = [m.groups() for m in SHARDED.finditer(result.stdout)]
         assert len(prepared) == 2 and all(sharded == total and int(trainable) > 0 for _, _, sharded, total, trainable in prepared)
     assert read_metrics(one)[-1]["sigma"] > 0
-    assert_rows_close(read_metrics(one), read_metrics(two), COMPARED, rel=1e-6)
-    assert_rows_close(read_metrics(one, "eval"), read_metrics(two, "eval"), EVAL_COMPARED, rel=1e-6)
+    # (The precomputed reference scores pairs in other batches, so other padding: log-probs equal to ~1e-15, which
+    # can flip rewards/accuracies at step 1, where every margin is 0 up to rounding.)
+    ties = ("rewards/accuracies",) if kind == "ddp" else ()
+    assert_rows_close(read_metrics(one), read_metrics(two), [k for k in COMPARED if k not in ties], rel=1e-6)
+    assert_rows_close(read_metrics(one, "eval"), read_metrics(two, "eval"), [k for k in EVAL_COMPARED if k not in ties], rel=1e-6)
     a, b = load_file(one / "final" / "adapter_model.safetensors"), load_file(two / "final" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-8, atol=1e-10) for k in a)

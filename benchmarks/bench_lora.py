@@ -21,9 +21,9 @@ torch's kernel set (ATEN_CPU_CAPABILITY) with every number.
 """
 
 import argparse
-import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -55,8 +55,6 @@ def lora_table(a, workdir: Path) -> list[str]:
              "| | trainable parameters | peak RSS (MiB) | time per step (s, median of steps 2…) | reference |", "|---|---:|---:|---:|---|"]
     for name, extra in variants.items():
         out = workdir / "out" / name.split()[0].lower()
-        import shutil
-
         shutil.rmtree(out, ignore_errors=True)
         print(f"[lora] {name} …", flush=True)
         run = bench.launch([sys.executable, "betadpo.py", *common, "--train.output_dir", str(out), *extra], workdir / f"{out.name}.log", a.threads)

@@ -21,6 +21,7 @@ the run's extras; with model.lora_merge_final also final/merged/, the adapters f
 """
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -48,7 +49,9 @@ def add_adapters(model, model_cfg, base_name: str):
         task_type="CAUSAL_LM",
     )
     try:
-        peft_model = get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated question; nothing for the user to do
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            peft_model = get_peft_model(model, config)
     except ValueError as e:  # e.g. "Target modules {'q'} not found in the base model"
         from plumbing.errors import UserError
 

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 import variants
-from plumbing import fast_logps
+from plumbing import fast_logps, lora
 from plumbing.checkpoints import load_checkpoint, resume_point, save_checkpoint, save_final
 from plumbing.config import SFTConfig, parse_config, require
 from plumbing.data import collate_pairs, micro_batch_indices, training_pairs
@@ -451,16 +451,22 @@ def load_policy_and_reference(cfg: Config, accelerator):
     losses (SimPO, ORPO), and when the reference log-probs are precomputed from the policy's own start: before
     step 1 the policy *is* the reference, so no second model is loaded. load_model turns dropout off in both:
     DPO compares log-probs of two models, and dropout noise would leak into every margin. Under FSDP2 only
-    the main process reads the weights; the others build the model on the meta device (load_on_main)."""
-    policy = load_on_main(accelerator, lambda: load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code))
+    the main process reads the weights; the others build the model on the meta device (load_on_main).
+    With LoRA (model.lora_r > 0) the policy carries adapters and π_ref is the policy with them switched off
+    (lora.AdaptersOff): no second model either."""
+    M = cfg.model
+    policy = load_on_main(accelerator, lambda: load_model(M.name_or_path, M.dtype, M.trust_remote_code, attn_implementation=M.attn_implementation))
+    policy = lora.add_adapters(policy, M, M.name_or_path)  # the model itself when model.lora_r is 0
     if cfg.train.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy_scores_itself = cfg.train.precompute_ref and not cfg.model.ref_name_or_path
+    policy_scores_itself = cfg.train.precompute_ref and not M.ref_name_or_path and not lora.enabled(M)
     if variants.reference_free(cfg.loss.type) or policy_scores_itself:
         return policy, lambda: None
-    ref_key = "model.ref_name_or_path" if cfg.model.ref_name_or_path else "model.name_or_path"
-    ref_name = cfg.model.ref_name_or_path or cfg.model.name_or_path
-    load = lambda: load_model(ref_name, frozen_dtype(cfg, accelerator), cfg.model.trust_remote_code, ref_key)  # noqa: E731
+    if lora.enabled(M) and not M.ref_name_or_path:
+        adapters_off = lora.AdaptersOff(policy)
+        return policy, lambda: adapters_off
+    ref_key = "model.ref_name_or_path" if M.ref_name_or_path else "model.name_or_path"
+    load = lambda: load_model(M.ref_name_or_path or M.name_or_path, frozen_dtype(cfg, accelerator), M.trust_remote_code, ref_key, M.attn_implementation)  # noqa: E731
     return policy, lambda: load_on_main(accelerator, load).requires_grad_(False).eval()
 
 
@@ -514,7 +520,9 @@ def train(cfg: Config):
     # ---- 4. onto the devices ---------------------------------------------------------------------------
     policy, optimizer = accelerator.prepare(policy, optimizer)
     reference = load_reference()  # now that the policy is sharded
-    if reference is not None:  # sharded like the policy under FSDP2 (never saved: it is not in accelerator._models)
+    if isinstance(reference, lora.AdaptersOff):  # the policy itself, adapters off: prepared with it
+        accelerator.print(lora.trainable_summary(policy))
+    elif reference is not None:  # sharded like the policy under FSDP2 (never saved: it is not in accelerator._models)
         reference = shard_frozen(accelerator, reference)
     accelerator.register_for_checkpointing(scheduler, state, *([scale_optimizer, scale_scheduler] if scale_optimizer else []))
     # ---- 5. reference log-probs, once (train.precompute_ref) -------------------------------------------
@@ -578,7 +586,8 @@ def train(cfg: Config):
     # ---- save -----------------------------------------------------------------------------------------
     scale = {"c": state.c.item(), "beta_scale": F.softplus(state.c).item(), "ppl_scale": cfg.loss.ppl_scale,
              "learn_scale": cfg.loss.learn_scale, "M0": state.M0.item(), "sigma": state.sigma.item(), "step": state.step}
-    save_final(accelerator, policy, tokenizer, out, state.step, {"beta_scale.json": scale})  # + the learned β-scale
+    save_final(accelerator, policy, tokenizer, out, state.step, {"beta_scale.json": scale},  # + the learned β-scale
+               merge_lora=cfg.model.lora_merge_final)  # LoRA: final/ holds the adapter; merged/ the folded model
     accelerator.print(f"model: {out / 'final'}\nmetrics: {out / 'metrics.jsonl'}")
     accelerator.wait_for_everyone()  # no process tears down the process group while another still uses it
     accelerator.end_training()

@@ -7,8 +7,9 @@ Launch (one process, or any number through accelerate; the numbers do not depend
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 eval.py --config configs/sort.yaml --eval.policy RUN/final --eval.reference SFT/final
 
 `eval.policy` defaults to `train.output_dir/final`, `eval.reference` to the run's reference
-(`model.ref_name_or_path`, else `model.name_or_path`), so `python eval.py --config configs/sort.yaml` evaluates
-the run that config trains. Two more flags, drawn by plumbing/plots.py: training curves of one or more runs (their
+(`model.ref_name_or_path`, else the base model of a LoRA adapter, else `model.name_or_path`), so
+`python eval.py --config configs/sort.yaml` evaluates the run that config trains. A LoRA run's final/ (an adapter
+directory, plumbing/lora.py) is loaded on its base model with the adapters merged in. Two more flags, drawn by plumbing/plots.py: training curves of one or more runs (their
 metrics.jsonl, overlaid in one PNG)
 
     python eval.py --plot runs/sort_dpo runs/sort_betadpo --plot_out curves.png
@@ -61,13 +62,13 @@ from pathlib import Path
 import torch
 
 from betadpo import Config, implicit_rewards, score_pairs  # the β-DPO module's public functions: what is evaluated is what trains
-from plumbing import plots, sort_task
+from plumbing import lora, plots, sort_task
 from plumbing.config import parse_config, validate
 from plumbing.data import collate, load_pairs, tokenize, tokenize_pairs
 from plumbing.distributed import frozen_dtype, load_on_main, main_decides, make_accelerator, shard_frozen
 from plumbing.errors import UserError, main_guard
 from plumbing.fast_logps import token_logps
-from plumbing.models import generate, load_model, load_tokenizer, model_identity
+from plumbing.models import generate, load_tokenizer, model_identity
 
 LOGP_KEYS = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
 
@@ -220,13 +221,16 @@ def sample_prompts(accelerator, models: dict, prompts: list[list[int]], temps: d
 def model_paths(cfg: Config) -> tuple[str, str]:
     """(policy, reference): the eval.* paths, or by default the run's final/ and its reference."""
     policy = cfg.eval.policy or str(Path(cfg.train.output_dir) / "final")
-    return policy, cfg.eval.reference or cfg.model.ref_name_or_path or cfg.model.name_or_path
+    base = lora.adapter_base(policy) if lora.is_adapter_dir(policy) else ""  # a LoRA run's final/: its base model
+    return policy, cfg.eval.reference or cfg.model.ref_name_or_path or base or cfg.model.name_or_path
 
 
 def model_keys(cfg: Config) -> tuple[str, str]:
     """The config keys model_paths took the two paths from, for error messages."""
     policy = "eval.policy" if cfg.eval.policy else "train.output_dir (its final/)"
     sources = (("eval.reference", cfg.eval.reference), ("model.ref_name_or_path", cfg.model.ref_name_or_path))
+    adapter = lora.is_adapter_dir(model_paths(cfg)[0]) and lora.adapter_base(model_paths(cfg)[0])
+    sources += ((f"{policy}'s {lora.ADAPTER_CONFIG} (base_model_name_or_path)", adapter),)
     reference = next((key for key, value in sources if value), "model.name_or_path")
     return policy, reference
 
@@ -264,7 +268,7 @@ def evaluate(cfg: Config, accelerator) -> dict:
     # alone reads each, in the mixed-precision dtype, and each is sharded before the next is read; otherwise
     # one whole copy per process -------------------------------------------------------------------------
     def load_frozen(path, key):
-        load = lambda: load_model(path, frozen_dtype(cfg, accelerator), trust, key)  # noqa: E731
+        load = lambda: lora.load_trained(path, frozen_dtype(cfg, accelerator), trust, key, cfg.model.attn_implementation)  # noqa: E731 (an adapter: merged into its base)
         return shard_frozen(accelerator, load_on_main(accelerator, load).requires_grad_(False).eval())
 
     models = {role: load_frozen(path, key) for role, path, key in (("policy", policy_path, policy_key), ("reference", ref_path, ref_key))}

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from plumbing import sort_task
+from plumbing import lora, sort_task
 from plumbing.checkpoints import load_checkpoint, resume_point, save_checkpoint, save_final
 from plumbing.config import SFTConfig, parse_config
 from plumbing.data import collate, load_sft, micro_batch_indices, tokenize, training_examples
@@ -32,7 +32,7 @@ from plumbing.errors import UserError, main_guard
 from plumbing.fast_logps import token_logps
 from plumbing.launch import start_run
 from plumbing.metrics import Progress, open_run
-from plumbing.models import generate, load_model, load_tokenizer
+from plumbing.models import generate, load_model, load_tokenizer, set_attn_implementation
 from plumbing.optim import StepCount, make_optimizer, make_scheduler, no_sync_unless_last, optimizer_step
 
 
@@ -81,8 +81,10 @@ def main():
     if from_scratch:
         model = sort_task.build_tiny_llama(len(tokenizer), cfg.model.tiny_hidden_size, cfg.model.tiny_layers,
                                            cfg.train.seed, tokenizer.pad_token_id, tokenizer.eos_token_id)
+        set_attn_implementation(model, cfg.model.attn_implementation)
     else:
-        model = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
+        model = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
+    model = lora.add_adapters(model, cfg.model, cfg.model.name_or_path)  # model.lora_r > 0: train adapters only
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # ---- optimizer ------------------------------------------------------------------------------------
@@ -124,12 +126,12 @@ def main():
             save_checkpoint(accelerator, out, progress.step, model.parameters())
     report.close()
     # ---- save -----------------------------------------------------------------------------------------
-    save_final(accelerator, model, tokenizer, out, progress.step)
+    save_final(accelerator, model, tokenizer, out, progress.step, merge_lora=cfg.model.lora_merge_final)  # LoRA: the adapter
     if accelerator.is_main_process:
         print(f"model: {out / 'final'}")
         if cfg.data.dataset == "sort":
             held_out = load_sft(cfg.data, "eval")
-            final = load_model(str(out / "final"), "float32", False)  # a plain copy: FSDP's sharded forward would hang
+            final = lora.load_trained(str(out / "final"), "float32", False, "final/")  # a plain copy: FSDP's sharded forward would hang
             print(f"held-out exact match (greedy, {len(held_out)} prompts): {exact_match(final, tokenizer, held_out, cfg):.1%}")
     accelerator.wait_for_everyone()  # no process tears down the process group while another still uses it
     accelerator.end_training()

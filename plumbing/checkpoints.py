@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from plumbing import lora
 from plumbing.distributed import main_decides, spread
 from plumbing.errors import STATUS, TrainingStopped, UserError
 from plumbing.models import gathered_state_dict
@@ -134,13 +135,15 @@ def finished_steps(output_dir: Path) -> int | None:
         return None
 
 
-def save_final(accelerator, model, tokenizer, output_dir: Path, step: int, extra_files: dict | None = None):
+def save_final(accelerator, model, tokenizer, output_dir: Path, step: int, extra_files: dict | None = None, merge_lora: bool = False):
     """final/: `save_pretrained` model + tokenizer (plain transformers can load them), {file name: JSON object}
     extras, and finished.json last. Written in .final-tmp/ and renamed; a crash at any point leaves either
     the previous final/ or none, and the next run (whose last checkpoint is at the last step) writes it again.
 
     Test-only: the environment variable _TEST_PAUSE_IN_SAVE_FINAL=SECONDS sleeps before finished.json is
-    written, so that a test can kill the process in the middle of a final save."""
+    written, so that a test can kill the process in the middle of a final save.
+    With LoRA the model is peft's: save_pretrained writes the adapter only; merge_lora adds final/merged/
+    (plumbing/lora.py)."""
     check_finite_weights(accelerator, model.parameters(), step)
     state_dict = gathered_state_dict(accelerator, model)  # gathers FSDP shards
     if accelerator.is_main_process:
@@ -150,6 +153,8 @@ def save_final(accelerator, model, tokenizer, output_dir: Path, step: int, extra
                 shutil.rmtree(stale)
         accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
+        if merge_lora:
+            lora.save_merged(accelerator.unwrap_model(model), tmp / "merged", state_dict, tokenizer)
         for name, content in (extra_files or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=2, allow_nan=False) + "\n")
         if os.environ.get("_TEST_PAUSE_IN_SAVE_FINAL"):

@@ -29,6 +29,32 @@ class ModelArgs:
     trust_remote_code: bool = False  # run a hub model's own code (InternLM2 needs none: internlm2.py converts it)
     tiny_hidden_size: int = 128  # width of the "tiny" model (only used when name_or_path is "tiny")
     tiny_layers: int = 2  # depth of the "tiny" model (only used when name_or_path is "tiny")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"  # attention kernel; auto = transformers' choice for the model (sdpa, or eager where sdpa is unsupported, e.g. Gemma 2); flash_attention_2 needs the flash-attn package and a GPU
+    # LoRA (plumbing/lora.py, through peft): train low-rank adapters instead of every weight; the reference is then
+    # the policy with its adapters switched off (no second model). lora_r 0 = full fine-tuning.
+    lora_r: int = 0  # rank r of each adapter; 0 = no LoRA
+    lora_alpha: float = 16.0  # adapter scale α: the update is (α / r)·B·A
+    lora_dropout: float = 0.0  # dropout on the adapters' input (sft.py only: β-DPO keeps dropout off, see plumbing/lora.py)
+    lora_target_modules: str = "all-linear"  # comma-separated module names (e.g. "q_proj,v_proj"), or all-linear (every Linear but the LM head)
+    lora_merge_final: bool = False  # also write final/merged/: the adapters folded into the weights, a plain transformers model
+
+    def check(self, cfg):
+        """Range checks of the model section (run by validate with the whole config)."""
+        import importlib.util
+
+        require(not self.attn_implementation.startswith("flash") or importlib.util.find_spec("flash_attn") is not None,
+                "model.attn_implementation", f"{self.attn_implementation} needs the flash-attn package (and a CUDA GPU): "
+                "pip install flash-attn --no-build-isolation; or use sdpa")
+        require(self.lora_r >= 0, "model.lora_r", f"must be ≥ 0, got {self.lora_r}")
+        require(self.lora_alpha > 0, "model.lora_alpha", f"must be > 0, got {self.lora_alpha}")
+        require(0 <= self.lora_dropout < 1, "model.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        require(self.lora_dropout == 0 or not hasattr(cfg, "loss"), "model.lora_dropout",
+                "must be 0 in β-DPO: dropout noise would enter every margin (the policy's log-probs, not the "
+                "reference's); it is for sft.py")
+        require(self.lora_r == 0 or self.name_or_path != "tiny", "model.lora_r",
+                "needs a pretrained starting point: the tiny model is built from scratch (train it fully)")
+        require(bool(self.lora_target_modules.strip(", ")), "model.lora_target_modules", "must name modules, or be all-linear")
+        require(self.lora_r > 0 or not self.lora_merge_final, "model.lora_merge_final", "needs LoRA: set model.lora_r > 0")
 
 
 @dataclass

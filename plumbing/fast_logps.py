@@ -14,6 +14,8 @@ vocabulary are 24 GiB as one fp32 log-softmax. Three savings, each in one place:
 `token_logps` is also sft.py's SFT loss and eval.py's k1 KL.
 """
 
+import os
+
 import torch
 
 
@@ -78,22 +80,53 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 4
 
 
 # ---- 1 and 3: which positions reach the LM head, and packing -------------------------------------------------
+def core_model(model):
+    """The transformers model inside the wrappers: DDP's (and LoRA's adapters-off view's) .module, peft's
+    PeftModel (its forward passes every keyword through to this model; plumbing/lora.py)."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def takes_position_mask(model) -> bool:
     """transformers' own causal LMs (5.x) accept a boolean (B, T) `logits_to_keep` and return the logits of the
     True positions only, (n, V). Remote code (`trust_remote_code`) may not: it gets all logits."""
-    model = getattr(model, "module", model)  # DDP keeps the model in .module; FSDP subclasses it in place
-    return any(c.__module__.startswith("transformers.models.") for c in type(model).__mro__)
+    return any(c.__module__.startswith("transformers.models.") for c in type(core_model(model)).__mro__)
 
 
-# Architectures whose packed log-probs and gradients tests/test_perf.py checks against the padded ones. Others
-# (and remote code) run padded: packing relies on the model building its attention mask from position_ids.
-PACKED_MODEL_TYPES = ("llama", "gpt_neox")
+# Architectures whose packed log-probs and gradients tests/test_perf.py checks against the padded ones: each builds
+# its attention mask with transformers' masking_utils, which turns position ids that restart at 0 into a
+# block-diagonal mask (find_packed_sequence_indices; with the sliding window of Mistral, Gemma 2 and Phi-3 inside
+# each block). InternLM2 loads as llama. Others (and remote code) run padded: packing relies on that mask.
+PACKED_MODEL_TYPES = ("llama", "gpt_neox", "qwen2", "mistral", "gemma", "gemma2", "phi3")
+# Attention implementations (model.attn_implementation) and how packed rows reach them: sdpa and eager get the
+# block-diagonal mask and any number of rows; flash attention gets no mask and separates sequences by their
+# position ids only for a batch of ONE row (transformers' _is_packed_sequence), so every sequence goes in one row.
+PACKED_ROWS = {"sdpa": "rows", "eager": "rows", "flash_attention_2": "one row", "flash_attention_3": "one row"}
 PACK_ROW_WIDTH = 2  # packed rows hold up to 2 × the batch's longest sequence: see packed_logits
+_SAID = set()  # (model type, attention) pairs already reported as running padded
 
 
 def packs(model) -> bool:
-    config = getattr(getattr(model, "module", model), "config", None)
-    return takes_position_mask(model) and getattr(config, "model_type", None) in PACKED_MODEL_TYPES
+    """Does this model run packed? If not for a reason worth knowing (an architecture or attention kernel not
+    checked for packing), one line says so, once per process and kind."""
+    config = getattr(core_model(model), "config", None)
+    kind, attention = getattr(config, "model_type", None), getattr(config, "_attn_implementation", None) or "sdpa"
+    why = ("the model's code is not transformers' own (remote code)" if not takes_position_mask(model) else
+           f"architecture '{kind}' is not among those checked for packing ({', '.join(PACKED_MODEL_TYPES)})"
+           if kind not in PACKED_MODEL_TYPES else
+           f"attention implementation '{attention}' is not one packing supports ({', '.join(PACKED_ROWS)})"
+           if attention not in PACKED_ROWS else None)
+    if why and (kind, attention) not in _SAID:
+        _SAID.add((kind, attention))
+        if os.environ.get("RANK", "0") == "0":
+            print(f"note: sequences run padded, not packed: {why}", flush=True)
+    return why is None
+
+
+def row_width(model, T: int, lengths: list[int]) -> int:
+    """Tokens per packed row: PACK_ROW_WIDTH × T, or everything in one row for flash attention (PACKED_ROWS)."""
+    attention = getattr(core_model(model).config, "_attn_implementation", None)
+    return sum(lengths) if PACKED_ROWS.get(attention) == "one row" else PACK_ROW_WIDTH * T
 
 
 def pack_layout(lengths: list[int], width: int) -> list[tuple[int, int]]:
@@ -115,12 +148,13 @@ def packed_logits(model, batch: dict, needed):
     little padding instead of 2B rows padded to the longest.
     Rows are up to PACK_ROW_WIDTH = 2 × the longest sequence: wider rows leave less padding but cost attention
     over more (masked) positions (docs/PERFORMANCE.md has the measurements behind the choice of 2).
+    (Flash attention: one row of every sequence, whose attention runs per sequence: row_width.)
     → (logits (n, V), index (n,)): row-major over `needed`'s True positions in the packed layout, and each
     one's flat index into `needed` (B·(T−1)), to put the log-probs back in (B, T−1) order."""
     ids = batch["input_ids"]  # (B, T)
     B, T = ids.shape
     lengths = batch["attention_mask"].sum(-1).tolist()  # right padding: sequence i is ids[i, :L_i]
-    place = pack_layout(lengths, PACK_ROW_WIDTH * T)
+    place = pack_layout(lengths, row_width(model, T, lengths))
     R = 1 + max(r for r, _ in place)
     W = max(o + L for (_, o), L in zip(place, lengths))  # the fullest row's length: no all-padding columns
     packed = torch.zeros((R, W), dtype=ids.dtype, device=ids.device)  # (R, W); trailing slots: token 0, position 0

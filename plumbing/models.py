@@ -88,7 +88,8 @@ def _load(loader, name: str, what: str, key: str, **kwargs):
         path = Path(name).expanduser()
         if not path.exists():
             raise UserError(f"{key}: '{name}' does not exist")
-        if path.is_dir() and not (path / "config.json").is_file():
+        adapter_tokenizer = what == "tokenizer" and (path / "adapter_config.json").is_file()  # a LoRA run's final/
+        if path.is_dir() and not (path / "config.json").is_file() and not adapter_tokenizer:
             raise UserError(f"{key}: '{name}' has no config.json; pass a directory written by save_pretrained "
                             "(a run's final/, or a downloaded model)")
         if what == "tokenizer" and path.is_dir() and not any((path / f).is_file() for f in TOKENIZER_FILES):
@@ -188,9 +189,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _GGUF_LOADED: dict = {}  # (path, dtype) → (config, dequantised weights) of the last GGUF file loaded, in memory only
 
 
-def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False, key: str = "model.name_or_path"):
+def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False, key: str = "model.name_or_path",
+               attn_implementation: str = "auto"):
     """A hub id, a local `save_pretrained` directory, a .gguf file or a PACKAGED_MODELS name → a plain model.
-    `key`: the config key the name came from, named in error messages."""
+    `key`: the config key the name came from, named in error messages. attn_implementation: model.attn_implementation
+    ("auto": transformers' default for the model), set once the model is built, the same way for every source (GGUF
+    and InternLM2 models are built from a config; passing it to from_pretrained would make an unsupported kernel
+    look like damaged files in _load's message)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
@@ -202,8 +207,21 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
         model = _convert(lambda: internlm2.load_model(internlm2_dir, DTYPES[dtype]), name)
     else:
         model = _load(AutoModelForCausalLM, name, "model", key, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    set_attn_implementation(model, attn_implementation, key)
     disable_dropout(model)
     return model
+
+
+def set_attn_implementation(model, name: str, key: str = "model.name_or_path"):
+    """model.attn_implementation on a model already built ("auto": leave it); a kernel the architecture lacks
+    (e.g. sdpa for Gemma 2) is one line."""
+    if name == "auto" or getattr(model.config, "_attn_implementation", None) == name:
+        return
+    try:
+        model.set_attn_implementation(name)
+    except (ValueError, ImportError) as e:
+        raise UserError(f"model.attn_implementation: {name} does not work with {key}'s model ({str(e).splitlines()[0][:200]}); "
+                        "use auto") from None
 
 
 def gathered_state_dict(accelerator, model) -> dict:

@@ -38,7 +38,7 @@ def score_in_chunks(accelerator, model, score, pairs, pad_id, batch_size: int, e
             batch.update({k: v[rows] for k, v in (extra or {}).items()})
             scores = score({k: v.to(accelerator.device) for k, v in batch.items()})
             if chunk < len(chunks):
-                my_chunks.append((chunk, {k: v.float().cpu() for k, v in scores.items()}))
+                my_chunks.append((chunk, {k: v.to(torch.promote_types(v.dtype, torch.float32)).cpu() for k, v in scores.items()}))  # fp64 stays fp64
     model.train(was_training)
     gathered = [scores for _, scores in sorted(gather_object(my_chunks), key=lambda item: item[0])]  # every chunk, in order
     return {k: torch.cat([s[k] for s in gathered]).to(accelerator.device) for k in gathered[0]}

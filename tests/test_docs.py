@@ -24,7 +24,7 @@ import bench_vs_trl as bench  # noqa: E402
 import run as experiments  # noqa: E402
 
 SOURCES = ["betadpo.py", "sft.py", "eval.py", "plumbing/plots.py", "README.md", "demo.sh", "experiments/run.py",
-           *(f"docs/{p.name}" for p in sorted(ROOT.glob("docs/*.md"))), "benchmarks/bench_vs_trl.py",
+           *(f"docs/{p.name}" for p in sorted(ROOT.glob("docs/*.md"))), "benchmarks/bench_vs_trl.py", "benchmarks/bench_lora.py",
            *(f"configs/{p.name}" for p in ROOT.glob("configs/*.yaml"))]
 COMMAND = re.compile(r"(?:python|accelerate launch)\s[^\n`]*?(?<![\w/])([\w/]+\.py)\b([^\n`#]*)")
 

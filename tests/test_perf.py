@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from betadpo import BetaDPOState, Config, make_scale_optimizer, pair_logps, sequence_logps
 from conftest import read_metrics, run_script
 from plumbing.data import _epoch_order, collate_pairs, tokenize_pairs
-from plumbing.fast_logps import PACK_ROW_WIDTH, pack_layout, packed_logits, token_logps
+from plumbing.fast_logps import PACK_ROW_WIDTH, PACKED_MODEL_TYPES, pack_layout, packed_logits, token_logps
 from plumbing.fast_logps import packs as _packs
 from plumbing.fast_logps import takes_position_mask as _takes_position_mask
 from plumbing.models import load_model
@@ -180,27 +180,47 @@ def test_pack_layout_places_every_sequence_once_within_its_row():
     assert pack_layout([5, 5, 5], 5) == [(0, 0), (1, 0), (2, 0)]  # nothing fits beside a full-width sequence
 
 
-def tiny_gpt_neox(vocab: int, pad: int, eos: int):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+def tiny_of(arch: str, vocab: int, pad: int, eos: int):
+    """A tiny random model of architecture `arch` (transformers' own classes). The sliding windows (Mistral, Gemma 2,
+    Phi-3) are 5 tokens, shorter than the sequences, so that packing must keep each window inside its sequence;
+    Gemma 2 also soft-caps attention and final logits (its eager attention applies the cap)."""
+    import transformers
 
+    common = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                  max_position_embeddings=128, pad_token_id=pad, eos_token_id=eos, bos_token_id=eos, attention_dropout=0.0)
+    configs = {
+        "gpt_neox": ("GPTNeoX", dict(hidden_dropout=0.0)),
+        "qwen2": ("Qwen2", dict(num_key_value_heads=2)),
+        "mistral": ("Mistral", dict(num_key_value_heads=2, sliding_window=5)),
+        "gemma": ("Gemma", dict(num_key_value_heads=1, head_dim=8)),
+        "gemma2": ("Gemma2", dict(num_key_value_heads=2, head_dim=8, sliding_window=5, attn_logit_softcapping=5.0,
+                                  final_logit_softcapping=3.0, attn_implementation="eager")),
+        "phi3": ("Phi3", dict(num_key_value_heads=2, sliding_window=5, resid_pdrop=0.0, embd_pdrop=0.0)),
+    }
+    name, extra = configs[arch]
     torch.manual_seed(0)
-    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                            intermediate_size=64, max_position_embeddings=128, pad_token_id=pad,
-                                            eos_token_id=eos, bos_token_id=eos, attention_dropout=0.0, hidden_dropout=0.0))
+    config = getattr(transformers, f"{name}Config")(**common, **extra)
+    return getattr(transformers, f"{name}ForCausalLM")(config)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox", "qwen2", "mistral", "gemma", "gemma2", "phi3"])
 def test_packed_sequences_give_the_padded_log_probs_and_gradients(tiny_model, arch):
     """OPTIMISATION 3: sequences of mixed lengths packed into fewer rows (position ids restart per sequence, no
-    mask) give the padded batch's log-probs and gradients, fp64 to rounding — so no token attends across."""
+    mask) give the padded batch's log-probs and gradients, fp64 to rounding — so no token attends across — for every
+    architecture in PACKED_MODEL_TYPES (InternLM2 loads as llama)."""
     tok = build_tokenizer()
     digits = ["3120", "9", "41", "870215", "5", "62", "1", "9081726354"]
     rows = [{"prompt": f"sort {d}: ", "chosen": "".join(sorted(d)), "rejected": d} for d in digits]
     batch = collate_pairs(tokenize_pairs(tok, rows, 64, 32), tok.pad_token_id)
 
+    # fp64, so that any cross-sequence attention would show far above rounding; except: Gemma's RMSNorm computes in
+    # fp32 whatever the weights (so 1e-6), and Gemma 2's padded batch is NaN in fp64 (its eager attention's padding +
+    # sliding-window mask overflows), so it is compared in fp32, to the 1e-5 of any fp32 comparison here.
+    dtype, tol = {"gemma": (torch.float64, 1e-6), "gemma2": (torch.float32, 1e-5)}.get(arch, (torch.float64, 1e-10))
+
     def model():
-        m = load_model(str(tiny_model)) if arch == "llama" else tiny_gpt_neox(len(tok), tok.pad_token_id, tok.eos_token_id)
-        return m.to(torch.float64).eval()  # eval(): a KV cache would be on by default, which packing must turn off
+        m = load_model(str(tiny_model)) if arch == "llama" else tiny_of(arch, len(tok), tok.pad_token_id, tok.eos_token_id)
+        return m.to(dtype).eval()  # eval(): a KV cache would be on by default, which packing must turn off
 
     runs = {}
     for name, logps in (("plain", plain_sequence_logps), ("packed", fast_sequence_logps)):
@@ -208,16 +228,16 @@ def test_packed_sequences_give_the_padded_log_probs_and_gradients(tiny_model, ar
         out = logps(m, batch, prompt_rows=len(rows))
         (out["sum"].sum() + out["avg"].sum() + out["prompt"].sum()).backward()
         runs[name] = out, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
-    assert _packs(m)
+    assert _packs(m) and m.config.model_type in PACKED_MODEL_TYPES
     lengths = batch["attention_mask"].sum(-1).tolist()
     place = pack_layout(lengths, PACK_ROW_WIDTH * batch["input_ids"].shape[1])
     packed_rows, width = 1 + max(r for r, _ in place), max(o + L for (_, o), L in zip(place, lengths))
     assert packed_rows <= 5 and width <= 2 * batch["input_ids"].shape[1]  # it did pack: 16 sequences in 5 rows
     for k in ("sum", "avg", "prompt"):
-        assert torch.allclose(runs["packed"][0][k], runs["plain"][0][k], rtol=0, atol=1e-10), k
+        assert torch.allclose(runs["packed"][0][k], runs["plain"][0][k], rtol=0, atol=tol), k
     assert runs["packed"][1].keys() == runs["plain"][1].keys()
     for name, g in runs["packed"][1].items():
-        assert torch.allclose(g, runs["plain"][1][name], rtol=0, atol=1e-10), name
+        assert torch.allclose(g, runs["plain"][1][name], rtol=tol if dtype == torch.float32 else 0, atol=tol), name  # fp32: gradients ≈ 5
     # The model body really sees the packed batch: (R, W) = (packed_rows, the fullest row's length).
     seen = []
     hook = m.get_input_embeddings().register_forward_hook(lambda mod, args, out: seen.append(tuple(out.shape[:2])))
@@ -225,6 +245,29 @@ def test_packed_sequences_give_the_padded_log_probs_and_gradients(tiny_model, ar
         packed_logits(m, batch, torch.ones_like(batch["input_ids"][:, 1:], dtype=torch.bool))
     hook.remove()
     assert seen == [(packed_rows, width)]
+
+
+def test_unchecked_architectures_run_padded_and_say_so_once_and_flash_attention_packs_one_row(tiny_model, capsys):
+    """GPT-2 is not in PACKED_MODEL_TYPES: it runs padded (the plain path's numbers), with one line saying why, once
+    per process. Flash attention separates packed sequences by position ids only in a batch of one row."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from plumbing import fast_logps
+
+    tok = build_tokenizer()
+    batch = collate_pairs(tokenize_pairs(tok, [{"prompt": "sort 31: ", "chosen": "13", "rejected": "31"}] * 2, 64, 32), tok.pad_token_id)
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=4, n_positions=64)).eval()
+    fast_logps._SAID.clear()
+    fast, again = fast_sequence_logps(gpt2, batch), fast_sequence_logps(gpt2, batch)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "run padded" in line]
+    assert lines == ["note: sequences run padded, not packed: architecture 'gpt2' is not among those checked for packing "
+                     f"({', '.join(PACKED_MODEL_TYPES)})"]
+    assert torch.allclose(fast["sum"], plain_sequence_logps(gpt2, batch)["sum"], atol=1e-5) and torch.equal(fast["sum"], again["sum"])
+    llama = load_model(str(tiny_model))
+    assert fast_logps.row_width(llama, 10, [4, 7, 9]) == PACK_ROW_WIDTH * 10
+    llama.config._attn_implementation = "flash_attention_2"  # (not run: flash-attn needs a GPU)
+    assert fast_logps.row_width(llama, 10, [4, 7, 9]) == 20 and pack_layout([4, 7, 9], 20) == [(0, 16), (0, 9), (0, 0)]
 
 
 def test_prompt_rows_reach_the_lm_head_only_when_beta_x_needs_the_perplexity(tiny_model):

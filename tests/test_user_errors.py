@@ -184,6 +184,12 @@ CASES = [
     Case("truncated model weights", "sft.py", [*DPO, "--model.name_or_path", "model"], ("model.name_or_path", "'model'"), truncated_weights),
     Case("a reference model that does not exist", "betadpo.py", [*DPO, "--model.ref_name_or_path", "./sft/final"], ("model.ref_name_or_path",)),
     Case("β-DPO from the untrained built-in model", "betadpo.py", [*DPO, "--model.name_or_path", "tiny"], ("model.name_or_path", "sft.py")),
+    Case("LoRA dropout in β-DPO", "betadpo.py", [*DPO, "--model.lora_r", 4, "--model.lora_dropout", 0.1], ("model.lora_dropout", "margin")),
+    Case("LoRA on the built-in model trained from scratch", "sft.py", [*SFT, "--model.lora_r", 4], ("model.lora_r", "tiny")),
+    Case("LoRA target modules the model does not have", "betadpo.py", [*DPO, "--model.lora_r", 4, "--model.lora_target_modules", "q_lin"],
+         ("model.lora_target_modules", "q_lin")),
+    Case("flash attention without the flash-attn package", "betadpo.py", [*DPO, "--model.attn_implementation", "flash_attention_2"],
+         ("model.attn_implementation", "flash-attn")),
     # ---- the output directory, resuming ----------------------------------------------------------------
     Case("train.output_dir is a file", "betadpo.py", [*DPO, "--train.output_dir", "pairs.jsonl"], ("train.output_dir", "pairs.jsonl")),
     Case("resuming with another learning rate", "betadpo.py", [*DPO, "--train.lr", 3e-4], ("train.lr", "another train.output_dir"),

@@ -74,6 +74,7 @@ class TrainArgs:
     precompute_ref: bool = False  # one no-grad reference pass over all pairs before training, then free the reference
     ref_cache_dir: str = "runs/ref_cache"  # precomputed reference log-probs, keyed by reference model and data
     group_by_length: bool = False  # batch pairs of similar length (less padding); changes which pairs calibrate together
+    allow_changed_inputs: bool = False  # resume even though data, model or tokenizer changed since the run started (inputs.json)
 
 
 @dataclass

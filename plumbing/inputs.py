@@ -83,14 +83,14 @@ def changed_inputs(output_dir: Path, inputs: dict) -> str | None:
         if saved.get(key) == inputs.get(key):
             continue
         was, now = saved.get(key), inputs.get(key)
-        detail = ""
-        if isinstance(was, dict) and isinstance(now, dict) and "rows" in was and was.get("rows") != now.get("rows"):
+        detail = ": other content"
+        if was is None or now is None:
+            detail = ": not used before" if was is None else ": no longer used"
+        elif isinstance(was, dict) and isinstance(now, dict) and "rows" in was and was.get("rows") != now.get("rows"):
             detail = f": {was['rows']} → {now['rows']} rows"
         elif isinstance(was, dict) and isinstance(now, dict) and "files" in was and "files" in now:
             differ = sorted(f for f in set(was["files"]) | set(now["files"]) if was["files"].get(f) != now["files"].get(f))
-            detail = f": {', '.join(differ[:3])}{' ...' if len(differ) > 3 else ''} differ"
-        elif was is None or now is None:
-            detail = ": not used before" if was is None else ": no longer used"
+            detail = f": other {', '.join(differ[:3])}{' ...' if len(differ) > 3 else ''}"
         changes.append(f"{key} ({WHERE.get(key, key)}{detail})")
     return ", ".join(changes) or None
 

@@ -82,8 +82,8 @@ def _read(path: Path) -> tuple[dict | None, float]:
 def _who(holder: dict | None, age_s: float) -> str:
     if holder is None:
         return "a job that is writing its lock now"
-    return (f"host {holder.get('host')}, pid {holder.get('pid')}, started {holder.get('started')}, "
-            f"last heartbeat {age_s:.0f} s ago")
+    beat = "less than a minute ago" if age_s < 60 else f"{age_s / 60:.0f} minutes ago"
+    return f"host {holder.get('host')}, pid {holder.get('pid')}, started {holder.get('started')}, last heartbeat {beat}"
 
 
 def acquire(output_dir: Path):

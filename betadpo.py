@@ -504,7 +504,8 @@ def train(cfg: Config):
         raise UserError(f"data: {len(train_pairs)} training pairs is fewer than train.batch_size={cfg.train.batch_size}")
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     inputs = fingerprint_inputs(cfg, tokenizer, train=train_pairs, eval=eval_pairs)  # data, models, tokenizer: pinned
-    ckpt, finished = resume_point(accelerator, out, total_steps, inputs, cfg.train.allow_changed_inputs)  # newest intact checkpoint, or finished
+    # the newest intact checkpoint (refused if the inputs changed), or a finished run
+    ckpt, finished = resume_point(accelerator, out, total_steps, inputs, cfg.train.allow_changed_inputs)
     if finished:
         return out
     # ---- 3. models, β-DPO state, optimizers ------------------------------------------------------------

@@ -75,7 +75,8 @@ def main():
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     lengths = tuple(len(p) + len(r) for p, r in examples) if cfg.train.group_by_length else None
     inputs = fingerprint_inputs(cfg, tokenizer, train=examples)  # pinned in inputs.json: a resume must use the same
-    ckpt, finished = resume_point(accelerator, out, total_steps, inputs, cfg.train.allow_changed_inputs)  # newest intact checkpoint, or finished
+    # the newest intact checkpoint (refused if the inputs changed), or a finished run
+    ckpt, finished = resume_point(accelerator, out, total_steps, inputs, cfg.train.allow_changed_inputs)
     if finished:
         return
     # ---- model ----------------------------------------------------------------------------------------

@@ -18,10 +18,12 @@ where they stopped applying.
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 from plumbing.models import model_identity
 from plumbing.scoring import token_hash
+from plumbing.storage import remove_quietly
 
 INPUTS = "inputs.json"
 SAMPLE = 1 << 20  # bytes read at each of a weight file's start, middle and end
@@ -73,7 +75,8 @@ def changed_inputs(output_dir: Path, inputs: dict) -> str | None:
     try:
         saved = json.loads(path.read_text())
     except FileNotFoundError:
-        print(f"warning: {path} is missing; resuming without checking that data, model and tokenizer are the same")
+        print(f"warning: {path} is missing; resuming without checking that data, model and tokenizer are the same",
+              file=sys.stderr)
         return None
     except ValueError:
         saved = {}
@@ -104,8 +107,12 @@ def save_inputs(output_dir: Path, inputs: dict, step: int):
     except (OSError, ValueError):
         saved = {}
     earlier = saved.pop("earlier", []) if isinstance(saved, dict) else []
-    if saved and saved != inputs:
+    if saved and saved != inputs and step > 0:  # (at step 0 nothing was trained on the old inputs)
         earlier.append({"until_step": step, **saved})
     tmp = path.with_name(f".{INPUTS}.tmp")
-    tmp.write_text(json.dumps({**inputs, **({"earlier": earlier} if earlier else {})}, indent=1) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps({**inputs, **({"earlier": earlier} if earlier else {})}, indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        remove_quietly(tmp)  # no partial file left behind (the error itself is reported by the caller)
+        raise

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from plumbing import run_lock
 from plumbing.checkpoints import RESUMABLE_KEYS, finished_steps, list_checkpoints
 from plumbing.config import read_yaml, validate
-from plumbing import run_lock
 from plumbing.errors import UserError
 from plumbing.metrics import wandb_logged_in
 
@@ -69,7 +69,8 @@ def lock_output_dir(accelerator, out: Path):
         except UserError as e:
             verdict[0] = str(e)
         except OSError as e:
-            verdict[0] = f"train.output_dir: cannot write its lock {out / run_lock.LOCK} ({e.strerror}); choose another train.output_dir"
+            verdict[0] = (f"train.output_dir: cannot write its lock {out / run_lock.LOCK} ({e.strerror}); "
+                          "choose another train.output_dir")
     broadcast_object_list(verdict)
     if verdict[0] is not None:
         if not accelerator.is_main_process:

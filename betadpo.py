@@ -55,6 +55,7 @@ from plumbing.config import SFTConfig, parse_config, require
 from plumbing.data import collate_pairs, micro_batch_indices, training_pairs
 from plumbing.distributed import frozen_dtype, load_on_main, main_first, shard_frozen
 from plumbing.errors import UserError, main_guard
+from plumbing.inputs import fingerprint_inputs
 from plumbing.launch import start_run
 from plumbing.metrics import Progress, open_run
 from plumbing.models import load_model, load_tokenizer
@@ -506,7 +507,9 @@ def train(cfg: Config):
     if steps_per_epoch == 0:
         raise UserError(f"data: {len(train_pairs)} training pairs is fewer than train.batch_size={cfg.train.batch_size}")
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-    ckpt, finished = resume_point(accelerator, out, total_steps)  # the newest intact checkpoint, or a finished run
+    inputs = fingerprint_inputs(cfg, tokenizer, train=train_pairs, eval=eval_pairs)  # data, models, tokenizer: pinned
+    # the newest intact checkpoint (refused if the inputs changed), or a finished run
+    ckpt, finished = resume_point(accelerator, out, total_steps, inputs, cfg.train.allow_changed_inputs)
     if finished:
         return out
     # ---- 3. models, β-DPO state, optimizers ------------------------------------------------------------
@@ -536,7 +539,7 @@ def train(cfg: Config):
     # ---- 6. resume -------------------------------------------------------------------------------------
     if ckpt is not None:
         load_checkpoint(accelerator, ckpt, state)
-    log = open_run(cfg, accelerator, state.step)  # config.yaml, metrics.jsonl (rows after state.step dropped), wandb
+    log = open_run(cfg, accelerator, state.step, inputs)  # config.yaml, metrics.jsonl (rows after state.step dropped), wandb
     # ---- the loop: one optimizer step = grad_accum calibration batches ---------------------------------
     progress = Progress("β-DPO", total_steps, state.step, accelerator.is_main_process, cfg.log.progress_every)
     policy.train()

@@ -30,6 +30,7 @@ from plumbing.config import SFTConfig, parse_config
 from plumbing.data import collate, load_sft, micro_batch_indices, tokenize, training_examples
 from plumbing.errors import UserError, main_guard
 from plumbing.fast_logps import token_logps
+from plumbing.inputs import fingerprint_inputs
 from plumbing.launch import start_run
 from plumbing.metrics import Progress, open_run
 from plumbing.models import generate, load_model, load_tokenizer, set_attn_implementation
@@ -74,7 +75,9 @@ def main():
         raise UserError(f"data: {len(examples)} SFT examples is fewer than train.batch_size={cfg.train.batch_size}")
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     lengths = tuple(len(p) + len(r) for p, r in examples) if cfg.train.group_by_length else None
-    ckpt, finished = resume_point(accelerator, out, total_steps)  # the newest intact checkpoint, or a finished run
+    inputs = fingerprint_inputs(cfg, tokenizer, train=examples)  # pinned in inputs.json: a resume must use the same
+    # the newest intact checkpoint (refused if the inputs changed), or a finished run
+    ckpt, finished = resume_point(accelerator, out, total_steps, inputs, cfg.train.allow_changed_inputs)
     if finished:
         return
     # ---- model ----------------------------------------------------------------------------------------
@@ -96,7 +99,7 @@ def main():
     # ---- resume ---------------------------------------------------------------------------------------
     if ckpt is not None:
         load_checkpoint(accelerator, ckpt, progress)
-    log = open_run(cfg, accelerator, progress.step)  # config.yaml, metrics.jsonl (rows after the step dropped), wandb
+    log = open_run(cfg, accelerator, progress.step, inputs)  # config.yaml, metrics.jsonl (rows after the step dropped), wandb
     # ---- loop -----------------------------------------------------------------------------------------
     model.train()
     report = Progress("SFT", total_steps, progress.step, accelerator.is_main_process, cfg.log.progress_every)

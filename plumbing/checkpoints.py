@@ -14,7 +14,9 @@ import torch
 from plumbing import lora
 from plumbing.distributed import main_decides, spread
 from plumbing.errors import STATUS, TrainingStopped, UserError
+from plumbing.inputs import changed_inputs
 from plumbing.models import gathered_state_dict
+from plumbing.storage import attempt, settle
 
 
 class _TiedWeightNotice(logging.Filter):
@@ -55,7 +57,8 @@ FINISHED = "finished.json"
 # Keys that may change when a run resumes: how long it trains, how often it saves and evaluates, where it
 # logs and caches, eval.py's own settings. Anything else would change what the saved state means.
 RESUMABLE_KEYS = ("train.max_steps", "train.epochs", "train.save_every", "train.eval_every", "train.output_dir",
-                  "train.ref_cache_dir", "train.gradient_checkpointing", "train.dist_timeout_min", "log.", "eval.", "data.preview")
+                  "train.ref_cache_dir", "train.gradient_checkpointing", "train.dist_timeout_min", "train.allow_changed_inputs",
+                  "log.", "eval.", "data.preview")
 
 
 def _sha256(path: Path) -> str:
@@ -93,6 +96,17 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted((output_dir / "checkpoints").glob("step-*"))
 
 
+def checkpoint_bytes(output_dir: Path, tensors) -> int:
+    """About how much a checkpoint needs: the newest one's size, or before the first, 3× the weights (weights
+    and two optimizer moments, as AdamW keeps). Said in the message of a full disk."""
+    for ckpt in reversed(list_checkpoints(output_dir)):
+        try:
+            return sum(f["bytes"] for f in json.loads((ckpt / MANIFEST).read_text())["files"].values())
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return 3 * sum(t.numel() * t.element_size() for t in tensors)
+
+
 def save_checkpoint(accelerator, output_dir: Path, step: int, tensors):
     """accelerator.save_state (model, optimizer, schedule, registered state, random generators) + a manifest,
     in a temporary directory renamed into place; then all but the newest CHECKPOINTS_KEPT are deleted, once
@@ -100,23 +114,32 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, tensors):
 
     Verification is cheap: every file is read back once to compute its SHA-256 for the manifest (the files spread
     over the processes, so that no process waits in a collective while one hashes everything), and after the
-    rename every size is checked against it. (On resume the checksums are checked too.)"""
+    rename every size is checked against it. (On resume the checksums are checked too.)
+    A failed write (disk full, ...) on any process: the temporary directory is removed and every process stops
+    with one line (plumbing/storage.py); the older checkpoints are untouched."""
+    tensors = list(tensors)
     check_finite_weights(accelerator, tensors, step)
     root = output_dir / "checkpoints"
     tmp, final = root / f".tmp-step-{step:08d}", root / f"step-{step:08d}"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    # every process writes (its random generators; under FSDP its shards): all learn whether all succeeded
+    error = attempt(lambda: accelerator.save_state(str(tmp)), "checkpoint", final, checkpoint_bytes(output_dir, tensors))
+    settle(accelerator, error, tmp, "checkpoint")
     names = main_decides(accelerator, lambda: [str(f.relative_to(tmp)) for f in sorted(tmp.rglob("*")) if f.is_file()])
-    checksums = spread(accelerator, names, lambda name: _sha256(tmp / name))
-    if accelerator.is_main_process:
+    checksums = spread(accelerator, names, lambda name: _sha256(tmp / name))  # each process hashes its share
+
+    def manifest_and_rename():
         files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": checksums[name]} for name in names}
         (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
         if final.exists():  # left by an earlier attempt at this step
             shutil.rmtree(final)
         os.replace(tmp, final)  # atomic on POSIX
+
+    error = attempt(manifest_and_rename, "checkpoint", final) if accelerator.is_main_process else None
+    settle(accelerator, error, tmp, "checkpoint")
+    if accelerator.is_main_process:
         problem = checkpoint_problem(final, checksums=False)
         if problem is not None:
             print(f"warning: the new checkpoint {final} is damaged ({problem}); the older ones are kept", file=sys.stderr)
@@ -124,6 +147,8 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, tensors):
             STATUS.checkpoint = str(final)
             for old in list_checkpoints(output_dir)[:-CHECKPOINTS_KEPT]:
                 shutil.rmtree(old)
+    else:
+        STATUS.checkpoint = str(final)
     accelerator.wait_for_everyone()
 
 
@@ -146,8 +171,9 @@ def save_final(accelerator, model, tokenizer, output_dir: Path, step: int, extra
     (plumbing/lora.py)."""
     check_finite_weights(accelerator, model.parameters(), step)
     state_dict = gathered_state_dict(accelerator, model)  # gathers FSDP shards
-    if accelerator.is_main_process:
-        tmp, final, old = output_dir / ".final-tmp", output_dir / "final", output_dir / ".final-old"
+    tmp, final, old = output_dir / ".final-tmp", output_dir / "final", output_dir / ".final-old"
+
+    def write():
         for stale in (tmp, old):
             if stale.exists():
                 shutil.rmtree(stale)
@@ -165,14 +191,23 @@ def save_final(accelerator, model, tokenizer, output_dir: Path, step: int, extra
         os.replace(tmp, final)
         if old.exists():
             shutil.rmtree(old)
+
+    needed = sum(t.numel() * t.element_size() for t in state_dict.values()) if state_dict else None
+    error = attempt(write, "final model", final, needed) if accelerator.is_main_process else None
+    STATUS.defer_interrupt = False  # training is over: from here on Ctrl-C stops at once
+    if settle(accelerator, error, tmp, "final/", interrupted=STATUS.interrupted):
+        raise KeyboardInterrupt  # Ctrl-C came during the final save, which was completed first
     accelerator.wait_for_everyone()
 
 
-def resume_point(accelerator, output_dir: Path, total_steps: int) -> tuple[Path | None, bool]:
+def resume_point(accelerator, output_dir: Path, total_steps: int, inputs: dict | None = None,
+                 allow_changed_inputs: bool = False) -> tuple[Path | None, bool]:
     """Where this run starts → (the newest intact checkpoint or None, whether the run is already finished).
 
     Damaged checkpoints newer than it are renamed damaged-step-N with a warning (kept for inspection, never
-    resumed from). Every process gets the same answer (the main process checks, then broadcasts)."""
+    resumed from). A resume whose `inputs` (plumbing/inputs.py) differ from the run's inputs.json stops with
+    one line naming what changed, unless allow_changed_inputs. Every process gets the same answer (the main
+    process checks, then broadcasts)."""
     from accelerate.utils import broadcast_object_list
 
     done, newest = main_decides(accelerator, lambda: (finished_steps(output_dir), [str(p) for p in list_checkpoints(output_dir)[-1:]]))
@@ -191,13 +226,20 @@ def resume_point(accelerator, output_dir: Path, total_steps: int) -> tuple[Path 
                 answer[0] = str(ckpt)
                 break
             damaged.append((ckpt, problem))
+        changed = changed_inputs(output_dir, inputs) if answer[0] is not None and inputs is not None else None
         if damaged and answer[0] is None:
             answer[1] = (f"every checkpoint in {output_dir / 'checkpoints'} is damaged ({damaged[0][0].name}: "
                          f"{damaged[0][1]}); delete {output_dir} (or use another train.output_dir) to start over")
         elif answer[0] is None and done is not None:
             answer[1] = (f"{output_dir} finished {done} steps but has no checkpoint to continue from to {total_steps}; "
                          "use another train.output_dir")
+        elif changed and not allow_changed_inputs:
+            answer[1] = (f"{output_dir} was started on other inputs: {changed} changed since; to resume anyway (the run "
+                         "then mixes both) add --train.allow_changed_inputs true, or start fresh in another train.output_dir")
         else:
+            if changed:
+                print(f"warning: {output_dir}: {changed} changed since the run started; resuming anyway "
+                      "(train.allow_changed_inputs); the earlier fingerprints stay in inputs.json", file=sys.stderr)
             for ckpt, problem in damaged:
                 aside = ckpt.with_name(f"damaged-{ckpt.name}")
                 print(f"warning: checkpoint {ckpt} is damaged ({problem}); renamed {aside.name}, resuming from the one before",

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from plumbing import run_lock
 from plumbing.checkpoints import RESUMABLE_KEYS, finished_steps, list_checkpoints
 from plumbing.config import read_yaml, validate
 from plumbing.distributed import check_shared_output_dir, main_decides, make_accelerator
@@ -56,8 +57,30 @@ def start_run(cfg):
     # must see the output directory the main process writes into.
     main_decides(accelerator, lambda: preflight(cfg, accelerator.num_processes))  # validates the config first
     check_shared_output_dir(accelerator, Path(cfg.train.output_dir))
+    lock_output_dir(accelerator, Path(cfg.train.output_dir))  # one job per output directory
     seed_everything(cfg.train.seed)
     return accelerator
+
+
+def lock_output_dir(accelerator, out: Path):
+    """One job per output directory (plumbing/run_lock.py): the main process takes out/lock.json, the others
+    follow its verdict. A refusal is one line from the main process; the others exit quietly."""
+    from accelerate.utils import broadcast_object_list
+
+    verdict = [None]
+    if accelerator.is_main_process:
+        try:
+            run_lock.acquire(out)
+        except UserError as e:
+            verdict[0] = str(e)
+        except OSError as e:
+            verdict[0] = (f"train.output_dir: cannot write its lock {out / run_lock.LOCK} ({e.strerror}); "
+                          "choose another train.output_dir")
+    broadcast_object_list(verdict)
+    if verdict[0] is not None:
+        if not accelerator.is_main_process:
+            sys.exit(2)
+        raise UserError(verdict[0])
 
 
 def seed_everything(seed: int):

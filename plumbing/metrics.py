@@ -10,20 +10,32 @@ from pathlib import Path
 
 from plumbing.config import save_config
 from plumbing.errors import STATUS, TrainingStopped, UserError
+from plumbing.inputs import save_inputs
+from plumbing.storage import agree, attempt, settle
 
 
-def open_run(cfg, accelerator, step: int) -> "MetricsLog":
+def open_run(cfg, accelerator, step: int, inputs: dict | None = None) -> "MetricsLog":
     """The output directory, just before the loop starts at `step`: config.yaml (the config now in effect),
-    metrics.jsonl without the rows of steps after `step` (a crashed run logged them after its last
-    checkpoint; they are computed again, and said so), and the wandb mirror."""
+    inputs.json (the fingerprints of data, model and tokenizer: plumbing/inputs.py), metrics.jsonl without the
+    rows of steps after `step` (a crashed run logged them after its last checkpoint; they are computed again,
+    and said so), and the wandb mirror. From here on Ctrl-C stops at the next step boundary (errors._on_sigint)."""
     out = Path(cfg.train.output_dir)
-    log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
-    log.truncate_after(step)  # first: it reads the file, which may stop the run
-    if accelerator.is_main_process:
+    log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process, accelerator=accelerator)
+
+    def write():
+        log.truncate_after(step)  # first: it reads the file, which may stop the run
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        tmp = out / ".config.yaml.tmp"  # through a temporary file: a failed write never leaves half a config
+        save_config(cfg, tmp)
+        os.replace(tmp, out / "config.yaml")
+        if inputs is not None:
+            save_inputs(out, inputs, step)
+
+    settle(accelerator, attempt(write, "the run's files in", out) if accelerator.is_main_process else None,
+           out / ".config.yaml.tmp", "write")
     log.wandb_run = init_wandb(cfg, accelerator.is_main_process)
     STATUS.step = step
+    STATUS.defer_interrupt = True
     return log
 
 
@@ -37,8 +49,8 @@ class MetricsLog:
     the run instead, on every process alike (their logged values are the same reduced numbers). None, for a
     value that does not exist this step, is written as null."""
 
-    def __init__(self, path: Path, enabled: bool, wandb_run=None):
-        self.path, self.enabled, self.wandb_run = path, enabled, wandb_run
+    def __init__(self, path: Path, enabled: bool, wandb_run=None, accelerator=None):
+        self.path, self.enabled, self.wandb_run, self.accelerator = path, enabled, wandb_run, accelerator
 
     def truncate_after(self, step: int):
         """On resume, drop rows a crashed run wrote after its last checkpoint, so each step appears once."""
@@ -62,15 +74,32 @@ class MetricsLog:
             raise TrainingStopped(f"step {row['step']}{split}: {what}: training stopped, nothing saved for this step; "
                                   f"last good checkpoint: {STATUS.checkpoint or 'none'}. Lower train.lr (or check the "
                                   "data) and train again in another train.output_dir")
+        error = attempt(lambda: self._append(row), "metrics", self.path) if self.enabled else None
+        # every process learns the outcome of the main one's write, and whether Ctrl-C came (on any process):
+        # all stop at this same step boundary
+        error, interrupted = agree(self.accelerator, error, STATUS.interrupted)
+        if error is not None:
+            settle(None, error)  # raises StorageError; the torn line was already cut off (_append)
         if row.get("split") != "eval":
             STATUS.step = row["step"]
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(row, allow_nan=False) + "\n")
-        if self.wandb_run is not None:
+        if self.enabled and self.wandb_run is not None:
             prefix = "eval/" if row.get("split") == "eval" else "train/"
             self.wandb_run.log({prefix + k: v for k, v in row.items() if k not in ("step", "split")}, step=row["step"])
+        if interrupted:
+            raise KeyboardInterrupt
+
+    def _append(self, row: dict):
+        """One line appended; a failed append (disk full) is cut back to the rows before it, not left torn."""
+        size = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row, allow_nan=False) + "\n")
+        except OSError:
+            try:
+                os.truncate(self.path, size)
+            except OSError:
+                pass
+            raise
 
 
 def read_metrics(path) -> list[dict]:

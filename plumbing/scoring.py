@@ -12,6 +12,7 @@ import torch
 from plumbing.data import collate_pairs
 from plumbing.distributed import main_decides
 from plumbing.models import model_identity
+from plumbing.storage import attempt, settle
 
 
 def score_in_chunks(accelerator, model, score, pairs, pad_id, batch_size: int, extra: dict | None = None) -> dict:
@@ -44,11 +45,12 @@ def score_in_chunks(accelerator, model, score, pairs, pad_id, batch_size: int, e
     return {k: torch.cat([s[k] for s in gathered]).to(accelerator.device) for k in gathered[0]}
 
 
-def token_hash(pairs) -> str:
-    """SHA-256 of tokenized (prompt, chosen, rejected) id lists: a cache key of the exact data."""
+def token_hash(rows) -> str:
+    """SHA-256 of tokenized rows, each a tuple of id lists ((prompt, chosen, rejected) pairs, (prompt, response)
+    SFT examples): a key of the exact data, as cheap as reading the ids once. Part i of a row ends with −(i+1)."""
     h = hashlib.sha256()
-    for p, c, r in pairs:
-        h.update(array.array("q", [*p, -1, *c, -2, *r, -3]).tobytes())
+    for row in rows:
+        h.update(array.array("q", [t for i, part in enumerate(row) for t in (*part, -(i + 1))]).tobytes())
     return h.hexdigest()
 
 
@@ -73,9 +75,14 @@ def cached(accelerator, path: Path, compute, what: str) -> dict:
         return values
     accelerator.print(f"{what}: one pass → {path}")
     values = compute()
-    if accelerator.is_main_process:
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+
+    def write():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         torch.save(values, tmp)
         os.replace(tmp, path)
+
+    needed = sum(v.numel() * v.element_size() for v in values.values())
+    settle(accelerator, attempt(write, "the reference cache", path, needed) if accelerator.is_main_process else None,
+           tmp, "cache file")
     return values

@@ -1,12 +1,14 @@
 """Reliability of a training run (plumbing/'s checkpoints and metrics, used by sft.py and betadpo.py): NaN stops the run,
 checkpoints survive damage, Ctrl-C and SIGKILL lose nothing, a finished run is not retrained, sft.py resumes
-exactly and honours train.optimizer / gradient_checkpointing / wandb."""
+exactly and honours train.optimizer / gradient_checkpointing / wandb; a full disk ends every process in one
+line and the rerun resumes exactly; changed inputs are refused on resume; one job per output directory."""
 
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from plumbing.checkpoints import checkpoint_problem
 from plumbing.metrics import read_metrics as read_jsonl
 from conftest import ROOT, read_metrics, run_script
 from test_betadpo_train import assert_close_rows, assert_same_weights, final_weights, flags
@@ -160,3 +163,134 @@ def test_readme_names_the_keys_that_may_change_on_resume():
     section = text[text.index("## When something goes wrong") :][:3000]
     listed = set(re.findall(r"`((?:train|log|eval)\.[\w*]+)`", section[section.index("Only") : section.index("may change")]))
     assert listed == {k + "*" if k.endswith(".") else k for k in RESUMABLE_KEYS}
+
+
+# ---- storage faults ------------------------------------------------------------------------------------
+def test_full_disk_on_another_process_stops_every_process_with_one_line(tmp_path):
+    """2 processes; the write that fails is process 1's own file of the step-4 checkpoint (its random generators):
+    process 0 can only name it if the processes agreed on it, and no process waits forever for the other."""
+    out = tmp_path / "run"
+    result = run_script("tests/storage_fault.py", "tmp-step-00000004/random_states_1", "sft.py", *SFT, "--train.output_dir", out,
+                        "--train.max_steps", 6, "--train.save_every", 2, processes=2, check=False)
+    assert result.returncode == 1, result.stderr[-3000:]
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert ours == [f"error: no space left on device while writing checkpoint {out}/checkpoints/step-00000004 (it needs about "
+                    f"{ours[0].split('needs about ')[1].split(',')[0]}, 0 bytes free): the partial checkpoint was removed; the last "
+                    f"good checkpoint, {out}/checkpoints/step-00000002, is intact. Fix the storage (free space, permissions) "
+                    "and re-run the same command to resume"], result.stderr[-3000:]
+    before = result.stderr[: result.stderr.index(ours[0])]
+    assert "Traceback" not in before  # (what follows is accelerate launch's own report of a process's exit code 1)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]  # the partial one removed
+    assert checkpoint_problem(out / "checkpoints" / "step-00000002") is None and not (out / "lock.json").exists()
+
+
+def test_full_disk_in_a_checkpoint_then_the_rerun_resumes_exactly(tmp_path):
+    out = tmp_path / "run"
+    args = [*SFT, "--train.output_dir", out, "--train.max_steps", 6, "--train.save_every", 2]
+    result = run_script("tests/storage_fault.py", "tmp-step-00000004/model.safetensors", "sft.py", *args, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert re.fullmatch(rf"error: no space left on device while writing checkpoint {re.escape(str(out))}/checkpoints/step-00000004 "
+                        r"\(it needs about [\d.]+ KB, 0 bytes free\): the partial checkpoint was removed; the last good checkpoint, "
+                        rf"{re.escape(str(out))}/checkpoints/step-00000002, is intact\. .*re-run the same command to resume",
+                        last_line(result)), last_line(result)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
+    faulted = read_jsonl(out / "metrics.jsonl")  # steps 3 and 4 were logged before their checkpoint failed
+    result = run_script("sft.py", *args)
+    assert f"resumed from {out}/checkpoints/step-00000002 (step 2)" in result.stdout
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in faulted] == [1, 2, 3, 4] and [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert_close_rows(faulted, rows[:4], rel=1e-6, keys=["loss", "grad_norm", "lr"])  # steps 3, 4 computed again, the same
+    assert json.loads((out / "final" / "finished.json").read_text()) == {"step": 6}
+
+
+# ---- inputs pinned per run -----------------------------------------------------------------------------
+def test_changed_data_is_refused_on_resume_unless_allowed(tmp_path):
+    from test_user_errors import DPO, make_template, other_rejections, run_in
+
+    d = make_template(tmp_path)
+    assert run_in(d, "betadpo.py", DPO)[0] == 0
+    first = json.loads((d / "out" / "inputs.json").read_text())
+    assert set(first) == {"train data", "eval data", "model", "tokenizer"} and first["train data"]["rows"] == 36
+    other_rejections(d)
+    code, stderr = run_in(d, "betadpo.py", [*DPO, "--train.max_steps", 4])
+    assert code == 2 and stderr.strip().splitlines()[-1].startswith("error: out was started on other inputs: train data")
+    assert [r["step"] for r in read_metrics(d / "out")] == [1, 2]  # untouched
+    code, stderr = run_in(d, "betadpo.py", [*DPO, "--train.max_steps", 4, "--train.allow_changed_inputs", "true"])
+    assert code == 0, stderr[-2000:]
+    assert "warning: out: train data (data.dataset: other content), eval data (data.dataset / data.eval_size: other content) " \
+           "changed since the run started; resuming anyway" in stderr
+    assert [r["step"] for r in read_metrics(d / "out")] == [1, 2, 3, 4]
+    pinned = json.loads((d / "out" / "inputs.json").read_text())
+    assert pinned["earlier"] == [{"until_step": 2, **first}] and pinned["train data"] != first["train data"]
+    assert pinned["model"] == first["model"] and pinned["tokenizer"] == first["tokenizer"]
+
+
+def test_fingerprints_see_content_not_paths_or_times(tmp_path, tiny_model):
+    from plumbing.inputs import model_fingerprint, tokenizer_fingerprint
+    from plumbing.models import load_tokenizer
+    from conftest import save_tiny_model
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model, copy)  # another path, other modification times: the same model
+    os.utime(copy / "model.safetensors", (0, 0))
+    assert model_fingerprint(str(copy)) == model_fingerprint(str(tiny_model))
+    save_tiny_model(copy, seed=1)
+    assert model_fingerprint(str(copy)) != model_fingerprint(str(tiny_model))
+    tokenizer = load_tokenizer(str(tiny_model), False)
+    before = tokenizer_fingerprint(tokenizer)
+    tokenizer.chat_template = "{{ messages }}"
+    assert tokenizer_fingerprint(tokenizer) != before
+
+
+# ---- one job per output directory ----------------------------------------------------------------------
+def test_a_second_job_on_a_live_directory_is_refused_and_a_killed_jobs_lock_is_taken_over(tmp_path, capsys):
+    from plumbing import run_lock
+
+    out = tmp_path / "run"
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "sft.py"), *map(str, SFT), "--train.output_dir", str(out), "--train.max_steps", "100000"]
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while first.poll() is None and not (out / "metrics.jsonl").exists():
+            time.sleep(0.05)
+        result = run_script("sft.py", *cmd[2:], check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert re.fullmatch(rf"error: train\.output_dir: {re.escape(str(out))} is in use by another job \(host "
+                            rf"{re.escape(socket.gethostname())}, pid {first.pid}, started .* UTC, last heartbeat less than a minute "
+                            rf"ago\); wait for it to end, or use another train\.output_dir \(if that job is gone, delete "
+                            rf"{re.escape(str(out))}/lock\.json\)", last_line(result)), last_line(result)
+        assert json.loads((out / "lock.json").read_text())["pid"] == first.pid  # still the first job's
+    finally:
+        first.kill()
+        first.wait()
+    # killed: its lock stays behind, and is taken over (its pid is gone on this host)
+    run_lock.acquire(out)
+    try:
+        warning = capsys.readouterr().err
+        assert f"warning: {out}/lock.json: taking over the lock of a job that is gone (host {socket.gethostname()}, pid " \
+               f"{first.pid}, " in warning and f": its process {first.pid} is gone)" in warning, warning
+        assert json.loads((out / "lock.json").read_text())["pid"] == os.getpid()
+    finally:
+        run_lock.release()
+    assert not (out / "lock.json").exists() and out.is_dir()  # released; the run's directory stays
+
+
+def test_stale_locks_by_host_pid_and_heartbeat(tmp_path):
+    from plumbing.errors import UserError
+    from plumbing.run_lock import STALE_AFTER_S, _proc_start, acquire, release, stale_reason
+
+    here = socket.gethostname()
+    me = {"host": here, "pid": os.getpid(), "proc_start": _proc_start(os.getpid())}
+    assert stale_reason(me, 10 * STALE_AFTER_S) is None  # alive on this host: never stale, whatever the heartbeat
+    assert "now belongs to another process" in stale_reason({**me, "proc_start": me["proc_start"] + 1}, 0)  # pid reused
+    assert stale_reason({"host": "node17", "pid": 1}, STALE_AFTER_S - 1) is None  # another host: its heartbeat decides
+    assert "no heartbeat from host node17" in stale_reason({"host": "node17", "pid": 1}, STALE_AFTER_S + 1)
+    lock = tmp_path / "lock.json"
+    lock.write_text(json.dumps({"host": "node17", "pid": 1, "started": "then"}))
+    with pytest.raises(UserError, match="in use by another job .host node17, pid 1, started then"):
+        acquire(tmp_path)
+    os.utime(lock, (time.time() - STALE_AFTER_S - 60,) * 2)  # its heartbeat stopped 11 minutes ago
+    acquire(tmp_path)
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    release()
+    assert not lock.exists()

@@ -12,12 +12,14 @@ working directory), which is fast; tests elsewhere run the same entry points as 
 
 import contextlib
 import dataclasses
+import errno
 import gzip
 import io
 import json
 import os
 import runpy
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -48,6 +50,7 @@ class Case:
     code: int = 2
     env: dict = dataclasses.field(default_factory=dict)  # None as a value removes the variable
     interrupt_at_step: int = 0  # raise KeyboardInterrupt inside this optimizer step (as Ctrl-C would)
+    fault: Callable | None = None  # a context manager in effect while the script runs (e.g. a disk that fills up)
 
 
 DPO = ["--model.name_or_path", "model", "--data.dataset", "pairs.jsonl", "--data.eval_size", 4, "--train.batch_size", 4,
@@ -138,6 +141,103 @@ def damaged_metrics(d: Path):
     (d / "out" / "metrics.jsonl").write_text('{"step": 1, "loss": 0.7}\n{"step": 2, "lo\n{"step": 3, "loss": 0.6}\n')
 
 
+def trained(args: list, script: str = "betadpo.py") -> Callable[[Path], None]:
+    """A real earlier run in the case's directory (in this process, like the case itself)."""
+    def setup(d: Path):
+        code, stderr = run_in(d, script, args)
+        assert code == 0, stderr[-2000:]
+    return setup
+
+
+def then(*setups) -> Callable[[Path], None]:
+    def setup(d: Path):
+        for step in setups:
+            step(d)
+    return setup
+
+
+def other_rejections(d: Path):
+    """The same prompts and chosen responses; every rejected response another."""
+    (d / "pairs.jsonl").write_bytes(jsonl([{**r, "rejected": "98"} for r in pairs()]))
+
+
+def retrained_model(d: Path):
+    from conftest import save_tiny_model
+
+    save_tiny_model(d / "model", seed=1)  # same files, same sizes, other weights
+
+
+def job_on_another_host(d: Path):
+    """out/lock.json of a live job on another machine of the cluster (its heartbeat is fresh)."""
+    (d / "out").mkdir()
+    (d / "out" / "lock.json").write_text(json.dumps({"host": "node17", "pid": 4242, "started": "2026-12-03 09:00:00 UTC",
+                                                     "proc_start": 918273, "token": "0" * 32}))
+
+
+@contextlib.contextmanager
+def disk_full_in(fragment: str):
+    """A full disk: safetensors' save_file of a path containing `fragment` writes part of it, then raises what
+    safetensors raises on a full disk; the disk then says 64 bytes are free."""
+    import accelerate.utils.other
+    from safetensors import SafetensorError
+
+    real_save, real_usage = accelerate.utils.other.safe_save_file, shutil.disk_usage
+
+    def save_file(tensors, filename, metadata=None):
+        if fragment in str(filename):
+            Path(filename).write_bytes(b"\0" * 64)
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save(tensors, filename, metadata=metadata)
+
+    accelerate.utils.other.safe_save_file = save_file
+    shutil.disk_usage = lambda path: real_usage(path)._replace(free=64)
+    try:
+        yield
+    finally:
+        accelerate.utils.other.safe_save_file, shutil.disk_usage = real_save, real_usage
+
+
+@contextlib.contextmanager
+def read_only_metrics_from_step(step: int):
+    """metrics.jsonl's storage turns read-only once `step` steps are logged (an append raises EROFS)."""
+    real_open = Path.open
+
+    def open_(self, mode="r", *args, **kwargs):
+        if self.name == "metrics.jsonl" and "a" in mode and plumbing_errors.STATUS.step is not None \
+                and plumbing_errors.STATUS.step >= step:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_open(self, mode, *args, **kwargs)
+
+    Path.open = open_
+    try:
+        yield
+    finally:
+        Path.open = real_open
+
+
+@contextlib.contextmanager
+def ctrl_c_inside_a_finalizer(step: int):
+    """Ctrl-C whose signal is handled while Python runs a finalizer (`__del__`), in optimizer step `step`: with
+    Python's default handler the KeyboardInterrupt is raised inside __del__, printed as "Exception ignored" and
+    lost, and training goes on (the root of an earlier flake of the Ctrl-C test)."""
+    real = plumbing_optim.optimizer_step
+
+    class Finalizer:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)  # handled right here, as a real Ctrl-C may be
+
+    def optimizer_step(*args):
+        if plumbing_errors.STATUS.step == step - 1:
+            Finalizer()  # dropped at once: __del__ runs
+        return real(*args)
+
+    plumbing_optim.optimizer_step = optimizer_step  # the script imports it from plumbing.optim when it starts
+    try:
+        yield
+    finally:
+        plumbing_optim.optimizer_step = real
+
+
 CASES = [
     # ---- the config ------------------------------------------------------------------------------------
     Case("`--config` file that does not exist", "betadpo.py", ["--config", "nothere.yaml", *DPO], ("nothere.yaml", "does not exist")),
@@ -200,6 +300,13 @@ CASES = [
     Case("a damaged line inside metrics.jsonl", "betadpo.py", DPO, ("out/metrics.jsonl", "line 2"), damaged_metrics),
     Case("wandb online without a login", "betadpo.py", [*DPO, "--log.wandb", "true", "--log.wandb_mode", "online"],
          ("log.wandb_mode", "wandb login"), env={"WANDB_API_KEY": None, "HOME": "."}),
+    Case("resuming after the training data changed", "betadpo.py", [*DPO, "--train.max_steps", 4],
+         ("out was started on other inputs", "train data (data.dataset: other content", "--train.allow_changed_inputs true"),
+         then(trained(DPO), other_rejections)),
+    Case("resuming after the model at model.name_or_path was retrained", "betadpo.py", [*DPO, "--train.max_steps", 4],
+         ("model (model.name_or_path: other model.safetensors", "--train.allow_changed_inputs true"), then(trained(DPO), retrained_model)),
+    Case("a second job on an output directory that a live job uses", "betadpo.py", DPO,
+         ("train.output_dir: out is in use", "host node17", "pid 4242"), job_on_another_host),
     # ---- eval.py -----------------------------------------------------------------------------------------
     Case("`eval.py --compare` without directories", "eval.py", ["--compare"], ("--compare",)),
     Case("`eval.py --compare` on a directory without eval.json", "eval.py", ["--compare", "model"], ("model/eval.json",)),
@@ -210,6 +317,15 @@ CASES = [
          "--train.warmup_steps", 0, "--train.save_every", 1, "--train.max_steps", 10], ("step 2", "nan", "step-00000001"), code=3),
     Case("Ctrl-C (here: KeyboardInterrupt inside step 3)", "sft.py", [*SFT, "--train.max_steps", 10], ("step 3", "step-00000002"),
          code=130, interrupt_at_step=3),
+    Case("Ctrl-C handled inside a finalizer (`__del__`) in step 3", "sft.py", [*SFT, "--train.max_steps", 10],
+         ("interrupted at step 4", "step-00000002"), code=130, fault=lambda: ctrl_c_inside_a_finalizer(3)),
+    # ---- storage faults ----------------------------------------------------------------------------------
+    Case("the disk fills up while a checkpoint is written", "sft.py", [*SFT, "--train.max_steps", 6],
+         ("no space left on device", "out/checkpoints/step-00000004", "needs about", "step-00000002, is intact"),
+         code=1, fault=lambda: disk_full_in("tmp-step-00000004")),
+    Case("metrics.jsonl's storage turns read-only", "sft.py", [*SFT, "--train.max_steps", 6],
+         ("read-only file system", "out/metrics.jsonl", "step-00000002, is intact"), code=1,
+         fault=lambda: read_only_metrics_from_step(3)),
 ]
 
 
@@ -227,30 +343,26 @@ def snapshot(d: Path) -> dict:
     return {str(p.relative_to(d)): p.read_bytes() if p.is_file() else None for p in sorted(d.rglob("*"))}
 
 
-def run_case(case: Case, template: Path, workdir: Path) -> dict:
-    """Run the case's script in this process, in `workdir` (a fresh copy of the template), as `python SCRIPT
-    ARGS` would. → {"code", "stderr", "before", "after"} (snapshots of the directory before and after)."""
-    shutil.copytree(template, workdir)
-    if case.setup:
-        case.setup(workdir)
-    before = snapshot(workdir)
+def run_in(workdir: Path, script: str, args: list, env: dict | None = None, interrupt_at_step: int = 0,
+           fault: Callable | None = None) -> tuple[int, str]:
+    """Run `script` in this process, in `workdir`, as `python SCRIPT ARGS` would → (exit code, stderr)."""
     saved = (list(sys.argv), os.getcwd(), dict(os.environ), plumbing_optim.optimizer_step, dataclasses.replace(plumbing_errors.STATUS))
     err = io.StringIO()
     try:
         os.chdir(workdir)
-        sys.argv = [case.script, *map(str, case.args)]
-        for key, value in {"TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", **case.env}.items():
+        sys.argv = [script, *map(str, args)]
+        for key, value in {"TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", **(env or {})}.items():
             os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
         plumbing_errors.STATUS.step, plumbing_errors.STATUS.checkpoint = None, ""
-        if case.interrupt_at_step:
+        if interrupt_at_step:
             def optimizer_step(*args, real=plumbing_optim.optimizer_step):
-                if plumbing_errors.STATUS.step == case.interrupt_at_step - 1:
+                if plumbing_errors.STATUS.step == interrupt_at_step - 1:
                     raise KeyboardInterrupt
                 return real(*args)
             plumbing_optim.optimizer_step = optimizer_step  # the script imports it from plumbing.optim when it starts
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), (fault() if fault else contextlib.nullcontext()):
             try:
-                runpy.run_path(str(ROOT / case.script), run_name="__main__")
+                runpy.run_path(str(ROOT / script), run_name="__main__")
                 code = 0
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else 1
@@ -260,7 +372,18 @@ def run_case(case: Case, template: Path, workdir: Path) -> dict:
         os.environ.clear()
         os.environ.update(env)
         plumbing_errors.STATUS.step, plumbing_errors.STATUS.checkpoint = status.step, status.checkpoint
-    return {"code": code, "stderr": err.getvalue(), "before": before, "after": snapshot(workdir)}
+    return code, err.getvalue()
+
+
+def run_case(case: Case, template: Path, workdir: Path) -> dict:
+    """Run the case's script in this process, in `workdir` (a fresh copy of the template), as `python SCRIPT
+    ARGS` would. → {"code", "stderr", "before", "after"} (snapshots of the directory before and after)."""
+    shutil.copytree(template, workdir)
+    if case.setup:
+        case.setup(workdir)
+    before = snapshot(workdir)
+    code, stderr = run_in(workdir, case.script, case.args, case.env, case.interrupt_at_step, case.fault)
+    return {"code": code, "stderr": stderr, "before": before, "after": snapshot(workdir)}
 
 
 def message(result: dict) -> str:

@@ -52,6 +52,7 @@ from common import load_model, load_tokenizer, model_identity, token_logps  # mo
 from common import (load_checkpoint, make_optimizer, make_scheduler, no_sync_unless_last, open_run, optimizer_step,  # training
                     resume_point, save_checkpoint, save_final, start_run)  # plumbing shared with sft.py
 from data import collate_pairs, load_pairs, micro_batch_indices, tokenize_pairs
+from plumbing.fused_head import fused_head_applies, fused_logps_at  # the fused LM head (APPENDIX, 2b)
 
 # ========================================================================================================
 # CONFIG: the dataclasses live in common.py (every field is a flag; `python betadpo.py --help` lists them).
@@ -623,9 +624,18 @@ def main():
 #      `logits_to_keep` and return just those positions' logits; other models' full logits are indexed.
 #   2. log softmax + gather is common.token_logps, a kernel that never holds a full fp32 log-softmax, forward
 #      or backward (its plain equivalent: torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])).
+#   2b. FUSED_HEAD (Llama, GPT-NeoX): not even the logits. The LM head and the log-softmax are one kernel,
+#      plumbing/fused_head.py, fed the final hidden states: per chunk of positions, logits → logsumexp and
+#      target logit, logits dropped; backward recomputes them. Memory no longer grows with positions × V.
 #   3. Packing (packed_logits): no compute on padding in the model body either. Plain equivalent: the padded
 #      (B, T) batch with its attention mask, as plain_sequence_logps runs it.
 # ========================================================================================================
+# THE SWITCH of 2b: True computes log-probs with the fused LM head where it applies (fused_head_applies); False
+# keeps the logits path (LM head, then token_logps), e.g. to compare the two (benchmarks/bench_vs_trl.py does).
+# Same numbers and gradients either way (tests/test_fused_head.py).
+FUSED_HEAD = True
+
+
 def _takes_position_mask(model) -> bool:
     """transformers' own causal LMs (5.x) accept a boolean (B, T) `logits_to_keep` and return the logits of the
     True positions only, (n, V). Remote code (`trust_remote_code`) may not: it gets all logits."""
@@ -655,7 +665,7 @@ def pack_layout(lengths: list[int], width: int) -> list[tuple[int, int]]:
     return place
 
 
-def packed_logits(model, batch: dict, needed):
+def packed_logits(model, batch: dict, needed, targets=None):
     """OPTIMISATION 3, packing: the batch's sequences laid end to end in as few rows as fit (pack_layout), each
     with its own position ids 0…L−1 and no attention mask: transformers (5.x) then builds a block-diagonal causal
     mask from the position ids (`masking_utils.find_packed_sequence_indices`), so no token sees another
@@ -666,7 +676,8 @@ def packed_logits(model, batch: dict, needed):
     took 11.95 / 25.9 s padded, 10.1 / 19.0 s packed to 1 × the longest, 8.8 / 18.1 s at 2 ×, 13.3 / 19.3 s at
     4 ×, 8.8 / 21.4 s in a single row.
     → (logits (n, V), index (n,)): row-major over `needed`'s True positions in the packed layout, and each
-    one's flat index into `needed` (B·(T−1)), to put the log-probs back in (B, T−1) order."""
+    one's flat index into `needed` (B·(T−1)), to put the log-probs back in (B, T−1) order. With `targets`
+    (B·(T−1),), the token each position predicts: log-probs (n,) from the fused LM head instead of logits."""
     ids = batch["input_ids"]  # (B, T)
     B, T = ids.shape
     lengths = batch["attention_mask"].sum(-1).tolist()  # right padding: sequence i is ids[i, :L_i]
@@ -682,9 +693,12 @@ def packed_logits(model, batch: dict, needed):
         target[r, o : o + L - 1] = i * (T - 1) + torch.arange(L - 1, device=ids.device)  # the last token predicts nothing
     keep = target >= 0
     keep[keep.clone()] = needed.reshape(-1)[target[keep]]  # (R, W): packed slots whose log-prob is used
+    index = target[keep]  # (n,)
     # use_cache=False: transformers looks for packed sequences only when there is no KV cache (and no mask).
+    if targets is not None:  # 2b: log-probs (n,), no logits
+        return fused_logps_at(model, keep, targets[index], input_ids=packed, position_ids=positions, use_cache=False), index
     logits = model(input_ids=packed, position_ids=positions, logits_to_keep=keep, use_cache=False).logits  # (n, V)
-    return logits, target[keep]
+    return logits, index
 
 
 def sequence_logps(model, batch: dict, prompt_rows: int = 0) -> dict:
@@ -693,8 +707,9 @@ def sequence_logps(model, batch: dict, prompt_rows: int = 0) -> dict:
     response, in_prompt = position_masks(batch, prompt_rows)  # (B, T−1) each
     needed = response | in_prompt  # (B, T−1)
     targets = ids[:, 1:].reshape(-1)  # (B·(T−1),): the token each position predicts
+    fused = FUSED_HEAD and _packs(model) and fused_head_applies(model)  # 2b (every FUSED_HEAD_MODEL_TYPES packs)
     if _packs(model):
-        logits, index = packed_logits(model, batch, needed)  # (n, V), (n,)
+        logits, index = packed_logits(model, batch, needed, targets if fused else None)  # (n, V) — or (n,) log-probs — and (n,)
     else:
         index = needed.reshape(-1).nonzero()[:, 0]  # (n,): row-major over `needed`
         if _takes_position_mask(model):
@@ -703,7 +718,7 @@ def sequence_logps(model, batch: dict, prompt_rows: int = 0) -> dict:
         else:
             logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, :-1][needed]  # (n, V)
     # 256 positions a chunk: 16 MiB of fp32 work space at V = 16k (reused by the allocator), 90 MiB at InternLM2's 92k.
-    picked = token_logps(logits, targets[index], chunk_rows=256)  # (n,)
+    picked = logits if fused else token_logps(logits, targets[index], chunk_rows=256)  # (n,)
     logp = torch.zeros(needed.numel(), dtype=picked.dtype, device=picked.device).scatter(0, index, picked)  # (B·(T−1),)
     return logp_sums(logp.view(needed.shape), response, in_prompt)
 

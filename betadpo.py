@@ -443,7 +443,8 @@ def precompute_reference_logps(accelerator, cfg: Config, reference, pairs, pad_i
     def score_all():
         scored = score_pairs(accelerator, reference, None, pairs, pad_id, cfg.eval.batch_size)
         return {f"ref_{k[len('policy_'):]}": scored[k].cpu() for k in ("policy_chosen", "policy_rejected", "policy_chosen_avg", "policy_rejected_avg")}
-    return cached(accelerator, reference_cache_file(cfg, pairs, name), score_all, f"reference log-probs of {len(pairs)} {name} pairs")
+    return cached(accelerator, reference_cache_file(cfg, pairs, name), score_all,
+                  "reference log-probs", f"one pass over {len(pairs)} {name} pairs")
 
 
 def load_policy_and_reference(cfg: Config, accelerator):

@@ -4,8 +4,11 @@ and a naive PyTorch loop, on a small random Llama or on a real checkpoint.
     pip install -r requirements-bench.txt                           # requirements.txt + TRL (benchmark-only)
     python benchmarks/bench_vs_trl.py                               # small Llama, vocab 16k: ≈15 minutes on 2 idle CPU cores
     python benchmarks/bench_vs_trl.py --model smollm2-135m          # SmolLM2-135M's shapes and tokenizer, HH-format text: ≈30 min
-    python benchmarks/bench_vs_trl.py --memory                      # peak memory over sequence length × vocabulary: ≈10 min
+    python benchmarks/bench_vs_trl.py --memory                      # peak memory over sequence length × vocabulary: ≈15 min
+    python benchmarks/bench_vs_trl.py --memory --memory-vocabs 92544 --memory-lengths 256   # one row: ≈3 min
     python benchmarks/bench_vs_trl.py --model smollm2-135m --batch-size 8 --profile   # where our step's time goes: ≈2 min
+    python benchmarks/bench_vs_trl.py --model smollm2-135m --batch-size 4 --steps 3 --settings live --columns ours,ours_logits,trlfast,naive
+    python benchmarks/bench_vs_trl.py --model smollm2-135m --batch-size 8 --profile --cpu_kernels avx2   # on torch's AVX2 kernels
     python benchmarks/bench_vs_trl.py --ab 8                        # β-DPO machinery vs plain DPO: 8 ABBA pairs, then alone: ≈9 min
     python benchmarks/bench_vs_trl.py --quick                       # smoke test, ≈2 minutes
     python benchmarks/bench_vs_trl.py --steps 20 --repeats 5 --batch-size 8 --threads 2
@@ -19,9 +22,12 @@ What it does, top to bottom:
    prompt/chosen/rejected strings as .jsonl (our `data.dataset` accepts it as is): Zipf-distributed words, or
    with `--model` HH-format dialogues ("\\n\\nHuman: … \\n\\nAssistant:") of English sentences.
 2. RUNS. Each measured run is its own fresh subprocess with the same environment and the same number of
-   threads, so its peak RSS is that process's own. One round runs, in a rotating order: ours / TRL / TRL (fast
-   path) / naive with the reference model live, the same four with reference log-probs precomputed, and (small
-   model) ours with the β-DPO machinery switched on. `--repeats` rounds; medians reported.
+   threads, so its peak RSS is that process's own. One round runs, in a rotating order: ours / ours with the
+   logits kernel / TRL / TRL (fast path) / naive with the reference model live, the same five with reference
+   log-probs precomputed, and (small model) ours with the β-DPO machinery switched on. `--repeats` rounds;
+   medians reported. `--columns` and `--settings` run a subset.
+   Ours (logits kernel): betadpo.py with plumbing/fast_logps.py's FUSED_HEAD switch off, i.e. the LM head's logits and then
+   token_logps, as before the fused LM head (plumbing/fused_head.py); everything else the same.
    TRL (fast path): TRL 1.16 restricts its LM head to the completion positions only where its Triton kernels run
    (trl/trainer/utils.py asks `_use_triton(device)`: CUDA or XPU). On a CPU it scores every position, prompt and
    padding included. The fast-path column sets `trl.trainer.utils._use_triton = lambda device: True` in TRL's
@@ -42,7 +48,8 @@ What it does, top to bottom:
    implementation's imports alone), counted model FLOP/s and MFU, executed FLOP/s and its utilisation, the
    ratio to the faster TRL column; then (small model) a paired A/B of β-DPO's filter/statistics/gathers/learnable
    scale against plain DPO. `--memory` instead prints peak memory at a fixed number of tokens per step over
-   sequence lengths 128/256/512 × vocabularies 16k/49k/92k, ours vs TRL (fast path).
+   sequence lengths 128/256/512 × vocabularies 16k/49k/92k, ours (fused LM head) vs ours (logits kernel) vs TRL
+   (fast path). Every table names the CPU and torch's CPU kernel set (`--cpu_kernels`: ATEN_CPU_CAPABILITY).
 
 How things are measured:
 - timings are only meaningful on an otherwise idle machine: with the cores shared, the threads of a step wait
@@ -61,8 +68,9 @@ How things are measured:
 - executed FLOPs (executed_step_flops): what each column's matmuls really run — the model body over every row
   × T position it is given (padding included; ours over its packed rows) and the LM head over the positions it
   scores (ours and TRL's fast path: response positions; stock TRL and naive: every position), backward 2×
-  forward. It shows where each column's time goes; elementwise work (softmax, TRL's entropy and top-1 metrics
-  over the full vocabulary) is not in it.
+  forward, and for the LM heads that recompute their logits in backward (ours' fused head, both TRL columns'
+  chunked head) 3× forward. It shows where each column's time goes; elementwise work (softmax, TRL's entropy
+  and top-1 metrics over the full vocabulary) is not in it.
 - GEMM peak: GEMM_SAMPLES timings of GEMM_REPS fp32 2048×2048 `torch.matmul`s with the same threads, in a fresh
   process before and after the runs; median and max are printed, MFU is stated against the max.
 - peak RSS: `ru_maxrss` of the measured process, from `wait4`. Linux carries a process's peak RSS over fork
@@ -73,7 +81,9 @@ How things are measured:
 - "process wall" is the whole subprocess: imports, model loading, tokenization, reference precomputation,
   training, the final `save_pretrained` of the policy (all). Ours also writes a resumable checkpoint
   (optimizer state included) and evaluates the --batch-size held-out pairs once at the end: it cannot skip
-  either. It shows start-up and precomputation overheads the per-step numbers leave out.
+  either. It shows start-up and precomputation overheads the per-step numbers leave out. "process CPU time" is
+  the same process's user + system time (`wait4`): on a machine shared with other work, wall times stretch
+  with the waiting, CPU times much less (with one thread per run, none of it is spent spinning at barriers).
 
 Internal: `bench_vs_trl.py _child {trl,naive,gemm,imports} JOB.json` is how the benchmark starts its own measured
 subprocesses; it is not meant to be called by hand.
@@ -277,19 +287,19 @@ def child_env(threads: int) -> dict:
                 HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1", WANDB_MODE="disabled")
 
 
-# Runs argv[2:] and writes its peak RSS (KiB) to argv[1]. Started with `python -I -S`: no site packages, so
-# the floor it passes on to the measured process (see the module docstring) is ≈13 MiB, not our own peak.
+# Runs argv[2:] and writes its peak RSS (KiB) and CPU time (s) to argv[1]. Started with `python -I -S`: no site
+# packages, so the floor it passes on to the measured process (see the module docstring) is ≈13 MiB, not our own peak.
 RSS_LAUNCHER = """
 import os, subprocess, sys
 proc = subprocess.Popen(sys.argv[2:])
 _, status, usage = os.wait4(proc.pid, 0)
-open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+open(sys.argv[1], "w").write(f"{usage.ru_maxrss} {usage.ru_utime + usage.ru_stime}")
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
 def launch(cmd: list[str], log: Path, threads: int) -> dict:
-    """Run one measured process; → exit code, wall seconds, peak RSS (MiB) of that process alone."""
+    """Run one measured process; → exit code, wall and CPU seconds, peak RSS (MiB) of that process alone."""
     rss_file = log.with_suffix(".rss")
     rss_file.unlink(missing_ok=True)
     t0 = time.perf_counter()
@@ -297,13 +307,19 @@ def launch(cmd: list[str], log: Path, threads: int) -> dict:
         rc = subprocess.call([sys.executable, "-I", "-S", "-c", RSS_LAUNCHER, str(rss_file), *cmd],
                              cwd=REPO, env=child_env(threads), stdout=f, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0  # includes the launcher's start, a few ms
-    rss = int(rss_file.read_text()) / 1024 if rss_file.exists() else float("nan")
-    return {"rc": rc, "wall": wall, "rss_mib": rss}
+    rss, cpu = (float(x) for x in rss_file.read_text().split()) if rss_file.exists() else (float("nan"),) * 2
+    return {"rc": rc, "wall": wall, "rss_mib": rss / 1024, "cpu_s": cpu}
 
 
-def ours_command(bench: dict, out: Path, precompute: bool, extra: list[str]) -> list[str]:
-    """Our loop, exactly as a user runs it: plain DPO (α = 0, ρ = 0) unless `extra` switches β-DPO on."""
-    cmd = [sys.executable, "betadpo.py",
+# betadpo.py with plumbing/fast_logps.py's FUSED_HEAD switch off (the logits path: LM head, then token_logps), and argv as `python betadpo.py` gets it
+LOGITS_KERNEL = ("import sys, betadpo; from plumbing import fast_logps; fast_logps.FUSED_HEAD = False; sys.argv[0] = 'betadpo.py'; "
+                 "betadpo.main_guard(betadpo.main)")
+
+
+def ours_command(bench: dict, out: Path, precompute: bool, extra: list[str], fused: bool = True) -> list[str]:
+    """Our loop, exactly as a user runs it: plain DPO (α = 0, ρ = 0) unless `extra` switches β-DPO on.
+    fused=False: the same with betadpo.FUSED_HEAD off (LOGITS_KERNEL)."""
+    cmd = [sys.executable, *(["betadpo.py"] if fused else ["-c", LOGITS_KERNEL]),
            "--model.name_or_path", bench["model_dir"], "--data.dataset", bench["train_file"],
            "--data.eval_dataset", bench["eval_file"], "--eval.batch_size", str(bench["batch_size"]),
            "--data.max_length", str(bench["max_length"]), "--data.max_prompt_length", str(bench["max_prompt_length"]),
@@ -552,12 +568,15 @@ def executed_step_flops(impl: str, shape: dict, meta: dict, live_ref: bool, ppl:
       rows of T, or our packed rows, whose attention mask keeps sequences apart but is not skipped);
     - the LM head (V·d weights) over the positions it scores: ours and TRL's fast path the response
       positions only (+ the chosen prompts for ours with ppl_scale); stock TRL and naive every position.
-    Backward = 2× forward for each. Elementwise work (log-softmax, entropy, …) is not counted."""
+    Backward = 2× forward for each, except the LM heads that recompute their logits in backward: ours (fused
+    head, plumbing/fused_head.py) and both TRL columns (TRL's chunked LM head), 3× forward for the policy's LM
+    head (ours_logits keeps the softmax instead). Elementwise work (log-softmax, entropy, …) is not counted."""
     d, L, head = meta["hidden"], meta["layers"], meta["vocab"] * meta["hidden"]
-    rows, width = (shape["packed_rows"], shape["packed_width"]) if impl == "ours" else (shape["rows"], shape["T"])
+    rows, width = (shape["packed_rows"], shape["packed_width"]) if impl.startswith("ours") else (shape["rows"], shape["T"])
     body = rows * width * 2 * (meta["matmul_params"] - head) + rows * 4 * L * d * width**2
-    scored = shape["response"] if impl in ("ours", "trlfast") else shape["rows"] * shape["T"]
-    policy = 3 * (body + 2 * head * (scored + (shape["prompt"] if ppl else 0)))
+    scored = shape["response"] if impl in ("ours", "ours_logits", "trlfast") else shape["rows"] * shape["T"]
+    head_passes = 4 if impl in ("ours", "trl", "trlfast") else 3  # forward + (recompute) + the two gradient matmuls
+    policy = 3 * body + head_passes * 2 * head * (scored + (shape["prompt"] if ppl else 0))
     return policy + (body + 2 * head * scored if live_ref else 0)
 
 
@@ -575,6 +594,7 @@ def summarize_run(run: dict, bench: dict, meta: dict, impl: str, live_ref: bool,
         "exec_gflops_s": sum(executed_step_flops(impl, s, meta, live_ref, ppl) for s in shapes) / total / 1e9,
         "rss_mib": run["rss_mib"],
         "wall_s": run["wall"],
+        "cpu_s": run["cpu_s"],
     }
 
 
@@ -596,6 +616,21 @@ def mean_ci95(values: list[float]) -> tuple[float, float]:
         return m, float("nan")
     t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26, 11: 2.23}.get(n, 2.0)
     return m, t * statistics.stdev(values) / n**0.5
+
+
+def git_commit() -> str:
+    """The commit the benchmarked code is at (+ "-dirty" with uncommitted changes to tracked files)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def machine() -> str:
+    """The CPU, its cores, and torch's CPU kernel set (the children inherit ATEN_CPU_CAPABILITY from this process)."""
+    import torch
+
+    return f"CPU: {cpu_name()}, {os.cpu_count()} cores, torch's CPU kernels: {torch.backends.cpu.get_cpu_capability()}"
 
 
 def cpu_name() -> str:
@@ -623,8 +658,8 @@ def import_floors(threads: int, workdir: Path) -> dict:
 # ========================================================================================================
 # 4. MAIN: assets → alternating rounds → tables
 # ========================================================================================================
-IMPLS = ("ours", "trl", "trlfast", "naive")
-LABELS = {"ours": "ours", "trl": "TRL", "trlfast": "TRL (fast path)", "naive": "naive"}
+IMPLS = ("ours", "ours_logits", "trl", "trlfast", "naive")
+LABELS = {"ours": "ours", "ours_logits": "ours (logits kernel)", "trl": "TRL", "trlfast": "TRL (fast path)", "naive": "naive"}
 BETADPO_FLAGS = ["--loss.alpha", "0.6", "--loss.filter_ratio", "0.2"]
 SCALE_FLAGS = BETADPO_FLAGS + ["--loss.learn_scale", "true", "--loss.ppl_scale", "true"]
 
@@ -633,8 +668,8 @@ def run_variant(name: str, impl: str, live: bool, extra: list, bench: dict, work
     """One measured run of one implementation → its numbers (rc ≠ 0 on failure)."""
     out = workdir / "out" / tag
     shutil.rmtree(out, ignore_errors=True)  # a fresh output dir: our loop would otherwise resume
-    if impl == "ours":
-        run = launch(ours_command(bench, out, not live, extra or []), workdir / f"{tag}.log", threads)
+    if impl.startswith("ours"):
+        run = launch(ours_command(bench, out, not live, extra or [], fused=impl == "ours"), workdir / f"{tag}.log", threads)
         if run["rc"] == 0:
             run.update(read_ours(out))
             shutil.copy(out / "metrics.jsonl", workdir / f"{tag}.metrics.jsonl")
@@ -698,8 +733,12 @@ def prepare(a, workdir: Path, preset: Preset, steps: int, B: int) -> tuple[dict,
 def speed(a, preset: Preset):
     """The main benchmark: every implementation, live and precomputed reference, alternating rounds → tables."""
     steps, repeats, B = a.steps or preset.steps, a.repeats or preset.repeats, a.batch_size or preset.batch_size
-    if steps < 2 or repeats < 1 or B < 1 or a.threads < 1:
-        raise SystemExit("benchmark: --steps must be ≥ 2, --repeats, --batch-size and --threads ≥ 1")
+    if steps - warmup_steps(steps) < 2 or repeats < 1 or B < 1 or a.threads < 1:
+        raise SystemExit("benchmark: --steps must leave ≥ 2 timed steps (≥ 3), --repeats, --batch-size and --threads ≥ 1")
+    impls = [i for i in IMPLS if i in a.columns.split(",")]
+    settings = [s for s in ("live", "pre") if s in a.settings.split(",")]
+    if not impls or not settings or not set(a.columns.split(",")) <= set(IMPLS):
+        raise SystemExit(f"benchmark: --columns takes some of {','.join(IMPLS)}, --settings some of live,pre")
     started = time.perf_counter()
     load_before = os.getloadavg()
     workdir = (REPO / a.workdir / preset.name).resolve()
@@ -718,8 +757,8 @@ def speed(a, preset: Preset):
     floors = import_floors(a.threads, workdir)
 
     # (name, implementation, reference live?, our extra flags)
-    variants = [(f"{impl}/{setting}", impl, setting == "live", []) for setting in ("live", "pre") for impl in IMPLS]
-    if not a.model:  # the A/B of the β-DPO machinery runs on the small model, where rounds are cheap
+    variants = [(f"{impl}/{setting}", impl, setting == "live", []) for setting in settings for impl in impls]
+    if not a.model and "ours" in impls and "live" in settings:  # the A/B of the β-DPO machinery: small model, where rounds are cheap
         variants += [("ours/betadpo", "ours", True, BETADPO_FLAGS), ("ours/betadpo+scale", "ours", True, SCALE_FLAGS)]
     results = {name: [] for name, *_ in variants}  # successful runs, in round order
     errors = {}  # name → why it has no numbers
@@ -751,9 +790,10 @@ def speed(a, preset: Preset):
     # ---- exactness: the same math on the same ids, so the same numbers -----------------------------------
     K = min(LOSS_STEPS, steps)
     agreement = {}  # setting → {"x−y": (max |Δloss|, max relative |Δ log-prob|)} over the first K steps, all rounds
-    for setting in ("live", "pre"):
-        runs = {impl: results[f"{impl}/{setting}"] for impl in IMPLS if results[f"{impl}/{setting}"]}
-        for x, y in (("ours", "trl"), ("trlfast", "trl"), ("naive", "trl"), ("ours", "naive")):
+    for setting in settings:
+        runs = {impl: results[f"{impl}/{setting}"] for impl in impls if results[f"{impl}/{setting}"]}
+        for x, y in (("ours", "trl"), ("trlfast", "trl"), ("naive", "trl"), ("ours", "naive"), ("ours", "ours_logits"),
+                     ("ours", "trlfast")):
             if x in runs and y in runs:
                 loss = worst_diff(runs[x], runs[y], ("loss",), K, relative=False)
                 logp = worst_diff(runs[x], runs[y], ("logps_chosen", "logps_rejected"), K, relative=True)
@@ -771,7 +811,7 @@ def speed(a, preset: Preset):
         m["mfu"] = 100 * m["gflops_s"] * 1e9 / peak
         m["exec_util"] = 100 * m["exec_gflops_s"] * 1e9 / peak
         impl = name.split("/")[0]
-        m["rss_above_imports"] = m["rss_mib"] - floors.get("trl" if impl.startswith("trl") else impl, float("nan"))
+        m["rss_above_imports"] = m["rss_mib"] - floors.get("trl" if impl.startswith("trl") else impl.split("_")[0], float("nan"))
 
     def cell(name, key, fmt):
         return fmt.format(med[name][key]) if name in med else errors.get(name, "n/a")
@@ -783,11 +823,12 @@ def speed(a, preset: Preset):
             ("peak RSS (MiB)", "rss_mib", "{:.0f}"), ("peak RSS above its imports (MiB)", "rss_above_imports", "{:.0f}"),
             ("counted model GFLOP/s", "gflops_s", "{:.1f}"), ("MFU (% of max GEMM)", "mfu", "{:.1f}"),
             ("executed GFLOP/s", "exec_gflops_s", "{:.1f}"), ("executed FLOP utilisation (%)", "exec_util", "{:.1f}"),
-            ("process wall (s)", "wall_s", "{:.1f}")]
+            ("process wall (s)", "wall_s", "{:.1f}"), ("process CPU time (s)", "cpu_s", "{:.1f}")]
     elapsed = time.perf_counter() - started
     print("\n## β-DPO loop vs. TRL DPOTrainer (stock and fast path) vs. naive PyTorch DPO\n")
-    print(f"`python {' '.join(sys.argv)}`  \n"
-          f"CPU: {cpu_name()}, {os.cpu_count()} cores, {a.threads} threads per run; torch {torch.__version__}, transformers "
+    print(f"`python {' '.join(sys.argv)}` (commit {git_commit()})  \n"
+          f"CPU: {cpu_name()}, {os.cpu_count()} cores, {a.threads} threads per run, torch's CPU kernels: "
+          f"{torch.backends.cpu.get_cpu_capability()}; torch {torch.__version__}, transformers "
           f"{transformers.__version__}, TRL {trl_version or 'not installed'}, Python {platform.python_version()}  \n{what}  \n"
           f"Medians of {repeats} alternating rounds; the first {warmup_steps(steps)} step(s) of each run are not timed. "
           f"GEMM (fp32 2048² matmul, {GEMM_SAMPLES} samples before and after): before median {statistics.median(peaks) / 1e9:.1f} / max "
@@ -795,17 +836,19 @@ def speed(a, preset: Preset):
           f"MFU is against the max, {peak / 1e9:.1f}. Imports alone: ours {floors['ours']:.0f}, TRL {floors['trl']:.0f}, "
           f"naive {floors['naive']:.0f} MiB. Load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; "
           f"total {elapsed / 60:.1f} min.\n")
-    for setting, title in (("live", "reference model live (a forward pass per step)"),
-                           ("pre", "reference log-probs precomputed (ours: `--train.precompute_ref true`; TRL: `precompute_ref_log_probs=True`)")):
+    titles = {"live": "reference model live (a forward pass per step)",
+              "pre": "reference log-probs precomputed (ours: `--train.precompute_ref true`; TRL: `precompute_ref_log_probs=True`)"}
+    for setting in settings:
         names = {impl: f"{impl}/{setting}" for impl in IMPLS}
         trls = [names[i] for i in ("trl", "trlfast") if names[i] in med]
-        best = max(trls, key=lambda n: med[n]["pairs_s"]) if trls else names["trl"]
-        print(f"### {title}\n")
-        print(f"| | ours | TRL | TRL (fast path) | naive | ours / {LABELS[best.split('/')[0]]} | naive / {LABELS[best.split('/')[0]]} |\n"
-              "|---|---|---|---|---|---|---|")
+        best = max(trls, key=lambda n: med[n]["pairs_s"]) if trls else names["trlfast"]
+        ratios = [("ours", best), ("ours", names["ours_logits"]), ("naive", best)]
+        print(f"### {titles[setting]}\n")
+        print("| | " + " | ".join(LABELS[i] for i in impls) + " | " + " | ".join(
+            f"{LABELS[x]} / {LABELS[y.split('/')[0]]}" for x, y in ratios) + " |\n" + "|---" * (1 + len(impls) + len(ratios)) + "|")
         for label, key, fmt in rows:
-            print(f"| {label} | " + " | ".join(cell(names[i], key, fmt) for i in IMPLS)
-                  + f" | {ratio(names['ours'], best, key)} | {ratio(names['naive'], best, key)} |")
+            print(f"| {label} | " + " | ".join(cell(names[i], key, fmt) for i in impls)
+                  + " | " + " | ".join(ratio(names[x], y, key) for x, y in ratios) + " |")
         diffs = agreement.get(setting, {})
         print(f"\nAgreement over the first {K} steps (tolerances {LOSS_TOLERANCE:g} absolute for the loss, {LOGP_TOLERANCE:g} "
               "relative for the policy's log-probs): "
@@ -918,15 +961,19 @@ def machinery_alone(B: int, threads: int, n: int = 2000) -> dict:
             "extra_s": mean_ci95([b - p for b, p in zip(times["betadpo"], times["plain"])])}
 
 
+MEMORY_IMPLS = ("ours", "ours_logits", "trlfast")
+
+
 def memory_scaling(a):
-    """Peak memory of ours and TRL (fast path) at a fixed number of tokens per step, over sequence length and vocabulary."""
-    lengths, vocabs, tokens = (128, 256, 512), (16384, 49152, 92544), a.memory_tokens
+    """Peak memory of ours (fused LM head), ours (logits kernel) and TRL (fast path) at a fixed number of tokens per
+    step, over sequence length and vocabulary (the three alternate within each cell)."""
+    lengths, vocabs, tokens = [int(x) for x in a.memory_lengths.split(",")], [int(x) for x in a.memory_vocabs.split(",")], a.memory_tokens
     workdir = (REPO / a.workdir / "memory").resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     trl_version, trl_missing = trl_status()
     print(f"command: python {' '.join(sys.argv)}", flush=True)
     floors = import_floors(a.threads, workdir)
-    table = {}
+    table, params = {}, {}
     for vocab in vocabs:
         for T in lengths:
             prompt = T // 4
@@ -936,30 +983,39 @@ def memory_scaling(a):
             sub = workdir / f"v{vocab}"
             sub.mkdir(exist_ok=True)
             bench, meta, _ = prepare(argparse.Namespace(**{**vars(a), "model": ""}), sub, preset, 2, B)
-            for impl in ("ours", "trlfast"):
+            params[vocab] = meta["params"]
+            for impl in MEMORY_IMPLS:
                 if impl == "trlfast" and trl_missing:
                     table[vocab, T, impl] = float("nan")
                     continue
                 tag = f"T{T}-{impl}"
                 run = run_variant(impl, impl, True, [], bench, sub, tag, a.threads)
                 table[vocab, T, impl] = run["rss_mib"] - floors["trl" if impl == "trlfast" else "ours"] if run["rc"] == 0 else float("nan")
-                print(f"[memory] vocab {vocab:6d}  T {T:3d}  {B:2d} pairs  {LABELS[impl]:<16} "
+                print(f"[memory] vocab {vocab:6d}  T {T:3d}  {B:2d} pairs  {LABELS[impl]:<20} "
                       f"{'failed: ' + failure_reason(sub / f'{tag}.log') if run['rc'] else f'{table[vocab, T, impl]:6.0f} MiB above imports'}", flush=True)
     print(f"\n### Peak memory of a training step above the imports (MiB): {tokens} tokens per step, Llama hidden "
           f"{DEFAULT.hidden} × {DEFAULT.layers} layers, fp32, AdamW, live reference, 2 steps\n")
-    print(f"`python {' '.join(sys.argv)}`; TRL {trl_version or 'not installed'}; imports alone: ours {floors['ours']:.0f}, "
-          f"TRL {floors['trl']:.0f} MiB. A full fp32 log-softmax of one step would be {tokens} × V × 4 B (last column).\n")
-    print("| vocab | tokens per sequence (pairs per step) | ours | TRL (fast path) | ours / TRL | full fp32 log-softmax |\n|---|---|---|---|---|---|")
+    print(f"`python {' '.join(sys.argv)}` (commit {git_commit()}); {machine()}; TRL {trl_version or 'not installed'}; "
+          f"imports alone: ours {floors['ours']:.0f}, TRL {floors['trl']:.0f} MiB. Ours: the fused LM head (fast_logps.FUSED_HEAD, "
+          f"the default); ours (logits kernel): the LM head's logits, then token_logps. Model state: policy, its gradient, "
+          f"AdamW's two moments and the live reference, 5 × 4 B per parameter, which every column holds. A full fp32 "
+          f"log-softmax of one step would be {tokens} × V × 4 B (last column).\n")
+    print("| vocab | tokens per sequence (pairs per step) | ours | ours (logits kernel) | TRL (fast path) | ours / TRL | "
+          "logits kernel / TRL | model state | full fp32 log-softmax |\n|---|---|---|---|---|---|---|---|---|")
     for vocab in vocabs:
         for T in lengths:
-            o, t = table[vocab, T, "ours"], table[vocab, T, "trlfast"]
-            print(f"| {vocab} | {T} ({max(1, tokens // (2 * T))}) | {o:.0f} | {t:.0f} | {o / t:.2f} | {tokens * vocab * 4 / 2**20:.0f} |")
+            o, k, t = (table[vocab, T, impl] for impl in MEMORY_IMPLS)
+            print(f"| {vocab} | {T} ({max(1, tokens // (2 * T))}) | {o:.0f} | {k:.0f} | {t:.0f} | {o / t:.2f} | {k / t:.2f} | "
+                  f"{5 * 4 * params[vocab] / 2**20:.0f} | {tokens * vocab * 4 / 2**20:.0f} |")
 
 
 def profile_step(a, preset: Preset):
     """--profile: where one of our training steps spends its time. One β-DPO step (a = 0.6, ρ = 0.2, live reference,
     fused AdamW) built from betadpo.py's own functions on the first --batch-size pairs, after one warm-up step,
-    under torch.profiler; → the operators by self time, grouped: matmuls, attention, the rest."""
+    under torch.profiler, with the fused LM head and then with the logits kernel (fast_logps.FUSED_HEAD off), --repeats
+    times in turn (default once); → the
+    operators by self time, grouped (matmuls, attention, the log-prob kernels, ...), side by side, then each
+    one's top operators."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -971,6 +1027,7 @@ def profile_step(a, preset: Preset):
     from betadpo import BetaDPOState, LossArgs, betadpo_loss, pair_logps
     from plumbing.data import collate_pairs
     from plumbing.models import load_model
+    from plumbing import fast_logps
 
     policy = load_model(bench["model_dir"]).train()
     reference = load_model(bench["model_dir"]).eval().requires_grad_(False)
@@ -987,27 +1044,43 @@ def profile_step(a, preset: Preset):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()
-    t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
-    wall = time.perf_counter() - t0
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
     groups = {"matmuls (aten::mm, addmm, bmm)": ("aten::mm", "aten::addmm", "aten::bmm"),
               "attention (scaled_dot_product)": ("aten::_scaled_dot_product",),
-              "log-softmax / softmax": ("aten::_log_softmax", "aten::_softmax", "aten::exp"),
+              "softmax / log-softmax / exp (the log-prob kernels' elementwise work)": ("aten::_log_softmax", "aten::_softmax", "aten::exp"),
               "optimizer (fused AdamW)": ("aten::_fused_adamw",)}
-    print(f"command: python {' '.join(sys.argv)}\n{what}\nOne step: {wall:.2f} s under the profiler, {a.threads} threads, "
-          f"{sum(sum(s['lengths']) for s in bench['shapes'][:1])} tokens.\n")
-    print("| share of self CPU time | % |\n|---|---|")
-    rest = 100.0
-    for label, prefixes in groups.items():
-        share = 100 * sum(e.self_cpu_time_total for e in events if e.key.startswith(prefixes)) / total
-        rest -= share
-        print(f"| {label} | {share:.1f} |")
-    print(f"| everything else (elementwise, copies, norms, autograd) | {rest:.1f} |\n")
-    print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=45))
+    kernels = {"fused LM head": ("_FusedLinearLogProb", "_FusedLinearLogProbBackward"),
+               "logits kernel": ("_LabelLogProb", "_LabelLogProbBackward")}
+    results = {}
+    for name, fused in (("fused LM head", True), ("logits kernel", False)) * (a.repeats or 1):
+        fast_logps.FUSED_HEAD = fused
+        step()  # warm-up, and the allocator's
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        wall = time.perf_counter() - t0
+        events = prof.key_averages()
+        if name not in results or wall < results[name][0]:  # the fastest of --repeats (the machine may be shared)
+            results[name] = (wall, events)
+    fast_logps.FUSED_HEAD = True
+    print(f"command: python {' '.join(sys.argv)} (commit {git_commit()})\n{machine()}, {a.threads} threads\n{what}\n"
+          f"One step of {sum(sum(s['lengths']) for s in bench['shapes'][:1])} tokens, each kernel profiled "
+          f"{a.repeats or 1} time(s) in turn after a warm-up step, the fastest shown: fused LM head {results['fused LM head'][0]:.2f} s, logits kernel "
+          f"{results['logits kernel'][0]:.2f} s under the profiler.\n")
+    print("| share of self CPU time (%) | " + " | ".join(results) + " |\n|---|---|---|")
+    shares = {}
+    for name, (_, events) in results.items():
+        total = sum(e.self_cpu_time_total for e in events)
+        shares[name] = {label: 100 * sum(e.self_cpu_time_total for e in events if e.key.startswith(prefixes)) / total
+                        for label, prefixes in groups.items()}
+        shares[name]["everything else (elementwise, copies, norms, autograd)"] = 100 - sum(shares[name].values())
+        inclusive = sum(e.cpu_time_total for e in events if e.key in kernels[name])
+        shares[name]["the log-prob kernel, inclusive (forward + backward; fused: LM head included)"] = 100 * inclusive / total
+        syncs = [e for e in events if e.key in ("aten::_local_scalar_dense", "aten::nonzero")]
+        shares[name]["host syncs (.item(), .tolist(), nonzero), inclusive"] = 100 * sum(e.cpu_time_total for e in syncs) / total
+    for label in shares["fused LM head"]:
+        print(f"| {label} | " + " | ".join(f"{shares[name][label]:.1f}" for name in results) + " |")
+    for name, (_, events) in results.items():
+        print(f"\n{name}:\n" + events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=45))
 
 
 def trl_status() -> tuple:
@@ -1030,6 +1103,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "HH-format text in its tokenizer, instead of the random small Llama")
     parser.add_argument("--memory", action="store_true", help="the memory-scaling table instead (sequence length × vocabulary)")
     parser.add_argument("--memory-tokens", type=int, default=4096, help="--memory: tokens per step (default 4096)")
+    parser.add_argument("--memory-vocabs", default="16384,49152,92544", help="--memory: vocabularies (default 16384,49152,92544)")
+    parser.add_argument("--memory-lengths", default="128,256,512", help="--memory: tokens per sequence (default 128,256,512)")
+    parser.add_argument("--columns", default=",".join(IMPLS), help=f"implementations to run (default all: {','.join(IMPLS)})")
+    parser.add_argument("--settings", default="live,pre", help="reference live, precomputed, or both (default live,pre)")
+    parser.add_argument("--cpu_kernels", default="default", help="x86: torch's CPU kernel set of every measured process "
+                        "(ATEN_CPU_CAPABILITY: avx2, avx512, ...; default: torch picks the best the CPU has)")
     parser.add_argument("--ab", type=int, default=0, help="the β-DPO machinery's cost instead: N back-to-back pairs of "
                         "runs (plain DPO, β-DPO), small model")
     parser.add_argument("--profile", action="store_true", help="where one of our steps spends its time (torch.profiler), "
@@ -1040,6 +1119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main():
     a = build_parser().parse_args()
+    if a.cpu_kernels != "default":  # before torch is imported here; every child inherits it (child_env)
+        os.environ["ATEN_CPU_CAPABILITY"] = a.cpu_kernels
     if a.memory:
         memory_scaling(a)
     elif a.ab:

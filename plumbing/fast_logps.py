@@ -9,6 +9,9 @@ vocabulary are 24 GiB as one fp32 log-softmax. Three savings, each in one place:
      `logits_to_keep` and return just those positions' logits; other models' full logits are indexed.
   2. log softmax + gather is `token_logps`, a kernel that never holds a full fp32 log-softmax, forward or
      backward. Plain equivalent: torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None]).
+  2b. FUSED_HEAD (Llama, GPT-NeoX): not even the logits. The LM head and the log-softmax are one kernel,
+     plumbing/fused_head.py, fed the final hidden states: per chunk of positions, logits → logsumexp and target
+     logit, logits dropped; backward recomputes them. Memory no longer grows with positions × V.
   3. Packing (`packed_logits`): no compute on padding in the model body either. Plain equivalent: the padded
      (B, T) batch with its attention mask.
 `token_logps` is also sft.py's SFT loss and eval.py's k1 KL.
@@ -17,6 +20,13 @@ vocabulary are 24 GiB as one fp32 log-softmax. Three savings, each in one place:
 import os
 
 import torch
+
+from plumbing.fused_head import fused_head_applies, fused_logps_at
+
+# The switch of 2b: True computes log-probs with the fused LM head where it applies (fused_head_applies); False
+# keeps the logits path (LM head, then token_logps), e.g. to compare the two (benchmarks/bench_vs_trl.py does).
+# Same numbers and gradients either way (tests/test_fused_head.py).
+FUSED_HEAD = True
 
 
 # ---- 2. the log-softmax kernel ---------------------------------------------------------------------------
@@ -140,7 +150,7 @@ def pack_layout(lengths: list[int], width: int) -> list[tuple[int, int]]:
     return place
 
 
-def packed_logits(model, batch: dict, needed):
+def packed_logits(model, batch: dict, needed, targets=None):
     """OPTIMISATION 3, packing: the batch's sequences laid end to end in as few rows as fit (pack_layout), each
     with its own position ids 0…L−1 and no attention mask: transformers (5.x) then builds a block-diagonal causal
     mask from the position ids (`masking_utils.find_packed_sequence_indices`), so no token sees another
@@ -150,7 +160,8 @@ def packed_logits(model, batch: dict, needed):
     over more (masked) positions (docs/PERFORMANCE.md has the measurements behind the choice of 2).
     (Flash attention: one row of every sequence, whose attention runs per sequence: row_width.)
     → (logits (n, V), index (n,)): row-major over `needed`'s True positions in the packed layout, and each
-    one's flat index into `needed` (B·(T−1)), to put the log-probs back in (B, T−1) order."""
+    one's flat index into `needed` (B·(T−1)), to put the log-probs back in (B, T−1) order. With `targets`
+    (B·(T−1),), the token each position predicts: log-probs (n,) from the fused LM head instead of logits."""
     ids = batch["input_ids"]  # (B, T)
     B, T = ids.shape
     lengths = batch["attention_mask"].sum(-1).tolist()  # right padding: sequence i is ids[i, :L_i]
@@ -166,9 +177,12 @@ def packed_logits(model, batch: dict, needed):
         target[r, o : o + L - 1] = i * (T - 1) + torch.arange(L - 1, device=ids.device)  # the last token predicts nothing
     keep = target >= 0
     keep[keep.clone()] = needed.reshape(-1)[target[keep]]  # (R, W): packed slots whose log-prob is used
+    index = target[keep]  # (n,)
     # use_cache=False: transformers looks for packed sequences only when there is no KV cache (and no mask).
+    if targets is not None:  # 2b: log-probs (n,), no logits
+        return fused_logps_at(model, keep, targets[index], input_ids=packed, position_ids=positions, use_cache=False), index
     logits = model(input_ids=packed, position_ids=positions, logits_to_keep=keep, use_cache=False).logits  # (n, V)
-    return logits, target[keep]
+    return logits, index
 
 
 def logps_at(model, batch: dict, needed: torch.Tensor) -> torch.Tensor:
@@ -176,8 +190,9 @@ def logps_at(model, batch: dict, needed: torch.Tensor) -> torch.Tensor:
     positions of `needed` (B, T−1), 0 elsewhere → (B, T−1) fp32 (fp64 for fp64 models)."""
     ids = batch["input_ids"]  # (B, T)
     targets = ids[:, 1:].reshape(-1)  # (B·(T−1),): the token each position predicts
+    fused = FUSED_HEAD and packs(model) and fused_head_applies(model)  # 2b (every FUSED_HEAD_MODEL_TYPES packs)
     if packs(model):  # 3. packing
-        logits, index = packed_logits(model, batch, needed)  # (n, V), (n,)
+        logits, index = packed_logits(model, batch, needed, targets if fused else None)  # (n, V) — or (n,) log-probs — and (n,)
     else:
         index = needed.reshape(-1).nonzero()[:, 0]  # (n,): row-major over `needed`
         if takes_position_mask(model):  # 1. the LM head at the needed positions only
@@ -185,6 +200,6 @@ def logps_at(model, batch: dict, needed: torch.Tensor) -> torch.Tensor:
             logits = model(input_ids=ids, attention_mask=batch["attention_mask"], logits_to_keep=keep).logits  # (n, V)
         else:
             logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, :-1][needed]  # (n, V)
-    picked = token_logps(logits, targets[index], chunk_rows=256)  # 2. (n,); 256 positions a chunk of fp32 work space
+    picked = logits if fused else token_logps(logits, targets[index], chunk_rows=256)  # 2. (n,); 256 positions a chunk of fp32 work space
     logp = torch.zeros(needed.numel(), dtype=picked.dtype, device=picked.device).scatter(0, index, picked)  # (B·(T−1),)
     return logp.view(needed.shape)

@@ -64,16 +64,17 @@ def reference_cache_file(cfg, pairs, name: str) -> Path:
     return Path(cfg.train.ref_cache_dir) / f"{name}-{key}.pt"
 
 
-def cached(accelerator, path: Path, compute, what: str) -> dict:
+def cached(accelerator, path: Path, compute, what: str, work: str) -> dict:
     """torch.load(path) if it exists; else compute() on every process, saved by the main process through a
     temporary file (a crash never leaves half a cache). The main process alone looks and reads, and sends the
     values (a few floats per pair) to the others: they take the same branch even where they do not see the
-    same train.ref_cache_dir (another machine, NFS delay)."""
+    same train.ref_cache_dir (another machine, NFS delay). what, work: printed, e.g. "reference log-probs",
+    "one pass over 256 train pairs"."""
     values = main_decides(accelerator, lambda: torch.load(path) if path.exists() else None)
     if values is not None:
         accelerator.print(f"{what}: {path} (cached)")
         return values
-    accelerator.print(f"{what}: one pass → {path}")
+    accelerator.print(f"{what}: {work} → {path}")
     values = compute()
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
 

@@ -31,14 +31,18 @@ def test_counted_and_executed_flops_by_hand():
     assert bench.counted_step_flops(shape, META, live_ref=True) == sum(4 * fwd(t) for t in (5, 3, 8, 3))
     assert bench.counted_step_flops(shape, META, live_ref=False) == sum(3 * fwd(t) for t in (5, 3, 8, 3))
 
-    def by_hand(rows, width, scored, live, ppl=0):
+    def by_hand(rows, width, scored, live, ppl=0, recompute=False):
+        """Policy: body and LM head forward + backward (2× forward); a recomputing LM head (ours' fused head, TRL's
+        chunked one) runs its forward matmul once more in backward. Live reference: one forward."""
         body = rows * width * 2 * 960 + rows * 4 * 2 * 4 * width**2
-        return 3 * (body + 2 * 40 * (scored + ppl)) + (body + 2 * 40 * scored if live else 0)
+        head = 2 * 40 * (scored + ppl)
+        return 3 * (body + head) + (head if recompute else 0) + (body + 2 * 40 * scored if live else 0)
 
-    assert bench.executed_step_flops("ours", shape, META, True) == by_hand(2, 16, 9, True)
-    assert bench.executed_step_flops("ours", shape, META, True, ppl=True) == by_hand(2, 16, 9, True, ppl=3)
-    assert bench.executed_step_flops("trlfast", shape, META, False) == by_hand(4, 8, 9, False)
-    assert bench.executed_step_flops("trl", shape, META, True) == by_hand(4, 8, 32, True)  # the LM head on all 4 × 8
+    assert bench.executed_step_flops("ours", shape, META, True) == by_hand(2, 16, 9, True, recompute=True)
+    assert bench.executed_step_flops("ours", shape, META, True, ppl=True) == by_hand(2, 16, 9, True, ppl=3, recompute=True)
+    assert bench.executed_step_flops("ours_logits", shape, META, True) == by_hand(2, 16, 9, True)  # keeps the softmax
+    assert bench.executed_step_flops("trlfast", shape, META, False) == by_hand(4, 8, 9, False, recompute=True)
+    assert bench.executed_step_flops("trl", shape, META, True) == by_hand(4, 8, 32, True, recompute=True)  # the LM head on all 4 × 8
     assert bench.executed_step_flops("naive", shape, META, True) == by_hand(4, 8, 32, True)
 
 
@@ -62,3 +66,19 @@ def test_machinery_alone_times_both_arms():
     assert r["n"] == 20 and 0 < r["plain_s"] < 1 and 0 < r["betadpo_s"] < 1
     extra, half = r["extra_s"]
     assert abs(extra) < 1 and 0 <= half < 1
+
+
+def test_the_logits_kernel_column_is_betadpo_with_its_switch_off(monkeypatch, tmp_path):
+    """ours_logits runs `python -c LOGITS_KERNEL <our flags>`: betadpo.main with FUSED_HEAD off, argv as betadpo.py's."""
+    import betadpo
+    from plumbing import fast_logps
+
+    bench_spec = {k: "x" for k in ("model_dir", "train_file", "eval_file", "batch_size", "max_length", "max_prompt_length", "steps")}
+    fused, logits = bench.ours_command(bench_spec, tmp_path, False, []), bench.ours_command(bench_spec, tmp_path, False, [], fused=False)
+    assert fused[1] == "betadpo.py" and logits[1:3] == ["-c", bench.LOGITS_KERNEL] and fused[2:] == logits[3:]
+    seen = []
+    monkeypatch.setattr(fast_logps, "FUSED_HEAD", True)
+    monkeypatch.setattr(betadpo, "main_guard", lambda main: seen.append((main, fast_logps.FUSED_HEAD, sys.argv[0])))
+    monkeypatch.setattr(sys, "argv", ["-c", "--train.max_steps", "1"])
+    exec(bench.LOGITS_KERNEL, {})
+    assert seen == [(betadpo.main, False, "betadpo.py")]

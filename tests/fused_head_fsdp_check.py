@@ -1,0 +1,49 @@
+"""Test-only (tests/test_fused_head.py runs it under tests/fsdp_launch.py, FSDP2 on 2 CPU processes): betadpo's
+sequence_logps through the fused LM head, on a model accelerate has sharded, against one unsharded copy's
+plain_sequence_logps. Both ranks score the same batch, so FSDP's averaged gradients are that batch's gradients.
+Prints one line per rank and model: "fused-head-fsdp2 rank R tied T ok|MISMATCH ... fused calls N"."""
+
+import copy
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: betadpo, plumbing
+
+import torch
+from accelerate import Accelerator
+from torch.distributed.tensor import DTensor
+
+import betadpo  # noqa: E402,F401  (importable as the scripts see it)
+from betadpo import sequence_logps
+from plumbing import fast_logps
+
+
+def plain_sequence_logps(model, batch, prompt_rows=0):  # betadpo.FAST_LOGPS = False
+    return sequence_logps(model, batch, prompt_rows, fast=False)
+from test_fused_head import pairs_batch, tiny_llama
+
+accelerator = Accelerator()
+assert accelerator.is_fsdp2, accelerator.distributed_type
+tok, batch = pairs_batch()
+calls = []
+fused_logps_at = fast_logps.fused_logps_at
+fast_logps.fused_logps_at = lambda *a, **kw: calls.append(1) or fused_logps_at(*a, **kw)  # count the fused path's calls
+for tied in (True, False):
+    calls.clear()
+    model = tiny_llama(len(tok), tied, torch.float64).train()
+    unsharded = copy.deepcopy(model)
+    plain = plain_sequence_logps(unsharded, batch, prompt_rows=4)
+    (plain["sum"].sum() - 0.5 * plain["avg"].sum()).backward()
+    sharded, _ = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.0))
+    assert all(isinstance(p, DTensor) for p in sharded.parameters())
+    ours = sequence_logps(sharded, batch, prompt_rows=4)
+    (ours["sum"].sum() - 0.5 * ours["avg"].sum()).backward()
+    value_err = max((ours[k] - plain[k]).abs().max().item() for k in ("sum", "avg", "prompt"))
+    expected = dict(unsharded.named_parameters())
+    grad_err = max(((p.grad.full_tensor() - expected[n].grad).abs().max() / expected[n].grad.abs().max()).item()
+                   for n, p in sharded.named_parameters())
+    ok = value_err <= 1e-10 and grad_err <= 1e-10
+    print(f"fused-head-fsdp2 rank {accelerator.process_index} tied {tied} {'ok' if ok else 'MISMATCH'} log-prob error "
+          f"{value_err:.1e} gradient error {grad_err:.1e} fused calls {len(calls)}", flush=True)
+accelerator.wait_for_everyone()
+accelerator.end_training()

@@ -125,7 +125,7 @@ def load(name: str, dtype) -> torch.nn.Module:
 
 
 def lookup(states: dict, input_ids, attention_mask, position_ids, dtype) -> torch.Tensor:
-    """(B, T) ids → (B, T, H) cached h_{L−k}. Sequences are found as plumbing/fast_logps lays them out: packed
+    """(B, T) ids → (B, T, H) cached h_{L−k}. Sequences are found as plumbing/fast_logps.py lays them out: packed
     (position_ids restart at 0 for each sequence), right-padded (attention_mask), or one per row. Positions
     outside any sequence get zeros (their outputs are never used); a one-token segment that is not cached is
     packing's filler slot. Any other sequence missing from the cache stops the run."""

@@ -49,8 +49,10 @@ CONTROLS = {  # secondary: each against β-DPO, paired over seeds
 }
 GRID = {f"β-DPO ρ {r:g}, α {a:g}": {**BETA_DPO, "loss.filter_ratio": r, "loss.alpha": a} for r in (0.1, 0.2, 0.3, 0.5) for a in (0.3, 0.6, 1.0)}
 # (dataset, variants, seeds): HH has the controls and the grid; UF the uniform-drop control (the score-gap analysis).
-PLAN = [("hh", PRIMARY, SEEDS), ("uf", PRIMARY, SEEDS), ("hh", CONTROLS, SEEDS), ("uf", {k: v for k, v in CONTROLS.items() if "uniform" in k}, SEEDS),
-        ("hh", GRID, (0,))]
+# `--real_plan primary` runs only the first three entries: the primary endpoint and the score-gap analysis.
+PLAN = [("hh", PRIMARY, SEEDS), ("uf", PRIMARY, SEEDS), ("uf", {k: v for k, v in CONTROLS.items() if "uniform" in k}, SEEDS),
+        ("hh", CONTROLS, SEEDS), ("hh", GRID, (0,))]
+PLANS = {"all": PLAN, "primary": PLAN[:3]}
 SMOKE = {"sizes": {"hh": (8, 8), "uf": (8, 8)}, "kl_pairs": 4, "train": ["--train.batch_size", "4", "--train.max_steps", "2"],
          "plan": [("hh", {"DPO β₀ 0.1": FRONTIER["DPO β₀ 0.1"], "β-DPO": BETA_DPO}, (0,)), ("uf", {"β-DPO": BETA_DPO}, (0,))]}
 
@@ -135,45 +137,59 @@ def train(out: Path, dataset: str, overrides: dict, seed: int, files: dict, spli
 
 # ---- evaluation: held-out log-probs and KL, in this process -------------------------------------------------
 @torch.no_grad()
-def score_heldout(policy, reference, pairs: list[tuple], pad_id: int, kl_pairs: int, batch_size: int = 16) -> list[dict]:
+def score_heldout(policy, reference, pairs: list[tuple], pad_id: int, kl_pairs: int, ref_sums: list | None = None,
+                  batch_size: int = 16) -> list[dict]:
     """Per held-out pair: summed log-probs of chosen and rejected under both models, response lengths, and (first
-    kl_pairs pairs) KL_seq(y) = Σ_t Σ_v π(v|x,y<t)·(log π − log π_ref)(v|x,y<t) for y = chosen and rejected."""
+    kl_pairs pairs) KL_seq(y) = Σ_t Σ_v π(v|x,y<t)·(log π − log π_ref)(v|x,y<t) for y = chosen and rejected.
+    ref_sums: the reference's (chosen, rejected) sums, computed once per data set (`reference_sums`): then the
+    reference runs only on the KL pairs. reference None: the policy alone (policy_* keys only)."""
     from eval import full_vocab_kl
     from plumbing.data import collate_pairs
 
     out = []
     for s in range(0, len(pairs), batch_size):
         chunk = pairs[s : s + batch_size]
+        B = len(chunk)
         batch = collate_pairs(chunk, pad_id)  # rows [0, B) chosen, [B, 2B) rejected
         response = batch["labels"][:, 1:] != -100  # (2B, T−1): position t predicts response token t+1
         keep = torch.cat([response, torch.zeros_like(response[:, :1])], 1)  # (2B, T)
         targets = batch["input_ids"][:, 1:][response]  # (n,)
         rows = response.nonzero()[:, 0]  # (n,) the row of each kept position
-        logits = {}
-        for role, model in (("policy", policy), ("ref", reference)):
-            logits[role] = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits.float()  # (n, V)
-        sums = {role: torch.zeros(len(response)).index_add_(0, rows, l.log_softmax(-1).gather(-1, targets[:, None])[:, 0])
+        models = {"policy": policy}
+        if reference is not None and (s < kl_pairs or ref_sums is None):
+            models["ref"] = reference
+        logits = {role: m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits.float()
+                  for role, m in models.items()}  # (n, V) each
+        sums = {role: torch.zeros(2 * B).index_add_(0, rows, l.log_softmax(-1).gather(-1, targets[:, None])[:, 0])
                 for role, l in logits.items()}  # (2B,)
-        B = len(chunk)
-        kl = torch.zeros(len(response))
-        if s < kl_pairs:
+        kl = torch.zeros(2 * B)
+        if s < kl_pairs and "ref" in logits:
             n = rows.numel()
             kl.index_add_(0, rows, full_vocab_kl(logits["policy"][None], logits["ref"][None], torch.zeros(n, dtype=torch.long), torch.arange(n)))
         for i, (p, c, r) in enumerate(chunk):
-            out.append({"policy_chosen": sums["policy"][i].item(), "policy_rejected": sums["policy"][B + i].item(),
-                        "ref_chosen": sums["ref"][i].item(), "ref_rejected": sums["ref"][B + i].item(),
-                        "len_chosen": len(c), "len_rejected": len(r),
-                        **({"kl_chosen": kl[i].item(), "kl_rejected": kl[B + i].item()} if s + i < kl_pairs else {})})
+            row = {"policy_chosen": sums["policy"][i].item(), "policy_rejected": sums["policy"][B + i].item(),
+                   "len_chosen": len(c), "len_rejected": len(r)}
+            if reference is not None:
+                ref = (sums["ref"][i].item(), sums["ref"][B + i].item()) if "ref" in sums else ref_sums[s + i]
+                row.update({"ref_chosen": ref[0], "ref_rejected": ref[1]})
+            if s + i < kl_pairs and "ref" in logits:
+                row.update({"kl_chosen": kl[i].item(), "kl_rejected": kl[B + i].item()})
+            out.append(row)
     return out
 
 
-def evaluate(run: Path, reference, pairs: list[tuple], pad_id: int, kl_pairs: int) -> Path:
+def reference_sums(reference, pairs: list[tuple], pad_id: int) -> list[tuple[float, float]]:
+    """The reference's summed log-probs of each held-out pair's (chosen, rejected): once per data set."""
+    return [(r["policy_chosen"], r["policy_rejected"]) for r in score_heldout(reference, None, pairs, pad_id, 0)]
+
+
+def evaluate(run: Path, reference, pairs: list[tuple], pad_id: int, kl_pairs: int, ref_sums: list) -> Path:
     from plumbing.models import load_model
 
     path = run / "heldout.jsonl"
     if not path.exists():
         policy = load_model(str(run / "final")).eval()
-        scored = score_heldout(policy, reference, pairs, pad_id, kl_pairs)
+        scored = score_heldout(policy, reference, pairs, pad_id, kl_pairs, ref_sums)
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in scored))
         tmp.rename(path)
@@ -181,11 +197,11 @@ def evaluate(run: Path, reference, pairs: list[tuple], pad_id: int, kl_pairs: in
 
 
 # ---- the study -----------------------------------------------------------------------------------------------
-def main(out: Path, smoke: bool, run, commit, model_name: str = MODEL, top_layers: int = TOP_LAYERS) -> list[dict]:
-    """Every run of PLAN (or SMOKE's), evaluated → the CSV rows (real_report.csv_rows)."""
+def main(out: Path, smoke: bool, run, commit, model_name: str = MODEL, top_layers: int = TOP_LAYERS, plan: str = "all") -> list[dict]:
+    """Every run of PLANS[plan] (or SMOKE's), evaluated → the CSV rows (real_report.csv_rows)."""
     from plumbing.models import load_model, load_tokenizer
 
-    sizes, kl_pairs, plan = (SMOKE["sizes"], SMOKE["kl_pairs"], SMOKE["plan"]) if smoke else (SIZES, KL_PAIRS, PLAN)
+    sizes, kl_pairs, plan = (SMOKE["sizes"], SMOKE["kl_pairs"], SMOKE["plan"]) if smoke else (SIZES, KL_PAIRS, PLANS[plan])
     extra = SMOKE["train"] if smoke else []
     out.mkdir(parents=True, exist_ok=True)
     t0, loaded, data, splits = time.perf_counter(), {}, {}, {}
@@ -203,9 +219,9 @@ def main(out: Path, smoke: bool, run, commit, model_name: str = MODEL, top_layer
         d = train(out, dataset, overrides, seed, data[dataset]["files"], splits[dataset], extra, run, commit)
         if dataset not in refs:
             tok = load_tokenizer(str(splits[dataset]))
-            refs[dataset] = (load_model(str(splits[dataset])).eval(), tokenized(tok, data[dataset]["files"]["heldout"]), tok.pad_token_id)
-        reference, pairs, pad_id = refs[dataset]
-        evaluate(d, reference, pairs, pad_id, kl_pairs)
+            reference, pairs = load_model(str(splits[dataset])).eval(), tokenized(tok, data[dataset]["files"]["heldout"])
+            refs[dataset] = (reference, pairs, tok.pad_token_id, reference_sums(reference, pairs, tok.pad_token_id))
+        evaluate(d, *refs[dataset][:3], kl_pairs, refs[dataset][3])
         print(f"[{k}/{len(todo)}] {dataset} {name} seed {seed}: {time.perf_counter() - started:.0f} s "
               f"({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
     return real_report.csv_rows(out, todo, data, run_dir)

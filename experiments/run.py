@@ -696,6 +696,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--realtext_pairs", type=int, default=256, help="realtext: training pairs generated (one epoch)")
     parser.add_argument("--realtext_threads", type=int, default=2, help="realtext: threads of its (sequential) runs")
     parser.add_argument("--real_model", default="smollm2-135m", help="real: the model (tests: a tiny Llama)")
+    parser.add_argument("--real_plan", default="all", choices=["all", "primary"], help="real: every run, or the primary "
+                        "endpoint and the UltraFeedback score-gap analysis only (experiments/real.py, PLANS)")
     parser.add_argument("--real_top_layers", type=int, default=2, help="real: blocks trained on top of the cached frozen ones")
     parser.add_argument("--cpu_kernels", default="avx2", help="x86: torch's CPU kernel set for every run "
                         "(ATEN_CPU_CAPABILITY; 'default': torch picks the best the CPU has). See the note at CPU_KERNELS")
@@ -714,7 +716,7 @@ def main(argv=None):
             sys.exit("experiments: run `real` on its own (it writes its own runs.csv)")
         pin_cpu_kernels(args.cpu_kernels)
         t0, out = time.perf_counter(), out / "real"
-        write_csv(real.main(out, args.smoke, run, commit, args.real_model, args.real_top_layers), out / "runs.csv")
+        write_csv(real.main(out, args.smoke, run, commit, args.real_model, args.real_top_layers, args.real_plan), out / "runs.csv")
         text = real_report.report(read_csv(out / "runs.csv"))  # through the CSV, exactly as `report` makes it
         (out / "tables.md").write_text(text)
         print(f"\n{text}\n{out / 'runs.csv'}, {out / 'tables.md'} ({(time.perf_counter() - t0) / 60:.1f} min)")

@@ -89,6 +89,23 @@ def test_split_model_scores_like_the_whole_model(tmp_path):
         assert betadpo.sequence_logps(again, batch)["sum"] == pytest.approx(expected.tolist(), abs=1e-5)
     with pytest.raises(UserError, match="not in the cached"):
         top(input_ids=torch.tensor([[5, 6, 7]]))
+    # experiments/real.py's held-out scoring: the same sums; KL(π‖π) = 0; the reference's sums cached per data set
+    # give the same numbers; against another policy, the KL by hand (full log-softmax at the response positions).
+    pad = tok.pad_token_id
+    scored = real.score_heldout(top, top, pairs, pad, kl_pairs=len(pairs), batch_size=3)
+    assert [s["policy_chosen"] for s in scored] == pytest.approx(expected[:4].tolist(), abs=1e-5)
+    assert all(s["kl_chosen"] == 0 and s["kl_rejected"] == 0 for s in scored)
+    cached = real.score_heldout(top, top, pairs, pad, kl_pairs=2, ref_sums=real.reference_sums(top, pairs, pad), batch_size=2)
+    assert [s[k] for s in cached for k in ("ref_chosen", "ref_rejected")] == pytest.approx([s[k] for s in scored for k in ("ref_chosen", "ref_rejected")])
+    assert ["kl_chosen" in s for s in cached] == [True, True, False, False]
+    other = load_model(str(save_tiny_model(tmp_path / "other", seed=1, hidden=32, layers=2))).eval()
+    scored = real.score_heldout(other, top, pairs, pad, kl_pairs=len(pairs))
+    with torch.no_grad():
+        lp, lq = (m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].log_softmax(-1) for m in (other, full))
+    response = batch["labels"][:, 1:] != -100
+    by_hand = ((lp.exp() * (lp - lq)).sum(-1) * response).sum(-1)  # (2B,)
+    assert [s["kl_chosen"] for s in scored] + [s["kl_rejected"] for s in scored] == pytest.approx(by_hand.tolist(), rel=1e-4)
+    assert min(by_hand.tolist()) > 0
 
 
 # ---- the endpoint -----------------------------------------------------------------------------------------------

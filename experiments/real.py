@@ -5,7 +5,7 @@ The setup, the same for every method (SETUP below; why each choice, in docs/RESU
   - data: experiments/real_data.py (committed files, SHA-256 checked, fixed split); the study uses the first
     SIZES[d] rows of each split; rendered with SmolLM2's chat template, HH last turn only;
   - prompt ≤ 128 tokens (its last ones), prompt + response ≤ 192;
-  - only the top TOP_LAYERS blocks of the 30 train (and the final norm), on cached outputs of the 28 frozen ones
+  - only the top TOP_LAYERS block(s) of the 30 train (and the final norm), on cached outputs of the frozen ones
     (plumbing/lower_cache.py: the split model, built once per data set); embeddings / LM head frozen;
   - one epoch, batch 16 (= β-DPO's calibration batch N), AdamW, lr 3e-5, 2 warm-up steps, reference log-probs
     precomputed (train.precompute_ref), training seeds 0, 1, 2 (batch order and the filter's draws);
@@ -27,9 +27,9 @@ import real_data
 import real_report
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL, TOP_LAYERS = "smollm2-135m", 2
-SIZES = {"hh": (384, 384), "uf": (160, 160)}  # (training, held-out) pairs used, the first of each fixed split
-KL_PAIRS = 128  # held-out pairs whose responses the KL is measured on
+MODEL, TOP_LAYERS = "smollm2-135m", 1
+SIZES = {"hh": (256, 256), "uf": (128, 128)}  # (training, held-out) pairs used, the first of each fixed split
+KL_PAIRS = 64  # held-out pairs whose responses the KL is measured on
 SEEDS = (0, 1, 2)
 DATA_FLAGS = ["--data.max_length", "192", "--data.max_prompt_length", "128", "--data.chat_template", "on", "--data.eval_size", "0"]
 TRAIN_FLAGS = ["--train.batch_size", "16", "--train.lr", "3e-5", "--train.warmup_steps", "2", "--train.max_steps", "0",

@@ -695,10 +695,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hh_file", default="", help="realtext: a local Anthropic HH file instead of the generated pairs")
     parser.add_argument("--realtext_pairs", type=int, default=256, help="realtext: training pairs generated (one epoch)")
     parser.add_argument("--realtext_threads", type=int, default=2, help="realtext: threads of its (sequential) runs")
-    parser.add_argument("--real_model", default="smollm2-135m", help="real: the model (tests: a tiny Llama)")
+    parser.add_argument("--real_model", default=real.MODEL, help="real: the model (tests: a tiny Llama)")
     parser.add_argument("--real_plan", default="all", choices=["all", "primary"], help="real: every run, or the primary "
                         "endpoint and the UltraFeedback score-gap analysis only (experiments/real.py, PLANS)")
-    parser.add_argument("--real_top_layers", type=int, default=2, help="real: blocks trained on top of the cached frozen ones")
+    parser.add_argument("--real_top_layers", type=int, default=real.TOP_LAYERS, help="real: blocks trained on top of the cached frozen ones")
     parser.add_argument("--cpu_kernels", default="avx2", help="x86: torch's CPU kernel set for every run "
                         "(ATEN_CPU_CAPABILITY; 'default': torch picks the best the CPU has). See the note at CPU_KERNELS")
     return parser

@@ -167,5 +167,5 @@ def test_real_smoke(tmp_path):
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [sum(k["kept"]) for k in kept] == [m["kept"] for m in metrics] == [3, 3]  # ⌊4 · 0.8⌋ of each batch of 4
     scored = [json.loads(line) for line in (run / "heldout.jsonl").read_text().splitlines()]
-    assert len(scored) == 8 and all(s["kl_chosen"] >= 0 for s in scored[: real.SMOKE["kl_pairs"]])
+    assert len(scored) == 8 and all(s["kl_chosen"] > -1e-6 for s in scored[: real.SMOKE["kl_pairs"]])  # ≥ 0 up to rounding
     assert "kl_chosen" not in scored[real.SMOKE["kl_pairs"]]

@@ -39,6 +39,7 @@ named entries in variants.py; the plumbing around the algorithm (config files, m
 logging, data) is in plumbing/, one module per job.
 """
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -251,6 +252,7 @@ class BetaDPOState:
         # On the CPU whatever the device: the same draws on any GPU type or count (N is a few hundred at most, so
         # drawing there costs nothing), and a resume on another machine keeps the masks.
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.kept = None  # the last calibration batch's kept mask (N,), for log.kept_pairs; not part of the state
 
     def state_dict(self) -> dict:
         return {"step": self.step, "M0": self.M0.cpu(), "sigma": self.sigma.cpu(), "c": self.c.detach().cpu(),
@@ -286,6 +288,7 @@ def betadpo_loss(stats: dict, batch_stats: dict, state: BetaDPOState, cfg: LossA
         kept = filter_mask(M, state.M0, state.sigma, cfg.filter_ratio, state.generator, weights)  # (N,) bool
     else:
         kept = torch.ones_like(M, dtype=torch.bool)
+    state.kept = kept  # a record for log.kept_pairs, not used again
     # 4. Batch-level β from the kept pairs' margins (α = 0: β_batch = β₀). () — or (N,) with beta_level=instance.
     gap = kept_mean(M, kept) - state.M0 if cfg.beta_level == "batch" else variants.BETA_LEVELS[cfg.beta_level](M, kept, state.M0)
     if cfg.alpha_units != "nats":
@@ -561,6 +564,9 @@ def train(cfg: Config):
                 accelerator.backward(loss / cfg.train.grad_accum)
             step_loss += loss.detach() / cfg.train.grad_accum
             summaries.append(summary)
+            if cfg.log.kept_pairs and accelerator.is_main_process:  # which pairs the filter kept (a resume appends again: last row wins)
+                with (out / "kept.jsonl").open("a") as f:
+                    f.write(json.dumps({"step": state.step + 1, "micro": k, "pairs": idx, "kept": state.kept.int().tolist()}) + "\n")
         if cfg.loss.learn_scale:  # c lives outside the DDP/FSDP model: average its gradient ourselves
             state.c.grad = accelerator.reduce(state.c.grad, reduction="mean")
         grad_norm, lr = optimizer_step(accelerator, policy, optimizer, scheduler, cfg.train.max_grad_norm)

@@ -42,6 +42,8 @@ sys.path.insert(0, str(REPO))  # `python experiments/run.py` puts only experimen
 
 import yaml  # noqa: E402
 
+import real  # noqa: E402  the real-data study (experiments/real.py)
+import real_report  # noqa: E402
 from plumbing import plots  # noqa: E402
 from plumbing.metrics import read_metrics  # noqa: E402
 
@@ -414,13 +416,13 @@ def write_csv(rows: list[dict], path: Path):
         writer.writerows(rows)
 
 
-TEXT_COLUMNS = ("study", "variant", "run", "commit")
+TEXT_COLUMNS = ("study", "variant", "run", "commit", "dataset")
 
 
 def read_csv(path: Path) -> list[dict]:
     """runs.csv back into rows: numbers as floats (seeds as ints), text as text."""
     def value(k, v):
-        if k in ("sft_seed", "train_seed"):
+        if k in ("sft_seed", "train_seed", "seed"):
             return int(v)
         if k in TEXT_COLUMNS:  # a commit such as 3251958 is text, not a number
             return v
@@ -683,7 +685,9 @@ def report(rows: list[dict]) -> str:
 # ========================================================================================================
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("studies", nargs="+", choices=["all", "report", *ALL_STUDIES], help="which studies to run; report: tables from --csv")
+    parser.add_argument("studies", nargs="+", choices=["all", "report", "real", *ALL_STUDIES],
+                        help="which studies to run (all: the sort-task ones and realtext); real: the real-data study "
+                             "(experiments/real.py, alone); report: tables from --csv")
     parser.add_argument("--out", default="runs/experiments", help="runs, runs.csv, tables.md and figures go here")
     parser.add_argument("--csv", default="", help="report: the runs.csv to make tables.md from (default: --out's)")
     parser.add_argument("--jobs", type=int, default=2, help="sort-task runs in parallel (one thread each)")
@@ -691,6 +695,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hh_file", default="", help="realtext: a local Anthropic HH file instead of the generated pairs")
     parser.add_argument("--realtext_pairs", type=int, default=256, help="realtext: training pairs generated (one epoch)")
     parser.add_argument("--realtext_threads", type=int, default=2, help="realtext: threads of its (sequential) runs")
+    parser.add_argument("--real_model", default=real.MODEL, help="real: the model (tests: a tiny Llama)")
+    parser.add_argument("--real_plan", default="all", choices=["all", "primary"], help="real: every run, or the primary "
+                        "endpoint and the UltraFeedback score-gap analysis only (experiments/real.py, PLANS)")
+    parser.add_argument("--real_top_layers", type=int, default=real.TOP_LAYERS, help="real: blocks trained on top of the cached frozen ones")
     parser.add_argument("--cpu_kernels", default="avx2", help="x86: torch's CPU kernel set for every run "
                         "(ATEN_CPU_CAPABILITY; 'default': torch picks the best the CPU has). See the note at CPU_KERNELS")
     return parser
@@ -700,7 +708,18 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     out = (REPO / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     if args.studies == ["report"]:
-        print(report(read_csv(Path(args.csv) if args.csv else out / "runs.csv")), end="")
+        rows = read_csv(Path(args.csv) if args.csv else out / "runs.csv")
+        print(real_report.report(rows) if real.is_real(rows) else report(rows), end="")
+        return
+    if "real" in args.studies:  # the real-data study: its own directory, CSV and tables
+        if args.studies != ["real"]:
+            sys.exit("experiments: run `real` on its own (it writes its own runs.csv)")
+        pin_cpu_kernels(args.cpu_kernels)
+        t0, out = time.perf_counter(), out / "real"
+        write_csv(real.main(out, args.smoke, run, commit, args.real_model, args.real_top_layers, args.real_plan), out / "runs.csv")
+        text = real_report.report(read_csv(out / "runs.csv"))  # through the CSV, exactly as `report` makes it
+        (out / "tables.md").write_text(text)
+        print(f"\n{text}\n{out / 'runs.csv'}, {out / 'tables.md'} ({(time.perf_counter() - t0) / 60:.1f} min)")
         return
     lengths = SMOKE if args.smoke else FULL
     names = ALL_STUDIES if "all" in args.studies else list(dict.fromkeys(args.studies))

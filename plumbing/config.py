@@ -133,6 +133,7 @@ class LogArgs:
     """log.*: progress on the terminal, and the Weights & Biases mirror of metrics.jsonl."""
 
     progress_every: int = 10  # when the output is not a terminal: one progress line every N steps (a terminal gets a bar)
+    kept_pairs: bool = False  # betadpo.py: kept.jsonl, each calibration batch's training-pair indices and the filter's kept mask
 
     wandb: bool = False  # also log to Weights & Biases
     wandb_project: str = "betadpo"  # wandb project name

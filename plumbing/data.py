@@ -239,6 +239,8 @@ def tokenize(tokenizer, prompts: list[str], responses: list[str], max_length: in
              untruncated: list | None = None):
     """→ list of (prompt_ids, response_ids) after the BOS/EOS and truncation rules in the module docstring.
     `untruncated` (a list) receives each (prompt, response) token count before truncation (the data summary's)."""
+    if not prompts:  # e.g. no held-out pairs (data.eval_size 0): fast tokenizers fail on an empty batch
+        return []
     bos, eos = special_prefix(tokenizer), tokenizer.eos_token_id
     p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     r_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]

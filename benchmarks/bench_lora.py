@@ -12,7 +12,7 @@ supports: peak memory and time per step, side by side.
    beside the policy, as a user gets it) and LoRA with r = 16 on every linear layer (the reference = the policy
    with its adapters off). Reported: the process's peak RSS (bench_vs_trl.launch: the launcher's wait4), the median
    time of a step after the first (metrics.jsonl), and the trainable parameters.
-2. PACKING. For each architecture of plumbing/fast_logps.PACKED_MODEL_TYPES, a random model of the small Llama's
+2. PACKING. For each architecture of PACKED_MODEL_TYPES (plumbing/fast_logps.py), a random model of the small Llama's
    shape (hidden 256, 4 layers, 4 heads, vocabulary 8,192) and one batch of 16 pairs with lengths spread like HH's
    (32–256 tokens, right-padded): forward + backward of betadpo.sequence_logps, packed (the fast path) and with
    packing switched off (the fast path otherwise), median of --repeats after one warm-up, in this process.

@@ -163,7 +163,7 @@ def test_readme_names_the_keys_that_may_change_on_resume():
 
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## When something goes wrong") :][:3000]
-    listed = set(re.findall(r"`((?:train|log|eval)\.[\w*]+)`", section[section.index("Only") : section.index("may change")]))
+    listed = set(re.findall(r"`((?:train|log|eval|data)\.[\w*]+)`", section[section.index("Only") : section.index("may change")]))
     assert listed == {k + "*" if k.endswith(".") else k for k in RESUMABLE_KEYS}
 
 

@@ -12,7 +12,7 @@ supports: peak memory and time per step, side by side.
    beside the policy, as a user gets it) and LoRA with r = 16 on every linear layer (the reference = the policy
    with its adapters off). Reported: the process's peak RSS (bench_vs_trl.launch: the launcher's wait4), the median
    time of a step after the first (metrics.jsonl), and the trainable parameters.
-2. PACKING. For each architecture of plumbing/fast_logps.PACKED_MODEL_TYPES, a random model of the small Llama's
+2. PACKING. For each architecture of PACKED_MODEL_TYPES (plumbing/fast_logps.py), a random model of the small Llama's
    shape (hidden 256, 4 layers, 4 heads, vocabulary 8,192) and one batch of 16 pairs with lengths spread like HH's
    (32–256 tokens, right-padded): forward + backward of betadpo.sequence_logps, packed (the fast path) and with
    packing switched off (the fast path otherwise), median of --repeats after one warm-up, in this process.
@@ -74,7 +74,7 @@ def random_model(arch: str, vocab: int):
 
     common = dict(vocab_size=vocab, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=688,
                   max_position_embeddings=1024, pad_token_id=0, eos_token_id=1, bos_token_id=1)
-    extra = {"gpt_neox": dict(intermediate_size=1024), "qwen2": dict(num_key_value_heads=4), "mistral": dict(num_key_value_heads=4, sliding_window=4096),
+    extra = {"qwen2": dict(num_key_value_heads=4), "mistral": dict(num_key_value_heads=4, sliding_window=4096),
              "gemma": dict(num_key_value_heads=4, head_dim=64), "gemma2": dict(num_key_value_heads=4, head_dim=64),
              "phi3": dict(num_key_value_heads=4)}.get(arch, {})
     name = {"llama": "Llama", "gpt_neox": "GPTNeoX", "qwen2": "Qwen2", "mistral": "Mistral", "gemma": "Gemma", "gemma2": "Gemma2", "phi3": "Phi3"}[arch]

@@ -74,7 +74,7 @@ def random_model(arch: str, vocab: int):
 
     common = dict(vocab_size=vocab, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=688,
                   max_position_embeddings=1024, pad_token_id=0, eos_token_id=1, bos_token_id=1)
-    extra = {"gpt_neox": dict(intermediate_size=1024), "qwen2": dict(num_key_value_heads=4), "mistral": dict(num_key_value_heads=4, sliding_window=4096),
+    extra = {"qwen2": dict(num_key_value_heads=4), "mistral": dict(num_key_value_heads=4, sliding_window=4096),
              "gemma": dict(num_key_value_heads=4, head_dim=64), "gemma2": dict(num_key_value_heads=4, head_dim=64),
              "phi3": dict(num_key_value_heads=4)}.get(arch, {})
     name = {"llama": "Llama", "gpt_neox": "GPTNeoX", "qwen2": "Qwen2", "mistral": "Mistral", "gemma": "Gemma", "gemma2": "Gemma2", "phi3": "Phi3"}[arch]

@@ -175,8 +175,8 @@ def variant_table(rows, dataset) -> str:
 def endpoint_table(rows, dataset) -> str:
     lines = ["| variant | seeds | metric | Δ vs DPO envelope | 95% CI (seed bootstrap) | MDE (80%) | verdict (margin ±0.02) |", "|---" * 7 + "|"]
     for name, runs in by_variant(rows, dataset).items():
-        if is_frontier(runs[0]) or not any(is_frontier(r) for r in rows if r["dataset"] == dataset):
-            continue
+        if is_frontier(runs[0]) or len(runs) < 2 or not any(is_frontier(r) for r in rows if r["dataset"] == dataset):
+            continue  # (one seed, e.g. a grid cell: no interval to give)
         for metric in ("accuracy", "balanced_accuracy"):
             e = endpoint(rows, dataset, name, metric)
             lines.append(f"| {name} | {e['n']} | {metric.replace('_', ' ')} | {e['delta']:+.3f} | [{e['lo']:+.3f}, {e['hi']:+.3f}] "

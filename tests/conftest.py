@@ -72,3 +72,14 @@ def _free_port() -> int:
 def read_metrics(run_dir: Path, split: str = "train") -> list[dict]:
     """The `split` rows ("train" or "eval") of run_dir/metrics.jsonl, read by the scripts' own reader."""
     return [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("split", "train") == split]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps its state in process-wide singletons: an Accelerator built by one test (a script's main()
+    run in-process) would fix the mixed precision every later test in this xdist worker gets. Reset after each."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

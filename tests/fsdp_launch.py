@@ -48,8 +48,9 @@ def _reporting(prepare):
         params = list(model.parameters())
         sharded = sum(isinstance(p, DTensor) for p in params)
         trainable = sum(p.requires_grad for p in params)
-        print(f"fsdp2_prepare_model rank {accelerator.process_index}: {type(model).__name__} {sharded}/{len(params)} "
-              f"parameters are DTensors, {trainable} trainable, device {params[0].device.type}", flush=True)
+        sys.stdout.write(f"fsdp2_prepare_model rank {accelerator.process_index}: {type(model).__name__} {sharded}/{len(params)} "
+                         f"parameters are DTensors, {trainable} trainable, device {params[0].device.type}\n")  # one write:
+        sys.stdout.flush()  # the processes share the pipe, and print's separate "\n" write can interleave
         return model
 
     return prepare_and_report

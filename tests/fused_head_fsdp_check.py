@@ -43,7 +43,9 @@ for tied in (True, False):
     grad_err = max(((p.grad.full_tensor() - expected[n].grad).abs().max() / expected[n].grad.abs().max()).item()
                    for n, p in sharded.named_parameters())
     ok = value_err <= 1e-10 and grad_err <= 1e-10
-    print(f"fused-head-fsdp2 rank {accelerator.process_index} tied {tied} {'ok' if ok else 'MISMATCH'} log-prob error "
-          f"{value_err:.1e} gradient error {grad_err:.1e} fused calls {len(calls)}", flush=True)
+    # one write per line: the two processes share the pipe, and print's separate "\n" write can interleave
+    sys.stdout.write(f"fused-head-fsdp2 rank {accelerator.process_index} tied {tied} {'ok' if ok else 'MISMATCH'} log-prob "
+                     f"error {value_err:.1e} gradient error {grad_err:.1e} fused calls {len(calls)}\n")
+    sys.stdout.flush()
 accelerator.wait_for_everyone()
 accelerator.end_training()

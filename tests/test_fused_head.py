@@ -4,6 +4,7 @@ Plain path: logits = h @ Wᵀ (+ b), then log_softmax in fp32 and gather, differ
 """
 
 import os
+import re
 import sys
 
 import pytest
@@ -19,7 +20,7 @@ def plain_sequence_logps(model, batch, prompt_rows=0):  # betadpo.FAST_LOGPS = F
     return sequence_logps(model, batch, prompt_rows, fast=False)
 from conftest import ROOT, _free_port
 from plumbing.data import collate_pairs, tokenize_pairs
-from plumbing.fused_head import default_chunk_rows, fused_head_applies, fused_logps
+from plumbing.fused_head import TILE_COLS, TILE_ROWS, fused_head_applies, fused_logps
 from plumbing.sort_task import build_tokenizer
 from test_perf import tiny_of
 
@@ -65,10 +66,11 @@ def rel_err(a, b):
 @pytest.mark.parametrize("V", [16384, 49152, 92544])
 @pytest.mark.parametrize("tied", [False, True])
 def test_values_and_gradients_equal_the_plain_path_fp32(V, tied):
-    """fp32 to 1e-6 (relative to each tensor's largest value), with chunks of 64 positions that split the 200
-    positions unevenly; tied: W is also the input embedding, and gets both uses' gradient."""
+    """fp32 to 1e-6 (relative to each tensor's largest value), with tiles of 64 positions × 5,000 vocabulary entries
+    that split the 200 positions and the vocabulary unevenly; tied: W is also the input embedding, and gets both
+    uses' gradient."""
     run = head_problem(V, tied=tied, bias=not tied)
-    ours, ours_grads = run(fused_logps, chunk_rows=64)
+    ours, ours_grads = run(fused_logps, tiles=(64, 5000))
     plain, plain_grads = run(plain_logps)
     assert ours.dtype == torch.float32 and (ours[::37] == 0).all() and (ours[1:37] < 0).all()
     assert rel_err(ours, plain) <= 1e-6
@@ -76,11 +78,11 @@ def test_values_and_gradients_equal_the_plain_path_fp32(V, tied):
         assert b.abs().max() > 0 and rel_err(a, b) <= 1e-6
 
 
-def test_float64_to_rounding_and_any_chunk_size():
+def test_float64_to_rounding_and_any_tile_size():
     run = head_problem(1000, dtype=torch.float64, tied=True, bias=True)
     plain, plain_grads = run(plain_logps)
-    for chunk in (1, 7, 199, 200, 1000):  # one position per chunk, uneven chunks, all in one
-        ours, grads = run(fused_logps, chunk_rows=chunk)
+    for tiles in ((1, 1000), (7, 333), (199, 1), (200, 64), (1000, 1000)):  # uneven, one row / column, all in one
+        ours, grads = run(fused_logps, tiles=tiles)
         assert ours.dtype == torch.float64 and rel_err(ours, plain) <= 1e-14
         assert all(rel_err(a, b) <= 1e-13 for a, b in zip(grads, plain_grads))
 
@@ -88,10 +90,10 @@ def test_float64_to_rounding_and_any_chunk_size():
 def test_bf16_autocast_matches_the_plain_path_under_autocast():
     """Under bf16 autocast both paths run the LM-head matmuls in bf16 and the softmax in fp32. Stated tolerance:
     log-probs to 1e-5 relative (both round the same bf16 logits); gradients to 1e-2 relative, the precision of the
-    bf16 matmuls (ours sums W's gradient over chunks in fp32, the plain path's comes from one bf16 matmul)."""
+    bf16 matmuls (ours sums its gradients over tiles in fp32, the plain path's come from one bf16 matmul each)."""
     run = head_problem(16384, H=16, tied=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours, grads = run(fused_logps, chunk_rows=64)
+        ours, grads = run(fused_logps, tiles=(64, 5000))
         plain, plain_grads = run(plain_logps)
     assert ours.dtype == torch.float32 and rel_err(ours, plain) <= 1e-5
     assert all(rel_err(a, b) <= 1e-2 for a, b in zip(grads, plain_grads))
@@ -100,21 +102,22 @@ def test_bf16_autocast_matches_the_plain_path_under_autocast():
 
 
 def test_backward_keeps_no_logits_and_memory_is_flat_in_the_number_of_positions():
-    """What forward saves for backward is h, W, targets and two (n,) vectors: nothing of size positions × V."""
+    """What forward saves for backward is h, W, targets and two (n,) vectors: nothing of size positions × V. The
+    work space is one tile, 32 MiB of fp32 logits by default."""
     V, H = 16384, 8
     for n in (100, 1000):
         h, W = torch.randn(n, H, requires_grad=True), torch.randn(V, H, requires_grad=True)
-        out = fused_logps(h, W, torch.randint(0, V, (n,)), chunk_rows=64)
+        out = fused_logps(h, W, torch.randint(0, V, (n,)), tiles=(64, 1000))
         saved = out.grad_fn.next_functions[0][0].saved_tensors  # fused_logps = _FusedLinearLogProb(...) · valid
         assert max(t.numel() for t in saved if t is not None) == V * H
         assert sum(t.numel() for t in saved if t is not None) <= V * H + n * H + 3 * n
-    assert default_chunk_rows(16384) == 512 and default_chunk_rows(49152) == 170 and default_chunk_rows(92544) == 128
+    assert TILE_ROWS * TILE_COLS * 4 == 32 * 2**20
 
 
 def test_no_gradient_at_masked_targets_and_rows_without_gradient():
     h, W = torch.randn(6, 4, requires_grad=True), torch.randn(30, 4, requires_grad=True)
     targets = torch.tensor([3, -100, 5, 30, 7, 1])  # -100 and V (out of range) are masked
-    out = fused_logps(h, W, targets, chunk_rows=4)
+    out = fused_logps(h, W, targets, tiles=(4, 7))
     (out * torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 2.0])).sum().backward()
     assert out[1] == 0 and out[3] == 0
     assert (h.grad[[1, 3, 4]] == 0).all() and (h.grad[[0, 2, 5]] != 0).any(-1).all()
@@ -140,11 +143,12 @@ def tiny_llama(vocab, tied, dtype):
 @pytest.mark.parametrize("arch, dtype, tol", [("llama-tied", torch.float64, 1e-12), ("llama-untied", torch.float64, 1e-12),
                                               ("llama-tied", torch.float32, 1e-5), ("gpt_neox", torch.float64, 1e-12)])
 def test_sequence_logps_through_the_fused_head_equal_the_plain_path(monkeypatch, arch, dtype, tol):
-    """betadpo.sequence_logps (packed, the LM head fused, 5 positions per chunk so that chunks split sequences and
-    packed rows) gives plain_sequence_logps' numbers and parameter gradients, prompt rows included."""
+    """betadpo.sequence_logps (packed, the LM head fused, tiles of 5 positions × 7 vocabulary entries, so that they
+    split sequences, packed rows and the vocabulary) gives plain_sequence_logps' numbers and parameter gradients,
+    prompt rows included."""
     tok, batch = pairs_batch()
-    monkeypatch.setattr(fused_head, "CHUNK_ELEMENTS", 5 * len(tok))
-    monkeypatch.setattr(fused_head, "MIN_CHUNK_ROWS", 1)
+    monkeypatch.setattr(fused_head, "TILE_ROWS", 5)
+    monkeypatch.setattr(fused_head, "TILE_COLS", 7)
     calls = []
     monkeypatch.setattr(fast_logps, "fused_logps_at", lambda *a, **kw: calls.append(1) or fused_head.fused_logps_at(*a, **kw))
 
@@ -199,6 +203,6 @@ def test_fsdp2_fused_head_gives_the_unsharded_log_probs_and_gradients(tmp_path):
            str(ROOT / "tests" / "fused_head_fsdp_check.py")]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    lines = [line for line in result.stdout.splitlines() if line.startswith("fused-head-fsdp2")]
+    lines = re.findall(r"fused-head-fsdp2 rank \d tied \w+ \w+ log-prob error \S+ gradient error \S+ fused calls \d+", result.stdout)
     assert len(lines) == 4, result.stdout  # tied and untied, on both ranks
     assert all(" ok " in line and "fused calls 1" in line for line in lines), lines

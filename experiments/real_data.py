@@ -53,7 +53,7 @@ def read_checked(name: str, data_dir: Path = DATA) -> list[dict]:
 
 def hh_rows(raw: list[dict]) -> tuple[list[dict], list[int]]:
     """HH dialogues → last-turn rows, and the 1-based numbers of the rows skipped."""
-    from plumbing.data import HH_MARKER, hh_messages, split_hh
+    from plumbing.data_shapes import HH_MARKER, hh_messages, split_hh
 
     rows, skipped = [], []
     for i, r in enumerate(raw, 1):

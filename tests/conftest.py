@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny tokenizer + Llama saved like a hub checkpoint, and a way to launch the scripts."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -38,7 +39,33 @@ def run_script(script: str, *args, processes: int = 1, check: bool = True, env: 
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
                str(ROOT / script), *map(str, args)]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return run_command(cmd, env, check=check)
+
+
+def run_command(cmd: list, env: dict | None = None, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd) in its own process group, with Python's faulthandler on: a process that aborts (SIGABRT,
+    e.g. C++'s "terminate called") prints every thread's Python stack. A command still running after `timeout`
+    seconds (a hang: two ranks waiting in different collectives) gets SIGABRT in every process of its group, so
+    that each prints where it waits, then SIGKILL; the failure shows those stacks, and no rank is left running
+    to slow the rest of the suite down."""
+    env = {**(env if env is not None else os.environ), "PYTHONFAULTHANDLER": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for sig, wait in ((signal.SIGABRT, 10), (signal.SIGKILL, 30)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                stdout, stderr = proc.communicate(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        raise AssertionError(f"{' '.join(cmd)} still ran after {timeout:.0f} s (a hang?); its processes' stacks:\n"
+                             f"{(stdout or '')[-3000:]}\n{(stderr or '')[-12000:]}") from None
+    result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result

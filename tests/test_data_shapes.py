@@ -13,7 +13,7 @@ from plumbing.config import DataArgs
 from plumbing.errors import UserError
 from plumbing.models import load_tokenizer
 from conftest import read_metrics, run_script
-from plumbing.data import data_summary, hh_messages, load_pairs, to_pairs, tokenize_pairs, training_pairs
+from plumbing.data import data_summary, hh_messages, load_pairs, to_pairs, tokenize_pairs
 from plumbing.sort_task import build_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from plumbing.fast_logps import token_logps
-from conftest import ROOT, _free_port, read_metrics, run_script
+from conftest import ROOT, _free_port, read_metrics, run_command, run_script
 
 COMPARED = ["loss", "beta", "beta_mean", "beta_scale", "kept", "M0", "sigma", "margin_mean", "rewards/accuracies", "grad_norm"]
 EVAL_COMPARED = ["loss", "margin_mean", "rewards/accuracies", "logps/chosen"]
@@ -34,10 +33,7 @@ def launch(script, *args, fsdp=True, cpu=True, check=True):
     target = [str(ROOT / "tests" / "fsdp_launch.py")] if fsdp else []
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/fsdp.yaml"),
            "--num_processes", "2", "--main_process_port", str(_free_port()), *target, str(ROOT / script), *map(str, args)]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # a hang fails here
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
-    return result
+    return run_command(cmd, env, check=check)  # a hang fails there, with every process's stack
 
 
 def flags(model, out, *extra):

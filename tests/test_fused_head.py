@@ -18,7 +18,7 @@ from plumbing import fast_logps
 
 def plain_sequence_logps(model, batch, prompt_rows=0):  # betadpo.FAST_LOGPS = False
     return sequence_logps(model, batch, prompt_rows, fast=False)
-from conftest import ROOT, _free_port
+from conftest import ROOT, _free_port, run_command
 from plumbing.data import collate_pairs, tokenize_pairs
 from plumbing.fused_head import TILE_COLS, TILE_ROWS, fused_head_applies, fused_logps
 from plumbing.sort_task import build_tokenizer
@@ -195,14 +195,12 @@ def test_fsdp2_fused_head_gives_the_unsharded_log_probs_and_gradients(tmp_path):
     """Under FSDP2 (2 CPU processes, gloo, tests/fsdp_launch.py; accelerate shards every decoder layer, the final
     norm + LM head + tied embedding as one unit, and the root) the fused head's log-probs and gathered gradients
     equal one unsharded process's plain path. tests/fused_head_fsdp_check.py does the comparing."""
-    import subprocess
 
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/fsdp.yaml"),
            "--num_processes", "2", "--main_process_port", str(_free_port()), str(ROOT / "tests" / "fsdp_launch.py"),
            str(ROOT / "tests" / "fused_head_fsdp_check.py")]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    result = run_command(cmd, env, timeout=300)
     lines = re.findall(r"fused-head-fsdp2 rank \d tied \w+ \w+ log-prob error \S+ gradient error \S+ fused calls \d+", result.stdout)
     assert len(lines) == 4, result.stdout  # tied and untied, on both ranks
     assert all(" ok " in line and "fused calls 1" in line for line in lines), lines

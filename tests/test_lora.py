@@ -31,8 +31,6 @@ def batch_of(tok):
 def test_adapters_off_reference_is_the_base_model_exactly_and_merging_folds_the_adapters(tiny_model, monkeypatch):
     """After a few updates of the adapters: adapters off = the untouched base model, bit for bit (packed, through
     the same fast path); adapters on = moved; merged_state_dict = peft's merge_and_unload, and W + (α/r)·B A."""
-    from plumbing import fast_logps
-
     # the same kernel for both: the fused LM head applies to the bare model, not (yet) to a peft-wrapped one
     monkeypatch.setattr(fast_logps, "FUSED_HEAD", False)
     tok = build_tokenizer()

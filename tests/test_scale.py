@@ -9,7 +9,7 @@ import sys
 import torch
 
 from betadpo import BetaDPOState, LossArgs, filter_mask
-from conftest import ROOT, _free_port
+from conftest import ROOT, _free_port, run_command
 
 TINY = ["--config", "configs/sort.yaml", "--data.num_train", 32, "--data.eval_size", 4, "--eval.batch_size", 2,
         "--train.batch_size", 8, "--train.max_steps", 1, "--train.warmup_steps", 0]
@@ -23,7 +23,7 @@ def skewed_launch(flag: str, rank0_value, other_value, *args):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
            str(ROOT / "tests" / "skew_launch.py"), "betadpo.py", *map(str, args), flag, str(rank0_value)]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    return run_command(cmd, env, timeout=240, check=False)
 
 
 def test_an_output_dir_that_is_not_shared_stops_every_process_with_one_line(tmp_path, tiny_model):

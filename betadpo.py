@@ -39,7 +39,6 @@ named entries in variants.py; the plumbing around the algorithm (config files, m
 logging, data) is in plumbing/, one module per job.
 """
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -288,7 +287,8 @@ def betadpo_loss(stats: dict, batch_stats: dict, state: BetaDPOState, cfg: LossA
         kept = filter_mask(M, state.M0, state.sigma, cfg.filter_ratio, state.generator, weights)  # (N,) bool
     else:
         kept = torch.ones_like(M, dtype=torch.bool)
-    state.kept = kept  # a record for log.kept_pairs, not used again
+    if train:
+        state.kept = kept  # a record for log.kept_pairs, not used again
     # 4. Batch-level β from the kept pairs' margins (α = 0: β_batch = β₀). () — or (N,) with beta_level=instance.
     gap = kept_mean(M, kept) - state.M0 if cfg.beta_level == "batch" else variants.BETA_LEVELS[cfg.beta_level](M, kept, state.M0)
     if cfg.alpha_units != "nats":
@@ -564,9 +564,9 @@ def train(cfg: Config):
                 accelerator.backward(loss / cfg.train.grad_accum)
             step_loss += loss.detach() / cfg.train.grad_accum
             summaries.append(summary)
-            if cfg.log.kept_pairs and accelerator.is_main_process:  # which pairs the filter kept (a resume appends again: last row wins)
-                with (out / "kept.jsonl").open("a") as f:
-                    f.write(json.dumps({"step": state.step + 1, "micro": k, "pairs": idx, "kept": state.kept.int().tolist()}) + "\n")
+            if cfg.log.kept_pairs:  # which pairs the filter kept (a resume appends again: last row wins)
+                log.write_to(out / "kept.jsonl", {"step": state.step + 1, "micro": k, "pairs": idx,
+                                                  "kept": state.kept.int().tolist()}, "the filter's record")
         if cfg.loss.learn_scale:  # c lives outside the DDP/FSDP model: average its gradient ourselves
             state.c.grad = accelerator.reduce(state.c.grad, reduction="mean")
         grad_norm, lr = optimizer_step(accelerator, policy, optimizer, scheduler, cfg.train.max_grad_norm)

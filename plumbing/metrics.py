@@ -74,12 +74,12 @@ class MetricsLog:
             raise TrainingStopped(f"step {row['step']}{split}: {what}: training stopped, nothing saved for this step; "
                                   f"last good checkpoint: {STATUS.checkpoint or 'none'}. Lower train.lr (or check the "
                                   "data) and train again in another train.output_dir")
-        error = attempt(lambda: self._append(row), "metrics", self.path) if self.enabled else None
+        error = attempt(lambda: append_line(self.path, row), "metrics", self.path) if self.enabled else None
         # every process learns the outcome of the main one's write, and whether Ctrl-C came (on any process):
         # all stop at this same step boundary
         error, interrupted = agree(self.accelerator, error, STATUS.interrupted)
         if error is not None:
-            settle(None, error)  # raises StorageError; the torn line was already cut off (_append)
+            settle(None, error)  # raises StorageError; the torn line was already cut off (append_line)
         if row.get("split") != "eval":
             STATUS.step = row["step"]
         if self.enabled and self.wandb_run is not None:
@@ -88,18 +88,24 @@ class MetricsLog:
         if interrupted:
             raise KeyboardInterrupt
 
-    def _append(self, row: dict):
-        """One line appended; a failed append (disk full) is cut back to the rows before it, not left torn."""
-        size = self.path.stat().st_size if self.path.exists() else 0
+    def write_to(self, path: Path, row: dict, what: str):
+        """One row appended to another JSON-lines file of the run (kept.jsonl), as safely as metrics.jsonl's:
+        by the main process; a failed append cut back, and every process stopped with the same line."""
+        settle(self.accelerator, attempt(lambda: append_line(path, row), what, path) if self.enabled else None)
+
+
+def append_line(path: Path, row: dict):
+    """One JSON line appended; a failed append (disk full) is cut back to the rows before it, not left torn."""
+    size = path.stat().st_size if path.exists() else 0
+    try:
+        with path.open("a") as f:
+            f.write(json.dumps(row, allow_nan=False) + "\n")
+    except OSError:
         try:
-            with self.path.open("a") as f:
-                f.write(json.dumps(row, allow_nan=False) + "\n")
+            os.truncate(path, size)
         except OSError:
-            try:
-                os.truncate(self.path, size)
-            except OSError:
-                pass
-            raise
+            pass
+        raise
 
 
 def read_metrics(path) -> list[dict]:

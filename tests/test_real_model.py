@@ -226,18 +226,20 @@ def test_final_reloads_without_gguf_and_eval_has_no_gold_metrics(smollm2_run, hh
     assert all(isinstance(g["policy"], str) and "<|im_end|>" not in g["policy"] for g in generations)
 
 
-def test_lora_betadpo_on_smollm2_trains_adapters_against_smollm2_itself(tmp_path, hh_file):
-    """configs/smollm2_hh_lora.yaml (β-DPO: dynamic β and filter on; r = 16 on every linear layer), 2 steps: the
-    reference is SmolLM2 with the adapters off, so step 1's margins are exactly 0; final/ is the adapter, naming
-    `smollm2-135m` as its base. (One GGUF read: the merged model is checked on the tiny Llama, tests/test_lora.py.)"""
-    out = tmp_path / "lora"
+def test_lora_betadpo_on_smollm2_trains_adapters_against_smollm2_itself(smollm2_run, tmp_path, hh_file):
+    """configs/smollm2_hh_lora.yaml (β-DPO: dynamic β and filter on; r = 16 on every linear layer), 2 steps, from
+    the session run's final/ (SmolLM2-135M after 2 steps, a plain checkpoint: the GGUF file is read once per
+    session): the reference is that model with the adapters off, so step 1's margins are exactly 0; final/ is the
+    adapter, naming its base. (The merged model is checked on the tiny Llama, tests/test_lora.py.)"""
+    base, out = smollm2_run[0] / "final", tmp_path / "lora"
     result = run_script("betadpo.py", "--config", "configs/smollm2_hh_lora.yaml", "--data.dataset", hh_file, *TINY_RUN,
-                        "--train.lr", 1e-3, "--model.lora_merge_final", "false", "--train.output_dir", out, env={"OMP_NUM_THREADS": "2"})
+                        "--model.name_or_path", base, "--train.lr", 1e-3, "--model.lora_merge_final", "false",
+                        "--train.output_dir", out, env={"OMP_NUM_THREADS": "2"})
     assert "LoRA: 4,884,480 of 139,399,488 parameters trainable (3.50%)" in result.stdout
     train = read_metrics(out)
     assert [r["step"] for r in train] == [1, 2] and all(np.isfinite(r["loss"]) for r in train)
     assert train[0]["rewards/margins"] == 0.0 != train[1]["rewards/margins"] and train[1]["sigma"] > 0
     adapter = json.loads((out / "final" / "adapter_config.json").read_text())
-    assert adapter["base_model_name_or_path"] == "smollm2-135m" and adapter["r"] == 16
+    assert adapter["base_model_name_or_path"] == str(base) and adapter["r"] == 16
     assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert not (out / "final" / "model.safetensors").exists()

@@ -172,15 +172,25 @@ TINY_RUN = ["--data.eval_size", 2, "--data.max_length", 64, "--data.max_prompt_l
 
 @pytest.fixture(scope="session")
 def smollm2_run(tmp_path_factory, hh_file):
-    out = tmp_path_factory.mktemp("smollm2") / "run"
-    result = run_script("betadpo.py", "--config", "configs/smollm2_hh.yaml", "--data.dataset", hh_file, *TINY_RUN,
-                        "--train.output_dir", out, env={"OMP_NUM_THREADS": "2"})
-    return out, result
+    """The one SmolLM2 run of a test session, (its directory, its stdout). pytest-xdist gives every worker its own
+    session fixtures, so the run is made in a directory all workers of this session share, under a file lock: the
+    first worker to need it runs it (about 90 s of CPU), the others wait for it and reuse it."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # pytest-N/, or this session's own
+    out, stdout = shared / "smollm2" / "run", shared / "smollm2" / "stdout.txt"
+    with FileLock(str(shared / "smollm2.lock")):
+        if not stdout.exists():
+            result = run_script("betadpo.py", "--config", "configs/smollm2_hh.yaml", "--data.dataset", hh_file, *TINY_RUN,
+                                "--train.output_dir", out, env={"OMP_NUM_THREADS": "2"})
+            stdout.write_text(result.stdout)
+    return out, stdout.read_text()
 
 
 def test_gguf_run_trains_and_leaves_a_plain_final(smollm2_run):
-    out, result = smollm2_run
-    assert "dequantising it to float32" in result.stdout  # the slow step says so
+    out, stdout = smollm2_run
+    assert "dequantising it to float32" in stdout  # the slow step says so
     train, held_out = read_metrics(out), read_metrics(out, "eval")
     assert [r["step"] for r in train] == [1, 2] and [r["step"] for r in held_out] == [2]
     assert train[0]["rewards/margins"] == 0.0 != train[1]["rewards/margins"]  # policy = reference, then it moved

@@ -169,3 +169,16 @@ def test_real_smoke(tmp_path):
     scored = [json.loads(line) for line in (run / "heldout.jsonl").read_text().splitlines()]
     assert len(scored) == 8 and all(s["kl_chosen"] > -1e-6 for s in scored[: real.SMOKE["kl_pairs"]])  # ≥ 0 up to rounding
     assert "kl_chosen" not in scored[real.SMOKE["kl_pairs"]]
+
+
+# ---- the committed results -------------------------------------------------------------------------------------
+def test_committed_real_tables_come_from_the_committed_csv():
+    """docs/results/real/tables.md is exactly what `run.py report` makes of docs/results/real/runs.csv, and the CSV
+    holds every (data set, variant, seed) of the plan that was run, each run from a named commit."""
+    csv_path = ROOT / "docs" / "results" / "real" / "runs.csv"
+    rows = experiments.read_csv(csv_path)
+    assert real.is_real(rows) and real_report.report(rows) == (csv_path.parent / "tables.md").read_text()
+    ran = {(r["dataset"], r["variant"], r["seed"]) for r in rows}
+    planned = {(d, name, s) for d, variants, seeds in real.PLANS["primary"] for name in variants for s in seeds}
+    assert planned <= ran <= {(d, name, s) for d, variants, seeds in real.PLANS["all"] for name in variants for s in seeds}
+    assert all(isinstance(r["commit"], str) and len(r["commit"]) >= 7 for r in rows)

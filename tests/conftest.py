@@ -53,11 +53,12 @@ def run_command(cmd: list, env: dict | None = None, timeout: float = 600, check:
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        stdout = stderr = ""
         for sig, wait in ((signal.SIGABRT, 10), (signal.SIGKILL, 30)):
             try:
                 os.killpg(proc.pid, sig)
             except ProcessLookupError:
-                break
+                pass  # the group is gone already: collect what it wrote
             try:
                 stdout, stderr = proc.communicate(timeout=wait)
                 break

@@ -319,7 +319,7 @@ LOGITS_KERNEL = ("import sys, betadpo; from plumbing import fast_logps; fast_log
 
 def ours_command(bench: dict, out: Path, precompute: bool, extra: list[str], fused: bool = True) -> list[str]:
     """Our loop, exactly as a user runs it: plain DPO (α = 0, ρ = 0) unless `extra` switches β-DPO on.
-    fused=False: the same with betadpo.FUSED_HEAD off (LOGITS_KERNEL)."""
+    fused=False: the same with fast_logps.FUSED_HEAD off (LOGITS_KERNEL)."""
     cmd = [sys.executable, *(["betadpo.py"] if fused else ["-c", LOGITS_KERNEL]),
            "--model.name_or_path", bench["model_dir"], "--data.dataset", bench["train_file"],
            "--data.eval_dataset", bench["eval_file"], "--eval.batch_size", str(bench["batch_size"]),
@@ -1098,10 +1098,10 @@ def kernel_ab(a, preset: Preset):
     workdir = (REPO / a.workdir / f"{preset.name}-profile").resolve()  # the profile's files: the same model and data
     workdir.mkdir(parents=True, exist_ok=True)
     bench, meta, what = prepare(a, workdir, preset, 2, B)
-    import betadpo
     from betadpo import pair_logps
-    from common import load_model
-    from data import collate_pairs
+    from plumbing import fast_logps
+    from plumbing.data import collate_pairs
+    from plumbing.models import load_model
 
     policy = load_model(bench["model_dir"]).train()
     reference = load_model(bench["model_dir"]).eval().requires_grad_(False)
@@ -1109,7 +1109,7 @@ def kernel_ab(a, preset: Preset):
     batch = collate_pairs([tuple(x) for x in bench["expected_ids"][:B]], 0)
 
     def step(fused: bool) -> tuple[float, float]:
-        betadpo.FUSED_HEAD = fused
+        fast_logps.FUSED_HEAD = fused
         t0, c0 = time.perf_counter(), time.process_time()
         s = pair_logps(policy, reference, batch)
         loss = -F.logsigmoid(BETA * ((s["policy_chosen"] - s["ref_chosen"]) - (s["policy_rejected"] - s["ref_rejected"]))).mean()
@@ -1123,7 +1123,7 @@ def kernel_ab(a, preset: Preset):
     for r in range(a.kernel_ab):
         for fused in ((True, False) if r % 2 == 0 else (False, True)):
             times[fused].append(step(fused))
-    betadpo.FUSED_HEAD = True
+    fast_logps.FUSED_HEAD = True
     print(f"\n### Fused LM head vs logits kernel, one process, {a.kernel_ab} rounds (ABBA)\n\n`python {' '.join(sys.argv)}` "
           f"(commit {git_commit()})  \n{machine()}, {a.threads} thread(s); load average {os.getloadavg()[0]:.2f} at the end  \n{what}\n")
     print("| one training step | fused LM head (median) | logits kernel (median) | fused / logits: mean ± 95% CI (range) |\n|---|---|---|---|")

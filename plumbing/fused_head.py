@@ -15,8 +15,7 @@ instead of 6·n·V·H (a third more for the LM head, nothing for the rest of the
 reference's pay nothing extra).
 Why tiles over the vocabulary too, rather than chunks of positions × all of V: in backward each vocabulary block
 of ∂/∂W is then written once, by one matmul over all the tile's positions, instead of being read and rewritten
-once per chunk of positions; on a CPU (SmolLM2's shapes, one AVX2 thread) that made the kernel 17% faster,
-within 10% of the logits path despite the extra matmul.
+once per chunk of positions (measurably faster on a CPU: docs/PERFORMANCE.md times the kernel end to end).
 (Liger's and Apple's Cut Cross-Entropy fused linear + cross-entropy kernels, and TRL's chunked LM head, work on
 the same principle; Liger's and CCE's return one mean loss, DPO needs each position's log-prob.)
 

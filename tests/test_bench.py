@@ -82,3 +82,13 @@ def test_the_logits_kernel_column_is_betadpo_with_its_switch_off(monkeypatch, tm
     monkeypatch.setattr(sys, "argv", ["-c", "--train.max_steps", "1"])
     exec(bench.LOGITS_KERNEL, {})
     assert seen == [(betadpo.main, False, "betadpo.py")]
+
+
+def test_kernel_ab_runs_both_kernels_and_restores_the_switch(tmp_path, capsys):
+    """--kernel-ab on the quick model: one round of each kernel, the table printed, FUSED_HEAD back on after."""
+    from plumbing import fast_logps
+
+    a = bench.build_parser().parse_args(["--quick", "--kernel-ab", "1", "--workdir", str(tmp_path)])
+    bench.kernel_ab(a, bench.QUICK)
+    out = capsys.readouterr().out
+    assert "| wall (s) |" in out and "| CPU time (s) |" in out and fast_logps.FUSED_HEAD is True

@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,28 +43,49 @@ def run_script(script: str, *args, processes: int = 1, check: bool = True, env: 
     return run_command(cmd, env, check=check)
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (from /proc's parent links), children before grandchildren. torchrun's agent
+    (behind `accelerate launch`) starts its ranks in sessions of their own (start_new_session=True), so signalling
+    the launcher's process group would not reach them."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(0), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _signal_all(pids: list[int], sig) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
 def run_command(cmd: list, env: dict | None = None, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """subprocess.run(cmd) in its own process group, with Python's faulthandler on: a process that aborts (SIGABRT,
-    e.g. C++'s "terminate called") prints every thread's Python stack. A command still running after `timeout`
-    seconds (a hang: two ranks waiting in different collectives) gets SIGABRT in every process of its group, so
-    that each prints where it waits, then SIGKILL; the failure shows those stacks, and no rank is left running
-    to slow the rest of the suite down."""
+    """subprocess.run(cmd) with Python's faulthandler on: a process that aborts (SIGABRT, e.g. C++'s "terminate
+    called") prints every thread's Python stack. A command still running after `timeout` seconds (a hang: two
+    ranks waiting in different collectives) gets SIGABRT in every process below it, ranks first, so that each
+    prints where it waits, then SIGKILL; the failure shows those stacks, and no rank is left running to slow the
+    rest of the suite down."""
     env = {**(env if env is not None else os.environ), "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        stdout = stderr = ""
-        for sig, wait in ((signal.SIGABRT, 10), (signal.SIGKILL, 30)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass  # the group is gone already: collect what it wrote
-            try:
-                stdout, stderr = proc.communicate(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        tree = _descendants(proc.pid)
+        _signal_all(tree[::-1], signal.SIGABRT)  # the ranks (deepest) first: each dumps its stacks into the pipes
+        time.sleep(5)
+        _signal_all([*_descendants(proc.pid), *tree, proc.pid], signal.SIGKILL)
+        stdout, stderr = proc.communicate()  # every writer of the pipes is gone now
         raise AssertionError(f"{' '.join(cmd)} still ran after {timeout:.0f} s (a hang?); its processes' stacks:\n"
                              f"{(stdout or '')[-3000:]}\n{(stderr or '')[-12000:]}") from None
     result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)

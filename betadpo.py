@@ -53,7 +53,7 @@ from plumbing import fast_logps, lora
 from plumbing.checkpoints import load_checkpoint, resume_point, save_checkpoint, save_final
 from plumbing.config import SFTConfig, parse_config, require
 from plumbing.data import collate_pairs, micro_batch_indices, training_pairs
-from plumbing.distributed import frozen_dtype, load_on_main, main_first, shard_frozen
+from plumbing.distributed import end_processes, frozen_dtype, load_on_main, main_first, shard_frozen
 from plumbing.errors import UserError, main_guard
 from plumbing.inputs import fingerprint_inputs
 from plumbing.launch import start_run
@@ -599,8 +599,7 @@ def train(cfg: Config):
     save_final(accelerator, policy, tokenizer, out, state.step, {"beta_scale.json": scale},  # + the learned β-scale
                merge_lora=cfg.model.lora_merge_final)  # LoRA: final/ holds the adapter; merged/ the folded model
     accelerator.print(f"model: {out / 'final'}\nmetrics: {out / 'metrics.jsonl'}")
-    accelerator.wait_for_everyone()  # no process tears down the process group while another still uses it
-    accelerator.end_training()
+    end_processes(accelerator)  # wait for all, let the collectives settle, destroy the process group
     return out
 
 

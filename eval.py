@@ -65,7 +65,7 @@ from betadpo import Config, implicit_rewards, score_pairs  # the β-DPO module's
 from plumbing import lora, plots, sort_task
 from plumbing.config import parse_config, validate
 from plumbing.data import collate, load_pairs, tokenize, tokenize_pairs
-from plumbing.distributed import frozen_dtype, load_on_main, main_decides, make_accelerator, shard_frozen
+from plumbing.distributed import end_processes, frozen_dtype, load_on_main, main_decides, make_accelerator, shard_frozen
 from plumbing.errors import UserError, main_guard
 from plumbing.fast_logps import token_logps
 from plumbing.models import generate, load_tokenizer, model_identity
@@ -384,8 +384,7 @@ def main():
               f"{c['pairs']} held-out pairs, {c['prompts']} prompts, {c['samples']} samples at temperature {cfg.eval.temperature:g}")
         print(format_table(result["metrics"]))
         print("wrote " + ", ".join(map(str, written)) + f" ({time.perf_counter() - t0:.1f} s)")
-    accelerator.wait_for_everyone()  # no process tears down the process group while another still uses it
-    accelerator.end_training()
+    end_processes(accelerator)  # wait for all, let the collectives settle, destroy the process group
 
 
 if __name__ == "__main__":

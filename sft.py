@@ -29,6 +29,7 @@ from plumbing.checkpoints import load_checkpoint, resume_point, save_checkpoint,
 from plumbing.config import SFTConfig, parse_config
 from plumbing.data import collate, load_sft, micro_batch_indices, tokenize, training_examples
 from plumbing.errors import UserError, main_guard
+from plumbing.distributed import end_processes
 from plumbing.fast_logps import token_logps
 from plumbing.inputs import fingerprint_inputs
 from plumbing.launch import start_run
@@ -136,8 +137,7 @@ def main():
             held_out = load_sft(cfg.data, "eval")
             final = lora.load_trained(str(out / "final"), "float32", False, "final/")  # a plain copy: FSDP's sharded forward would hang
             print(f"held-out exact match (greedy, {len(held_out)} prompts): {exact_match(final, tokenizer, held_out, cfg):.1%}")
-    accelerator.wait_for_everyone()  # no process tears down the process group while another still uses it
-    accelerator.end_training()
+    end_processes(accelerator)  # wait for all, let the collectives settle, destroy the process group
 
 
 if __name__ == "__main__":

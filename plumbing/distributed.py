@@ -46,6 +46,34 @@ def make_accelerator(cfg):
     return accelerator
 
 
+GLOO_SETTLE_S = 0.5  # seconds: far more than a worker thread needs to drop one finished collective
+
+
+def settle_collectives():
+    """Let the process group's worker threads finish with the last collective, before anything may destroy the
+    group: call between the last collective of a run and the end of the process.
+
+    Why: gloo runs collectives on worker threads, and a worker releases a finished collective's tensors just
+    after the caller's wait() has returned; releasing a tensor made in Python needs the GIL. The group is
+    destroyed when its last owner goes (DDP's Reducer, when the wrapped model is freed as train() returns; or
+    the interpreter at exit), and its destructor joins the workers while holding the GIL. Were a worker still
+    waiting for the GIL then, the process would hang forever (the destructor) or abort at exit with "terminate
+    called without an active exception" (a thread made to exit by the finishing interpreter). Sleeping here
+    releases the GIL, so the workers finish and go idle; tests/test_teardown.py makes the race happen."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        time.sleep(GLOO_SETTLE_S)
+
+
+def end_processes(accelerator):
+    """The end of a script's work, on every process: wait for all; settle the collectives; finish trackers
+    (wandb) and destroy the process group."""
+    accelerator.wait_for_everyone()  # no process tears down the process group while another still uses it
+    settle_collectives()
+    accelerator.end_training()
+
+
 def main_decides(accelerator, decide):
     """decide() on the main process only → its answer (any picklable value) on every process.
 

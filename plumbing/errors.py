@@ -59,7 +59,8 @@ def _on_sigint(signum, frame):
 def main_guard(main):
     """Run `main()`; turn expected failures into one readable line on stderr, no traceback:
     UserError → exit 2, TrainingStopped → exit 3, StorageError → exit 1, Ctrl-C → exit 130 (the shell's code for
-    SIGINT). The output directory's lock (plumbing/run_lock.py) is released on every way out."""
+    SIGINT). The output directory's lock (plumbing/run_lock.py) is released on every way out, and the process
+    group's threads settle (plumbing.distributed.settle_collectives) before the interpreter exits."""
     from plumbing import run_lock
 
     in_main_thread = threading.current_thread() is threading.main_thread()
@@ -86,6 +87,9 @@ def main_guard(main):
         sys.exit(130)
     finally:
         run_lock.release()
+        from plumbing.distributed import settle_collectives  # (here: distributed.py imports this module)
+
+        settle_collectives()  # every way out (a finished run found, an error): no hang or abort at exit
         STATUS.defer_interrupt = STATUS.interrupted = False
         if in_main_thread and previous is not None:
             signal.signal(signal.SIGINT, previous)

@@ -28,8 +28,8 @@ from plumbing import lora, sort_task
 from plumbing.checkpoints import load_checkpoint, resume_point, save_checkpoint, save_final
 from plumbing.config import SFTConfig, parse_config
 from plumbing.data import collate, load_sft, micro_batch_indices, tokenize, training_examples
+from plumbing.distributed import end_processes, load_on_main, main_first
 from plumbing.errors import UserError, main_guard
-from plumbing.distributed import end_processes
 from plumbing.fast_logps import token_logps
 from plumbing.inputs import fingerprint_inputs
 from plumbing.launch import start_run
@@ -58,6 +58,8 @@ def exact_match(model, tokenizer, rows: list[dict], cfg: SFTConfig, batch_size: 
 
 
 def main():
+    from accelerate.utils import fsdp2_prepare_model
+
     # ---- config ---------------------------------------------------------------------------------------
     cfg = parse_config(SFTConfig)
     # ---- accelerator, launch and config checks, seed --------------------------------------------------
@@ -66,7 +68,8 @@ def main():
     out = Path(cfg.train.output_dir)
     # ---- data -----------------------------------------------------------------------------------------
     from_scratch = cfg.model.name_or_path == "tiny"
-    tokenizer = sort_task.build_tokenizer() if from_scratch else load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    # Rank 0 first: a hub tokenizer (or data set, inside training_examples) is downloaded once, then read from the cache.
+    tokenizer = sort_task.build_tokenizer() if from_scratch else main_first(accelerator, lambda: load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code))
     examples = training_examples(cfg.data, tokenizer, accelerator.is_main_process)  # (prompt, response) ids; prints the data summary
     if examples is None:  # data.preview N printed the first N examples: stop before anything is written
         return
@@ -86,11 +89,14 @@ def main():
         model = sort_task.build_tiny_llama(len(tokenizer), cfg.model.tiny_hidden_size, cfg.model.tiny_layers,
                                            cfg.train.seed, tokenizer.pad_token_id, tokenizer.eos_token_id)
         set_attn_implementation(model, cfg.model.attn_implementation)
-    else:
-        model = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
+    else:  # under FSDP2 only the main process reads the weights; the others build the model on the meta device
+        M = cfg.model
+        model = load_on_main(accelerator, lambda: load_model(M.name_or_path, M.dtype, M.trust_remote_code, attn_implementation=M.attn_implementation))
     model = lora.add_adapters(model, cfg.model, cfg.model.name_or_path)  # model.lora_r > 0: train adapters only
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if accelerator.is_fsdp2:  # sharded first (the main process's weights sent out), so the optimizer holds the shards
+        model = fsdp2_prepare_model(accelerator, model)
     # ---- optimizer ------------------------------------------------------------------------------------
     optimizer = make_optimizer(cfg.train, model.parameters(), accelerator.device)
     scheduler = make_scheduler(optimizer, cfg.train.warmup_steps)

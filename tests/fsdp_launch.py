@@ -7,7 +7,8 @@ PartialState's shared state, which later AcceleratorState instances copy). Every
 torch's own code: `fully_shard`, DTensor parameters, sharded checkpoints, gathered state dicts.
 
 It also prints one line per `fsdp2_prepare_model` call that shards a model (policy and reference)
-saying how many of the model's parameters are DTensors, for the tests to check that both are sharded.
+saying how many of the model's parameters are DTensors, for the tests to check that both are sharded, and on
+which device the model's weights were before (meta: that process never held them).
 
     ACCELERATE_USE_CPU=true accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2 \\
         tests/fsdp_launch.py betadpo.py --config ...
@@ -44,12 +45,14 @@ def _reporting(prepare):
 
         if isinstance(model, FSDPModule):  # already sharded (betadpo.py shards the policy before accelerator.prepare)
             return prepare(accelerator, model)
+        loaded_on = next(model.parameters()).device.type  # "meta": this process never held the weights
         model = prepare(accelerator, model)
         params = list(model.parameters())
         sharded = sum(isinstance(p, DTensor) for p in params)
         trainable = sum(p.requires_grad for p in params)
         sys.stdout.write(f"fsdp2_prepare_model rank {accelerator.process_index}: {type(model).__name__} {sharded}/{len(params)} "
-                         f"parameters are DTensors, {trainable} trainable, device {params[0].device.type}\n")  # one write:
+                         f"parameters are DTensors, {trainable} trainable, device {params[0].device.type}, "
+                         f"loaded on {loaded_on}\n")  # one write:
         sys.stdout.flush()  # the processes share the pipe, and print's separate "\n" write can interleave
         return model
 

@@ -21,6 +21,7 @@ from conftest import ROOT, _free_port, read_metrics, run_command, run_script
 COMPARED = ["loss", "beta", "beta_mean", "beta_scale", "kept", "M0", "sigma", "margin_mean", "rewards/accuracies", "grad_norm"]
 EVAL_COMPARED = ["loss", "margin_mean", "rewards/accuracies", "logps/chosen"]
 SHARDED = re.compile(r"fsdp2_prepare_model rank (\d): (\w+) (\d+)/(\d+) parameters are DTensors, (\d+) trainable")
+LOADED = re.compile(r"fsdp2_prepare_model rank (\d): .*, loaded on (\w+)")  # where its weights were before sharding
 
 
 def launch(script, *args, fsdp=True, cpu=True, check=True):
@@ -74,6 +75,8 @@ def test_betadpo_fsdp2_shards_checkpoints_resumes_and_matches_one_process(tmp_pa
     for rank, cls, sharded, total, trainable in prepared:
         assert cls == "FSDPLlamaForCausalLM" and sharded == total and trainable in (total, "0")
     assert sorted((rank, trainable == "0") for rank, *_, trainable in prepared) == [("0", False), ("0", True), ("1", False), ("1", True)]
+    # Memory-safe loading: only the main process read the weights; rank 1 built both models on the meta device.
+    assert sorted(LOADED.findall(first.stdout)) == [("0", "cpu"), ("0", "cpu"), ("1", "meta"), ("1", "meta")]
     # The sharded checkpoint: the policy (one shard per rank) and its optimizer, no reference.
     ckpt = two / "checkpoints" / "step-00000002"
     assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["optimizer_0", "pytorch_model_fsdp_0"]
@@ -96,15 +99,17 @@ def test_betadpo_fsdp2_shards_checkpoints_resumes_and_matches_one_process(tmp_pa
     assert "pref_accuracy" in json.loads((tmp_path / "eval" / "eval.json").read_text())["metrics"]
 
 
-def test_sft_fsdp2_bf16_matches_one_process(tmp_path):
-    """sft.py under FSDP2 with bf16 (the headline's setting) against one process with bf16 autocast."""
+def test_sft_fsdp2_bf16_matches_one_process(tmp_path, tiny_model):
+    """sft.py under FSDP2 with bf16 (the headline's setting), from a saved model as at scale (only the main process
+    reads the weights), against one process with bf16 autocast."""
     from transformers import AutoModelForCausalLM
 
-    args = ["--config", "configs/sort_sft.yaml", "--train.max_steps", 3, "--model.tiny_hidden_size", 32, "--data.num_sft", 256,
+    args = ["--config", "configs/sort_sft.yaml", "--model.name_or_path", tiny_model, "--train.max_steps", 3, "--data.num_sft", 256,
             "--data.eval_size", 4, "--train.batch_size", 16, "--train.lr", 1e-2, "--train.mixed_precision", "bf16"]
     run_script("sft.py", *args, "--train.output_dir", tmp_path / "one")
     result = launch("sft.py", *args, "--train.output_dir", tmp_path / "fsdp")
     assert len([m for m in SHARDED.finditer(result.stdout)]) == 2  # one model, both ranks
+    assert sorted(LOADED.findall(result.stdout)) == [("0", "cpu"), ("1", "meta")]
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "fsdp")
     assert len(two) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in two)
     assert_rows_close(one, two, ["loss"], rel=2e-2)  # bf16 matmuls: the same numbers to bf16 precision

@@ -16,7 +16,7 @@ from plumbing.config import ModelArgs
 from plumbing.data import collate_pairs, tokenize_pairs
 from plumbing.models import load_model
 from plumbing.sort_task import build_tokenizer
-from test_fsdp import COMPARED, EVAL_COMPARED, SHARDED, assert_rows_close, launch
+from test_fsdp import COMPARED, EVAL_COMPARED, LOADED, SHARDED, assert_rows_close, launch
 from test_fsdp import flags as fsdp_flags
 
 LORA = ["--model.lora_r", 4, "--model.lora_alpha", 8]
@@ -142,6 +142,7 @@ def test_lora_two_processes_match_one(tmp_path, tiny_model, lora_run, kind):
         result = launch("betadpo.py", *fsdp_flags(tiny_model, two, "--train.max_steps", 4, *LORA))
         prepared = [m.groups() for m in SHARDED.finditer(result.stdout)]
         assert len(prepared) == 2 and all(sharded == total and int(trainable) > 0 for _, _, sharded, total, trainable in prepared)
+        assert sorted(LOADED.findall(result.stdout)) == [("0", "cpu"), ("1", "meta")]  # only the main process read the weights
     assert read_metrics(one)[-1]["sigma"] > 0
     # (The precomputed reference scores pairs in other batches, so other padding: log-probs equal to ~1e-15, which
     # can flip rewards/accuracies at step 1, where every margin is 0 up to rounding.)

@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from plumbing.fused_head import fused_head_applies, fused_logps_at
+from plumbing.fused_head import core_model, fused_head_applies, fused_logps_at
 
 # The switch of 2b: True computes log-probs with the fused LM head where it applies (fused_head_applies); False
 # keeps the logits path (LM head, then token_logps), e.g. to compare the two (benchmarks/bench_vs_trl.py does).
@@ -90,13 +90,6 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 4
 
 
 # ---- 1 and 3: which positions reach the LM head, and packing -------------------------------------------------
-def core_model(model):
-    """The transformers model inside the wrappers: DDP's (and LoRA's adapters-off view's) .module, peft's
-    PeftModel (its forward passes every keyword through to this model; plumbing/lora.py)."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def takes_position_mask(model) -> bool:
     """transformers' own causal LMs (5.x) accept a boolean (B, T) `logits_to_keep` and return the logits of the
     True positions only, (n, V). Remote code (`trust_remote_code`) may not: it gets all logits."""

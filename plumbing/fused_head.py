@@ -170,9 +170,18 @@ def fused_logps(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bi
 
 
 # ---- inside the model's own forward --------------------------------------------------------------------
+def core_model(model):
+    """The transformers model inside the wrappers: DDP's (and LoRA's adapters-off view's) .module, peft's
+    PeftModel (its forward passes every keyword through to this model; plumbing/lora.py). FSDP2 subclasses the
+    model in place: nothing to unwrap."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def fused_head_applies(model) -> bool:
-    """A transformers causal LM of a FUSED_HEAD_MODEL_TYPES architecture whose output embedding is a Linear."""
-    model = getattr(model, "module", model)  # DDP keeps the model in .module; FSDP2 subclasses it in place
+    """A transformers causal LM of a FUSED_HEAD_MODEL_TYPES architecture whose output embedding is a Linear (also
+    inside peft's LoRA wrapper, which leaves the LM head alone: our adapters go on the decoder's linear layers)."""
+    model = core_model(model)
     from_transformers = any(c.__module__.startswith("transformers.models.") for c in type(model).__mro__)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return (from_transformers and getattr(getattr(model, "config", None), "model_type", None) in FUSED_HEAD_MODEL_TYPES
@@ -193,7 +202,7 @@ def fused_logps_at(model, keep: torch.Tensor, targets: torch.Tensor, **inputs) -
     the empty (0, V) logits with the log-probs before FSDP's post-forward hook sees the output, so FSDP's
     pre-backward hook sits on what the loss really uses. DDP, autocast and tied embeddings see an ordinary
     LM-head call too."""
-    head = getattr(model, "module", model).get_output_embeddings()
+    head = core_model(model).get_output_embeddings()
     hidden = []
 
     def take_hidden(module, args):  # args: ((n, H),): the kept positions' final hidden states

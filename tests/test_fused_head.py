@@ -174,6 +174,46 @@ def test_sequence_logps_through_the_fused_head_equal_the_plain_path(monkeypatch,
         assert ((g - plain_grads[name]).abs().max() / plain_grads[name].abs().max()).item() <= tol, name
 
 
+def test_lora_wrapped_models_take_the_fused_head_with_the_plain_paths_numbers(monkeypatch):
+    """A peft LoRA policy (adapters moved off B = 0, so they matter) and its adapters-off reference view: both take
+    the fused head, with plain_sequence_logps' log-probs and adapter gradients (fp64; tiles split everything)."""
+    from plumbing import lora
+    from plumbing.config import ModelArgs
+
+    tok, batch = pairs_batch()
+    monkeypatch.setattr(fused_head, "TILE_ROWS", 5)
+    monkeypatch.setattr(fused_head, "TILE_COLS", 7)
+    calls = []
+    monkeypatch.setattr(fast_logps, "fused_logps_at", lambda *a, **kw: calls.append(1) or fused_head.fused_logps_at(*a, **kw))
+    policy = lora.add_adapters(tiny_llama(len(tok), True, torch.float64), ModelArgs(lora_r=4, lora_alpha=8), "base")
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # B = 0 would make the adapters invisible
+    reference = lora.AdaptersOff(policy)
+    assert fused_head_applies(policy) and fused_head_applies(reference)
+
+    def run(logps, model):
+        policy.zero_grad(set_to_none=True)
+        out = logps(model, batch, prompt_rows=4)
+        if model is policy:
+            (out["sum"].sum() - 0.5 * out["avg"].sum() + out["prompt"].sum()).backward()
+        return out, {n: p.grad for n, p in policy.named_parameters() if p.requires_grad}
+
+    for model, fused_calls in ((policy, [1]), (reference, [1, 1])):
+        plain, plain_grads = run(plain_sequence_logps, model)
+        ours, grads = run(sequence_logps, model)
+        assert calls == fused_calls
+        for k in ("sum", "avg", "prompt"):
+            assert torch.allclose(ours[k], plain[k], rtol=0, atol=1e-12), k
+        if model is policy:
+            assert plain_grads and all(g.abs().max() > 0 for g in plain_grads.values())
+            for name, g in grads.items():
+                assert ((g - plain_grads[name]).abs().max() / plain_grads[name].abs().max()).item() <= 1e-12, name
+    with torch.no_grad():  # the adapters really move the policy: on ≠ off
+        assert (sequence_logps(policy, batch)["sum"] - sequence_logps(reference, batch)["sum"]).abs().max() > 1e-3
+
+
 def test_the_switch_and_other_architectures_keep_the_logits_path(monkeypatch):
     tok, batch = pairs_batch()
     calls = []

@@ -28,11 +28,9 @@ def batch_of(tok):
     return collate_pairs(tokenize_pairs(tok, rows, 64, 32), tok.pad_token_id)
 
 
-def test_adapters_off_reference_is_the_base_model_exactly_and_merging_folds_the_adapters(tiny_model, monkeypatch):
+def test_adapters_off_reference_is_the_base_model_exactly_and_merging_folds_the_adapters(tiny_model):
     """After a few updates of the adapters: adapters off = the untouched base model, bit for bit (packed, through
     the same fast path); adapters on = moved; merged_state_dict = peft's merge_and_unload, and W + (α/r)·B A."""
-    # the same kernel for both: the fused LM head applies to the bare model, not (yet) to a peft-wrapped one
-    monkeypatch.setattr(fast_logps, "FUSED_HEAD", False)
     tok = build_tokenizer()
     batch = batch_of(tok)
     base = load_model(str(tiny_model))
@@ -47,6 +45,7 @@ def test_adapters_off_reference_is_the_base_model_exactly_and_merging_folds_the_
         optimizer.zero_grad()
     reference = lora.AdaptersOff(policy)
     assert fast_logps.packs(reference) and fast_logps.packs(policy)  # the transformers model inside is found
+    assert all(fast_logps.fused_head_applies(m) for m in (reference, base, policy))  # the same kernel for all three
     with torch.no_grad():
         off, plain, on = (sequence_logps(m, batch, prompt_rows=3) for m in (reference, base, policy))
         off_unpacked = sequence_logps(reference, batch, prompt_rows=3, fast=False)

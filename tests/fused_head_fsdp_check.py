@@ -16,6 +16,7 @@ from torch.distributed.tensor import DTensor
 import betadpo  # noqa: E402,F401  (importable as the scripts see it)
 from betadpo import sequence_logps
 from plumbing import fast_logps
+from plumbing.distributed import end_processes
 
 
 def plain_sequence_logps(model, batch, prompt_rows=0):  # betadpo.FAST_LOGPS = False
@@ -47,5 +48,4 @@ for tied in (True, False):
     sys.stdout.write(f"fused-head-fsdp2 rank {accelerator.process_index} tied {tied} {'ok' if ok else 'MISMATCH'} log-prob "
                      f"error {value_err:.1e} gradient error {grad_err:.1e} fused calls {len(calls)}\n")
     sys.stdout.flush()
-accelerator.wait_for_everyone()
-accelerator.end_training()
+end_processes(accelerator)  # wait, settle gloo's threads (plumbing/distributed.py), destroy the group

@@ -30,7 +30,8 @@ def tiny_model(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
-def run_script(script: str, *args, processes: int = 1, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_script(script: str, *args, processes: int = 1, check: bool = True, env: dict | None = None,
+               timeout: float = 600) -> subprocess.CompletedProcess:
     """Run a top-level script as users do: `python X.py ...`, or `accelerate launch` with 2 CPU processes."""
     env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     if processes == 1:
@@ -40,7 +41,7 @@ def run_script(script: str, *args, processes: int = 1, check: bool = True, env: 
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
                str(ROOT / script), *map(str, args)]
-    return run_command(cmd, env, check=check)
+    return run_command(cmd, env, timeout=timeout, check=check)
 
 
 def _descendants(pid: int) -> list[int]:

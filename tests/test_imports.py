@@ -6,7 +6,7 @@ decides what works. The graph is read from the source with `ast` (nothing is imp
 
 How a name resolves is how Python resolves it for these files: `plumbing.x` from the repository root; a bare
 `import run` in experiments/ or benchmarks/ to the file beside it (a script's own directory comes first on
-sys.path), else a top-level module of the root (betadpo, variants, ...).
+sys.path), else a top-level module of the root (betadpo, variants, ...). Modules are named by their files.
 """
 
 import ast
@@ -16,18 +16,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def repository_modules(root: Path = ROOT) -> dict[str, Path]:
-    """{module name: file} of every Python file outside tests/: `plumbing.models`, `betadpo`, `experiments/run`
-    (a script directory's files are named by their path: two directories may both have a `run`)."""
+    """{import name: file} of every Python file outside tests/. A package's modules (a directory with an
+    __init__.py, like plumbing/) and the root's files by their dotted name (`plumbing.models`, `betadpo`); a script
+    directory's files (experiments/, benchmarks/) by their path without .py, since two such directories may both
+    hold a `run`."""
     found = {}
     for path in sorted(root.rglob("*.py")):
         relative = path.relative_to(root)
         if relative.parts[0] in ("tests", "runs") or any(part.startswith(".") for part in relative.parts):
             continue
-        if relative.parts[0] == "plumbing":
+        if len(relative.parts) == 1 or (root / relative.parts[0] / "__init__.py").is_file():
             name = ".".join(relative.with_suffix("").parts)
-            found["plumbing" if name == "plumbing.__init__" else name] = path
-        elif len(relative.parts) == 1:
-            found[relative.stem] = path
+            found[name.removesuffix(".__init__")] = path
         else:
             found[relative.with_suffix("").as_posix()] = path
     return found
@@ -47,7 +47,7 @@ def imported_names(tree: ast.AST) -> set[str]:
 
 
 def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
-    """{module: the repository modules it imports}."""
+    """{file: the repository's files it imports}, as paths relative to the root (plumbing/models.py)."""
     modules = repository_modules(root)
     graph = {}
     for name, path in modules.items():
@@ -55,11 +55,10 @@ def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
         targets = set()
         for imported in imported_names(ast.parse(path.read_text(), filename=str(path))):
             local = f"{beside}/{imported}" if beside != "." and "." not in imported else None
-            if local in modules:
-                targets.add(local)
-            elif imported in modules:
-                targets.add(imported)
-        graph[name] = targets - {name}
+            target = modules.get(local) or modules.get(imported)
+            if target is not None:
+                targets.add(target.relative_to(root).as_posix())
+        graph[path.relative_to(root).as_posix()] = targets - {path.relative_to(root).as_posix()}
     return graph
 
 
@@ -97,10 +96,12 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_graph_sees_the_repository():
     graph = import_graph()
-    assert {"betadpo", "sft", "eval", "plumbing.models", "plumbing.errors", "experiments/run"} <= set(graph)
-    assert "plumbing.models" in graph["betadpo"]  # a top-level import
-    assert "plumbing.config" in graph["plumbing.metrics"]
-    assert "experiments/run" in graph["experiments/real_report"]  # `import run` beside it
+    assert {"betadpo.py", "sft.py", "eval.py", "plumbing/models.py", "plumbing/errors.py", "experiments/run.py"} <= set(graph)
+    assert "plumbing/models.py" in graph["betadpo.py"]  # a top-level import
+    assert "plumbing/config.py" in graph["plumbing/metrics.py"]
+    assert "plumbing/run_lock.py" in graph["plumbing/stopping.py"]  # `from plumbing import run_lock`
+    assert "experiments/stats.py" in graph["experiments/real_report.py"]  # `import stats`, the file beside it
+    assert "plumbing/errors.py" in graph["experiments/lower_cache.py"]
 
 
 def test_no_import_circles():
@@ -108,13 +109,14 @@ def test_no_import_circles():
 
 
 def test_the_check_finds_a_circle_hidden_in_a_function(tmp_path):
-    (tmp_path / "plumbing").mkdir()
-    (tmp_path / "plumbing/__init__.py").write_text("")
-    (tmp_path / "plumbing/a.py").write_text("from plumbing.b import f\n")
-    (tmp_path / "plumbing/b.py").write_text("def f():\n    from plumbing import c\n")
-    (tmp_path / "plumbing/c.py").write_text("import plumbing.a\n")
-    (tmp_path / "plumbing/d.py").write_text("from plumbing import a\n")  # imports the circle, is not in it
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg/__init__.py").write_text("")
+    (tmp_path / "pkg/a.py").write_text("from pkg.b import f\n")
+    (tmp_path / "pkg/b.py").write_text("def f():\n    from pkg import c\n")
+    (tmp_path / "pkg/c.py").write_text("import pkg.a\n")
+    (tmp_path / "pkg/d.py").write_text("from pkg import a\n")  # imports the circle, is not in it
     (tmp_path / "scripts").mkdir()
     (tmp_path / "scripts/run.py").write_text("def main():\n    import report\n")
     (tmp_path / "scripts/report.py").write_text("import run\n")
-    assert cycles(import_graph(tmp_path)) == [["plumbing.a", "plumbing.b", "plumbing.c"], ["scripts/report", "scripts/run"]]
+    (tmp_path / "run.py").write_text("import pkg.d\n")  # a top-level `run` too: scripts/report's `run` is its neighbour
+    assert cycles(import_graph(tmp_path)) == [["pkg/a.py", "pkg/b.py", "pkg/c.py"], ["scripts/report.py", "scripts/run.py"]]

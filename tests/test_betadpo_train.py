@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from conftest import read_metrics, run_script
 
-METRIC_KEYS = {  # every key README's "Outputs of a run" promises
+METRIC_KEYS = {  # every key docs/LAUNCHING.md's "Outputs of a run" promises
     "step", "lr", "loss", "beta", "beta_mean", "beta_scale", "M0", "sigma", "margin_mean", "margin_std",
     "kept_margin_mean", "kept", "pairs", "log_ppl", "rewards/chosen", "rewards/rejected", "rewards/margins",
     "rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm", "pairs_per_s", "tokens_per_s",

@@ -9,9 +9,16 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+# One thread for the tests run in this process, as for every script they launch (run_script's OMP_NUM_THREADS=1):
+# pytest.ini runs 2 workers on this project's 2 cores, each usually beside a launched script, and a second
+# thread per process only adds OpenMP's spin-waiting to the suite's CPU time. No assertion depends on it: every
+# comparison runs both of its sides in the same process.
+torch.set_num_threads(1)
 
 from plumbing import sort_task  # noqa: E402
 from plumbing.metrics import read_metrics as read_jsonl  # noqa: E402

@@ -183,7 +183,7 @@ def smollm2_run(tmp_path_factory, hh_file):
     with FileLock(str(shared / "smollm2.lock")):
         if not stdout.exists():
             result = run_script("betadpo.py", "--config", "configs/smollm2_hh.yaml", "--data.dataset", hh_file, *TINY_RUN,
-                                "--train.output_dir", out, env={"OMP_NUM_THREADS": "2"})
+                                "--train.output_dir", out)
             stdout.write_text(result.stdout)
     return out, stdout.read_text()
 
@@ -221,7 +221,7 @@ def test_final_reloads_without_gguf_and_eval_has_no_gold_metrics(smollm2_run, hh
     result = run_script("eval.py", "--config", "configs/smollm2_hh.yaml", "--data.dataset", hh_file, *TINY_RUN,
                         "--eval.policy", final, "--eval.reference", final, "--eval.output_dir", report_dir,
                         "--eval.num_prompts", 2, "--eval.samples_per_prompt", 2, "--eval.max_new_tokens", 4,
-                        env={**without_gguf(tmp_path), "OMP_NUM_THREADS": "2"})
+                        env=without_gguf(tmp_path))
     report = json.loads((report_dir / "eval.json").read_text())
     metrics = report["metrics"]
     assert {"pref_accuracy", "reward_margin", "kl_seq", "kl_k1", "logps/chosen"} <= metrics.keys()
@@ -244,7 +244,7 @@ def test_lora_betadpo_on_smollm2_trains_adapters_against_smollm2_itself(smollm2_
     base, out = smollm2_run[0] / "final", tmp_path / "lora"
     result = run_script("betadpo.py", "--config", "configs/smollm2_hh_lora.yaml", "--data.dataset", hh_file, *TINY_RUN,
                         "--model.name_or_path", base, "--train.lr", 1e-3, "--model.lora_merge_final", "false",
-                        "--train.output_dir", out, env={"OMP_NUM_THREADS": "2"})
+                        "--train.output_dir", out)
     assert "LoRA: 4,884,480 of 139,399,488 parameters trainable (3.50%)" in result.stdout
     train = read_metrics(out)
     assert [r["step"] for r in train] == [1, 2] and all(np.isfinite(r["loss"]) for r in train)

@@ -2,12 +2,14 @@
 
 import json
 import math
+import runpy
 import shutil
+import sys
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import read_metrics, run_script
+from conftest import ROOT, read_metrics, run_script
 
 METRIC_KEYS = {  # every key docs/LAUNCHING.md's "Outputs of a run" promises
     "step", "lr", "loss", "beta", "beta_mean", "beta_scale", "M0", "sigma", "margin_mean", "margin_std",
@@ -116,10 +118,14 @@ def test_resume_is_exact(tmp_path, tiny_model):
         (["--loss.type", "kto"], "invalid choice: 'kto'"),
     ],
 )
-def test_bad_config_fails_before_training(tmp_path, tiny_model, extra, message):
+def test_bad_config_fails_before_training(tmp_path, tiny_model, extra, message, monkeypatch, capsys):
+    """In this process, as `python betadpo.py ...` runs it (its `__main__`, through runpy): what is tested is the
+    check before anything is written, and a launch would add seconds of imports per case."""
     out = tmp_path / "run"
-    result = run_script("betadpo.py", *flags(tiny_model, out, *extra), check=False)
-    assert result.returncode == 2 and message in result.stderr and not out.exists()
+    monkeypatch.setattr(sys, "argv", ["betadpo.py", *map(str, flags(tiny_model, out, *extra))])
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(str(ROOT / "betadpo.py"), run_name="__main__")
+    assert stopped.value.code == 2 and message in capsys.readouterr().err and not out.exists()
 
 
 def test_batch_not_divisible_by_processes_times_accumulation(tmp_path, tiny_model):

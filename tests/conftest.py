@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny tokenizer + Llama saved like a hub checkpoint, and a way to launch the scripts."""
 
 import os
+import runpy
 import signal
 import socket
 import subprocess
@@ -49,6 +50,22 @@ def run_script(script: str, *args, processes: int = 1, check: bool = True, env: 
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
                str(ROOT / script), *map(str, args)]
     return run_command(cmd, env, timeout=timeout, check=check)
+
+
+def run_main(script: str, *args, capsys) -> tuple[int, str]:
+    """`python SCRIPT ARGS` in this process: the script's `__main__` through runpy → (exit code, stderr). For
+    checks that stop before any work (a bad flag, file or model): a launch would add seconds of imports per case.
+    An exception the script does not turn into an exit fails the test with its traceback."""
+    saved = list(sys.argv)
+    sys.argv = [script, *map(str, args)]
+    try:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+        code = 0
+    except SystemExit as stopped:
+        code = stopped.code if isinstance(stopped.code, int) else 1
+    finally:
+        sys.argv = saved
+    return code, capsys.readouterr().err
 
 
 def _descendants(pid: int) -> list[int]:

@@ -2,14 +2,12 @@
 
 import json
 import math
-import runpy
 import shutil
-import sys
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, read_metrics, run_script
+from conftest import read_metrics, run_main, run_script
 
 METRIC_KEYS = {  # every key docs/LAUNCHING.md's "Outputs of a run" promises
     "step", "lr", "loss", "beta", "beta_mean", "beta_scale", "M0", "sigma", "margin_mean", "margin_std",
@@ -118,14 +116,10 @@ def test_resume_is_exact(tmp_path, tiny_model):
         (["--loss.type", "kto"], "invalid choice: 'kto'"),
     ],
 )
-def test_bad_config_fails_before_training(tmp_path, tiny_model, extra, message, monkeypatch, capsys):
-    """In this process, as `python betadpo.py ...` runs it (its `__main__`, through runpy): what is tested is the
-    check before anything is written, and a launch would add seconds of imports per case."""
+def test_bad_config_fails_before_training(tmp_path, tiny_model, extra, message, capsys):
     out = tmp_path / "run"
-    monkeypatch.setattr(sys, "argv", ["betadpo.py", *map(str, flags(tiny_model, out, *extra))])
-    with pytest.raises(SystemExit) as stopped:
-        runpy.run_path(str(ROOT / "betadpo.py"), run_name="__main__")
-    assert stopped.value.code == 2 and message in capsys.readouterr().err and not out.exists()
+    code, stderr = run_main("betadpo.py", *flags(tiny_model, out, *extra), capsys=capsys)  # in this process
+    assert code == 2 and message in stderr and not out.exists()
 
 
 def test_batch_not_divisible_by_processes_times_accumulation(tmp_path, tiny_model):

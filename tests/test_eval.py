@@ -8,8 +8,6 @@ tests run eval.py in a subprocess exactly as a user would, with tiny sizes.
 import contextlib
 import json
 import math
-import runpy
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -21,7 +19,7 @@ from betadpo import Config
 from plumbing import sort_task
 from plumbing.config import parse_config
 from plumbing.models import generate, load_model, load_tokenizer
-from conftest import ROOT, run_script, save_tiny_model
+from conftest import run_main, run_script, save_tiny_model
 from plumbing.data import collate, load_pairs, tokenize, tokenize_pairs
 
 TINY = ["--data.eval_size", "8", "--eval.num_prompts", "3", "--eval.samples_per_prompt", "2",
@@ -222,9 +220,7 @@ def test_one_and_two_processes_agree(dirs, models, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "tokenizer", "vocab"])
-def test_errors_are_one_line(dirs, tmp_path, case, monkeypatch, capsys):
-    """In this process, as `python eval.py ...` runs it (its `__main__`, through runpy): what is tested is the
-    check and its one line, and a launch would add seconds of imports per case."""
+def test_errors_are_one_line(dirs, tmp_path, case, capsys):
     policy, reference, extra = dirs.policy, dirs.reference, []
     if case == "missing":
         policy = str(tmp_path / "no_such_model")
@@ -235,12 +231,8 @@ def test_errors_are_one_line(dirs, tmp_path, case, monkeypatch, capsys):
     else:
         reference = dirs.other_vocab
     args = TINY + ["--eval.policy", policy, "--eval.reference", reference, "--eval.output_dir", str(tmp_path / "out")] + extra
-    monkeypatch.setattr(sys, "argv", ["eval.py", *map(str, args)])
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    with pytest.raises(SystemExit) as stopped:  # any other exception fails the test with its traceback
-        runpy.run_path(str(ROOT / "eval.py"), run_name="__main__")
-    stderr = capsys.readouterr().err
-    assert stopped.value.code == 2, stderr
+    code, stderr = run_main("eval.py", *args, capsys=capsys)  # in this process
+    assert code == 2, stderr
     assert "Traceback" not in stderr
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: ")

@@ -52,9 +52,10 @@ def run_script(script: str, *args, processes: int = 1, check: bool = True, env: 
     return run_command(cmd, env, timeout=timeout, check=check)
 
 
-def run_main(script: str, *args, capsys) -> tuple[int, str]:
-    """`python SCRIPT ARGS` in this process: the script's `__main__` through runpy → (exit code, stderr). For
-    checks that stop before any work (a bad flag, file or model): a launch would add seconds of imports per case.
+def run_main(script: str, *args, capsys) -> tuple[int, str, str]:
+    """`python SCRIPT ARGS` in this process: the script's `__main__` through runpy → (exit code, stdout, stderr).
+    For checks that stop before any work (a bad flag, file or model; data.preview): a launch would add seconds of
+    imports per case.
     An exception the script does not turn into an exit fails the test with its traceback."""
     saved = list(sys.argv)
     sys.argv = [script, *map(str, args)]
@@ -65,7 +66,8 @@ def run_main(script: str, *args, capsys) -> tuple[int, str]:
         code = stopped.code if isinstance(stopped.code, int) else 1
     finally:
         sys.argv = saved
-    return code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def _descendants(pid: int) -> list[int]:

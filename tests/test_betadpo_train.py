@@ -118,7 +118,7 @@ def test_resume_is_exact(tmp_path, tiny_model):
 )
 def test_bad_config_fails_before_training(tmp_path, tiny_model, extra, message, capsys):
     out = tmp_path / "run"
-    code, stderr = run_main("betadpo.py", *flags(tiny_model, out, *extra), capsys=capsys)  # in this process
+    code, _, stderr = run_main("betadpo.py", *flags(tiny_model, out, *extra), capsys=capsys)  # in this process
     assert code == 2 and message in stderr and not out.exists()
 
 

@@ -254,10 +254,10 @@ def test_hub_unreachable_gives_one_clear_message(tmp_path, tiny_model):
 def test_scripts_stop_before_writing_anything(tmp_path, tiny_model, script, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r"}] * 3 + [{"prompt": "p", "chosen": "c"}])
     out = tmp_path / "out"
-    code, stderr = run_main(script, "--model.name_or_path", tiny_model, "--data.dataset", bad, "--data.eval_size", 1,
+    code, _, stderr = run_main(script, "--model.name_or_path", tiny_model, "--data.dataset", bad, "--data.eval_size", 1,
                             "--train.output_dir", out, "--train.batch_size", 2, capsys=capsys)  # in this process
     assert code == 2
     assert stderr.strip().splitlines()[-1] == f"error: {bad} row 4: field 'rejected' is missing"
     assert "Traceback" not in stderr and not out.exists()
-    code, stderr = run_main(script, "--model.name_or_path", tmp_path / "no_model", "--train.output_dir", out, capsys=capsys)
+    code, _, stderr = run_main(script, "--model.name_or_path", tmp_path / "no_model", "--train.output_dir", out, capsys=capsys)
     assert code == 2 and "does not exist" in stderr and not out.exists()

@@ -231,7 +231,7 @@ def test_errors_are_one_line(dirs, tmp_path, case, capsys):
     else:
         reference = dirs.other_vocab
     args = TINY + ["--eval.policy", policy, "--eval.reference", reference, "--eval.output_dir", str(tmp_path / "out")] + extra
-    code, stderr = run_main("eval.py", *args, capsys=capsys)  # in this process
+    code, _, stderr = run_main("eval.py", *args, capsys=capsys)  # in this process
     assert code == 2, stderr
     assert "Traceback" not in stderr
     last = stderr.strip().splitlines()[-1]

@@ -18,7 +18,7 @@ import pytest
 from plumbing.config import DataArgs
 from plumbing.errors import UserError
 from plumbing.models import load_model, load_tokenizer
-from conftest import read_metrics, run_script
+from conftest import read_metrics, run_main, run_script
 from plumbing.data import collate_pairs, hh_messages, load_pairs, tokenize_pairs
 
 QUESTIONS = [  # (question, chosen answer, rejected answer): short, so that a whole dialogue fits in 64 tokens
@@ -144,14 +144,14 @@ def test_bad_gguf_files_are_one_sentence(bad_gguf, case):
             load(str(path), key="model.ref_name_or_path")
 
 
-def test_bad_gguf_stops_a_run_before_it_writes(tmp_path, bad_gguf, hh_file):
+def test_bad_gguf_stops_a_run_before_it_writes(tmp_path, bad_gguf, hh_file, capsys):
     path, message = bad_gguf["not GGUF"]  # (a missing path: tests/test_data.py, test_scripts_stop_before_writing_anything)
     out = tmp_path / "out"
-    result = run_script("betadpo.py", "--model.name_or_path", path, "--data.dataset", hh_file, "--data.eval_size", 2,
-                        "--train.output_dir", out, check=False)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [result.stderr.strip().splitlines()[-1]]  # one line
-    assert result.stderr.startswith("error: ") and message in result.stderr and not out.exists()
+    code, _, stderr = run_main("betadpo.py", "--model.name_or_path", path, "--data.dataset", hh_file, "--data.eval_size", 2,
+                               "--train.output_dir", out, capsys=capsys)  # in this process
+    assert code == 2 and "Traceback" not in stderr
+    assert stderr.strip().splitlines() == [stderr.strip().splitlines()[-1]]  # one line
+    assert stderr.startswith("error: ") and message in stderr and not out.exists()
 
 
 def test_packaged_model_not_installed_says_how_to_install(monkeypatch):

@@ -54,7 +54,8 @@ from plumbing.checkpoints import load_checkpoint, resume_point, save_checkpoint,
 from plumbing.config import SFTConfig, parse_config, require
 from plumbing.data import collate_pairs, micro_batch_indices, training_pairs
 from plumbing.distributed import end_processes, frozen_dtype, load_on_main, main_first, shard_frozen
-from plumbing.errors import UserError, main_guard
+from plumbing.errors import UserError
+from plumbing.stopping import main_guard
 from plumbing.inputs import fingerprint_inputs
 from plumbing.launch import start_run
 from plumbing.metrics import Progress, open_run

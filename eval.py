@@ -66,7 +66,8 @@ from plumbing import lora, plots, sort_task
 from plumbing.config import parse_config, validate
 from plumbing.data import collate, load_pairs, tokenize, tokenize_pairs
 from plumbing.distributed import end_processes, frozen_dtype, load_on_main, main_decides, make_accelerator, shard_frozen
-from plumbing.errors import UserError, main_guard
+from plumbing.errors import UserError
+from plumbing.stopping import main_guard
 from plumbing.fast_logps import token_logps
 from plumbing.models import generate, load_tokenizer, model_identity
 

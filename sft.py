@@ -29,7 +29,8 @@ from plumbing.checkpoints import load_checkpoint, resume_point, save_checkpoint,
 from plumbing.config import SFTConfig, parse_config
 from plumbing.data import collate, load_sft, micro_batch_indices, tokenize, training_examples
 from plumbing.distributed import end_processes, load_on_main, main_first
-from plumbing.errors import UserError, main_guard
+from plumbing.errors import UserError
+from plumbing.stopping import main_guard
 from plumbing.fast_logps import token_logps
 from plumbing.inputs import fingerprint_inputs
 from plumbing.launch import start_run

@@ -6,7 +6,7 @@ The setup, the same for every method (SETUP below; why each choice, in docs/RESU
     SIZES[d] rows of each split; rendered with SmolLM2's chat template, HH last turn only;
   - prompt ≤ 128 tokens (its last ones), prompt + response ≤ 192;
   - only the top TOP_LAYERS block(s) of the 30 train (and the final norm), on cached outputs of the frozen ones
-    (plumbing/lower_cache.py: the split model, built once per data set); embeddings / LM head frozen;
+    (experiments/lower_cache.py: the split model, built once per data set); embeddings / LM head frozen;
   - one epoch, batch 16 (= β-DPO's calibration batch N), AdamW, lr 3e-5, 2 warm-up steps, reference log-probs
     precomputed (train.precompute_ref), training seeds 0, 1, 2 (batch order and the filter's draws);
   - evaluation in this process: per held-out pair the policy's and the reference's summed log-probs (implicit
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+import lower_cache
 import real_data
 import real_report
 
@@ -96,12 +97,11 @@ def tokenized(tokenizer, path: Path) -> list[tuple]:
 
 
 def build_split(out: Path, dataset: str, files: dict, model_name: str, top_layers: int, loaded: dict) -> Path:
-    """The split model of a data set (plumbing/lower_cache.py): the full model is loaded once for all data sets."""
-    from plumbing import lower_cache
+    """The split model of a data set (experiments/lower_cache.py): the full model is loaded once for all data sets."""
     from plumbing.models import load_model, load_tokenizer
 
     split = out / dataset / "split"
-    if (split / lower_cache.LOWER_CACHE).is_file():
+    if lower_cache.is_split(split):
         return split
     if not loaded:
         loaded["tokenizer"] = load_tokenizer(model_name)
@@ -129,7 +129,8 @@ def train(out: Path, dataset: str, overrides: dict, seed: int, files: dict, spli
         random.Random(f"replay-{dataset}-{seed}").shuffle(source)
         (d / "beta_sequence.json").write_text(json.dumps(source))
         replay = ["--loss.beta_sequence", str(d / "beta_sequence.json")]
-    run([sys.executable, "betadpo.py", "--model.name_or_path", str(split), "--data.dataset", str(files["train"]), *DATA_FLAGS,
+    run([sys.executable, "betadpo.py", "--model.name_or_path", str(split), "--model.trust_remote_code", "true",  # lower_cache.py
+         "--data.dataset", str(files["train"]), *DATA_FLAGS,
          *TRAIN_FLAGS, *extra, "--train.seed", str(seed), "--train.output_dir", str(d), "--train.ref_cache_dir", str(out / "ref_cache"),
          *flags(overrides), *replay], d / "train.log", threads=2)
     return d
@@ -188,7 +189,7 @@ def evaluate(run: Path, reference, pairs: list[tuple], pad_id: int, kl_pairs: in
 
     path = run / "heldout.jsonl"
     if not path.exists():
-        policy = load_model(str(run / "final")).eval()
+        policy = load_model(str(run / "final"), trust_remote_code=True).eval()  # a split model (lower_cache.py)
         scored = score_heldout(policy, reference, pairs, pad_id, kl_pairs, ref_sums)
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in scored))
@@ -219,7 +220,7 @@ def main(out: Path, smoke: bool, run, commit, model_name: str = MODEL, top_layer
         d = train(out, dataset, overrides, seed, data[dataset]["files"], splits[dataset], extra, run, commit)
         if dataset not in refs:
             tok = load_tokenizer(str(splits[dataset]))
-            reference, pairs = load_model(str(splits[dataset])).eval(), tokenized(tok, data[dataset]["files"]["heldout"])
+            reference, pairs = load_model(str(splits[dataset]), trust_remote_code=True).eval(), tokenized(tok, data[dataset]["files"]["heldout"])
             refs[dataset] = (reference, pairs, tok.pad_token_id, reference_sums(reference, pairs, tok.pad_token_id))
         evaluate(d, *refs[dataset][:3], kl_pairs, refs[dataset][3])
         print(f"[{k}/{len(todo)}] {dataset} {name} seed {seed}: {time.perf_counter() - started:.0f} s "

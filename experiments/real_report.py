@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-import run as study  # the statistics helpers of experiments/run.py (mean_ci, t_test, fmt, fmt_p)
+import stats  # the statistics shared with experiments/run.py (experiments/stats.py)
 
 LEN_TOL = 4  # tokens
 MARGIN = 0.02  # equivalence margin in accuracy (2 points)
@@ -51,7 +51,7 @@ def heldout_numbers(scored: list[dict], rows: list[dict]) -> dict:
     present = [out[f"acc_{n}"] for n in STRATA if out[f"n_{n}"]]
     out["balanced_accuracy"] = sum(present) / len(present)
     kls = [s[k] for s in scored for k in ("kl_chosen", "kl_rejected") if k in s]
-    out["kl"], out["kl_se"] = study.mean_std(kls)[0], study.mean_std(kls)[1] / math.sqrt(len(kls)) if len(kls) > 1 else math.nan
+    out["kl"], out["kl_se"] = stats.mean_std(kls)[0], stats.mean_std(kls)[1] / math.sqrt(len(kls)) if len(kls) > 1 else math.nan
     return out
 
 
@@ -162,10 +162,10 @@ def variant_table(rows, dataset) -> str:
     lines = ["| variant | seeds | KL(π‖π_ref) | accuracy | balanced acc. | acc. shorter / similar / longer | β mean | kept |",
              "|---" * 8 + "|"]
     for name, runs in by_variant(rows, dataset).items():
-        cells = [study.fmt(*study.mean_ci([r[k] for r in runs])) for k in ("kl", "accuracy", "balanced_accuracy")]
-        strata = " / ".join(f"{study.mean_ci([r[f'acc_{s}'] for r in runs])[0]:.3f}" for s in STRATA)
-        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f" | {strata} | {study.mean_ci([r['beta_mean_train'] for r in runs])[0]:.3f} "
-                     f"| {study.mean_ci([r['kept_rate'] for r in runs])[0]:.0%} |")
+        cells = [stats.fmt(*stats.mean_ci([r[k] for r in runs])) for k in ("kl", "accuracy", "balanced_accuracy")]
+        strata = " / ".join(f"{stats.mean_ci([r[f'acc_{s}'] for r in runs])[0]:.3f}" for s in STRATA)
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f" | {strata} | {stats.mean_ci([r['beta_mean_train'] for r in runs])[0]:.3f} "
+                     f"| {stats.mean_ci([r['kept_rate'] for r in runs])[0]:.0%} |")
     r0 = next(r for r in rows if r["dataset"] == dataset)
     lines.append(f"\nHeld-out pairs: {int(r0['pairs'])} (chosen shorter / similar / longer: {int(r0['n_shorter'])} / {int(r0['n_similar'])} / "
                  f"{int(r0['n_longer'])}); length-only baseline (the longer response wins): {r0['length_baseline']:.3f}.\n")
@@ -196,8 +196,8 @@ def paired_table(rows, dataset, base: str = "β-DPO") -> str:
         pairs = [(r, base_runs[r["seed"]]) for r in runs if r["seed"] in base_runs]
         cells = []
         for key in ("kl", "accuracy", "balanced_accuracy"):
-            m, h, p = study.t_test([a[key] - b[key] for a, b in pairs])
-            cells += [study.fmt(m, h)] + ([study.fmt_p(p)] if key != "kl" else [])
+            m, h, p = stats.t_test([a[key] - b[key] for a, b in pairs])
+            cells += [stats.fmt(m, h)] + ([stats.fmt_p(p)] if key != "kl" else [])
         lines.append(f"| {name} − {base} | {len(pairs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
@@ -220,8 +220,8 @@ def kept_gap_table(rows, dataset) -> str:
         return ""
     lines = ["| variant | seeds | corr(kept, score gap) | mean gap kept − dropped |", "|---" * 4 + "|"]
     for name, runs in variants.items():
-        lines.append(f"| {name} | {len(runs)} | {study.fmt(*study.mean_ci([r['kept_gap_corr'] for r in runs]))} "
-                     f"| {study.fmt(*study.mean_ci([r['kept_minus_dropped_gap'] for r in runs]))} |")
+        lines.append(f"| {name} | {len(runs)} | {stats.fmt(*stats.mean_ci([r['kept_gap_corr'] for r in runs]))} "
+                     f"| {stats.fmt(*stats.mean_ci([r['kept_minus_dropped_gap'] for r in runs]))} |")
     return "\n".join(lines) + "\n"
 
 

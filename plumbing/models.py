@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from plumbing import internlm2, lower_cache
+from plumbing import internlm2
 from plumbing.errors import UserError
 
 
@@ -201,9 +201,7 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
 
     logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise next to ours
     name = resolve_model_name(name)
-    if lower_cache.is_split(name):  # the top blocks only, on cached states of the frozen ones below (lower_cache.py)
-        model = lower_cache.load(name, DTYPES[dtype])
-    elif is_gguf(name):
+    if is_gguf(name):
         model = _load_gguf_model(name, dtype, key)
     elif (internlm2_dir := _internlm2_dir(name, key)) is not None:  # InternLM2: loaded as transformers' Llama
         model = _convert(lambda: internlm2.load_model(internlm2_dir, DTYPES[dtype]), name)

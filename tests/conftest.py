@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny tokenizer + Llama saved like a hub checkpoint, and a way to launch the scripts."""
 
 import os
+import runpy
 import signal
 import socket
 import subprocess
@@ -9,9 +10,16 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+# One thread for the tests run in this process, as for every script they launch (run_script's OMP_NUM_THREADS=1):
+# pytest.ini runs 2 workers on this project's 2 cores, each usually beside a launched script, and a second
+# thread per process only adds OpenMP's spin-waiting to the suite's CPU time. No assertion depends on it: every
+# comparison runs both of its sides in the same process.
+torch.set_num_threads(1)
 
 from plumbing import sort_task  # noqa: E402
 from plumbing.metrics import read_metrics as read_jsonl  # noqa: E402
@@ -42,6 +50,24 @@ def run_script(script: str, *args, processes: int = 1, check: bool = True, env: 
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
                str(ROOT / script), *map(str, args)]
     return run_command(cmd, env, timeout=timeout, check=check)
+
+
+def run_main(script: str, *args, capsys) -> tuple[int, str, str]:
+    """`python SCRIPT ARGS` in this process: the script's `__main__` through runpy → (exit code, stdout, stderr).
+    For checks that stop before any work (a bad flag, file or model; data.preview): a launch would add seconds of
+    imports per case.
+    An exception the script does not turn into an exit fails the test with its traceback."""
+    saved = list(sys.argv)
+    sys.argv = [script, *map(str, args)]
+    try:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+        code = 0
+    except SystemExit as stopped:
+        code = stopped.code if isinstance(stopped.code, int) else 1
+    finally:
+        sys.argv = saved
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def _descendants(pid: int) -> list[int]:

@@ -7,9 +7,9 @@ import shutil
 import pytest
 from safetensors.torch import load_file
 
-from conftest import read_metrics, run_script
+from conftest import read_metrics, run_main, run_script
 
-METRIC_KEYS = {  # every key README's "Outputs of a run" promises
+METRIC_KEYS = {  # every key docs/LAUNCHING.md's "Outputs of a run" promises
     "step", "lr", "loss", "beta", "beta_mean", "beta_scale", "M0", "sigma", "margin_mean", "margin_std",
     "kept_margin_mean", "kept", "pairs", "log_ppl", "rewards/chosen", "rewards/rejected", "rewards/margins",
     "rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm", "pairs_per_s", "tokens_per_s",
@@ -116,10 +116,10 @@ def test_resume_is_exact(tmp_path, tiny_model):
         (["--loss.type", "kto"], "invalid choice: 'kto'"),
     ],
 )
-def test_bad_config_fails_before_training(tmp_path, tiny_model, extra, message):
+def test_bad_config_fails_before_training(tmp_path, tiny_model, extra, message, capsys):
     out = tmp_path / "run"
-    result = run_script("betadpo.py", *flags(tiny_model, out, *extra), check=False)
-    assert result.returncode == 2 and message in result.stderr and not out.exists()
+    code, _, stderr = run_main("betadpo.py", *flags(tiny_model, out, *extra), capsys=capsys)  # in this process
+    assert code == 2 and message in stderr and not out.exists()
 
 
 def test_batch_not_divisible_by_processes_times_accumulation(tmp_path, tiny_model):

@@ -8,7 +8,7 @@ import pytest
 from plumbing.config import DataArgs
 from plumbing.errors import UserError
 from plumbing.models import load_model
-from conftest import run_script
+from conftest import run_main, run_script
 from plumbing.data import collate, collate_pairs, hh_messages, load_pairs, load_sft, special_prefix, split_hh, tokenize, tokenize_pairs
 from plumbing.sort_task import build_tokenizer
 
@@ -251,13 +251,13 @@ def test_hub_unreachable_gives_one_clear_message(tmp_path, tiny_model):
 
 
 @pytest.mark.parametrize("script", ["sft.py", "betadpo.py"])
-def test_scripts_stop_before_writing_anything(tmp_path, tiny_model, script):
+def test_scripts_stop_before_writing_anything(tmp_path, tiny_model, script, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r"}] * 3 + [{"prompt": "p", "chosen": "c"}])
     out = tmp_path / "out"
-    result = run_script(script, "--model.name_or_path", tiny_model, "--data.dataset", bad, "--data.eval_size", 1,
-                        "--train.output_dir", out, "--train.batch_size", 2, check=False)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == f"error: {bad} row 4: field 'rejected' is missing"
-    assert "Traceback" not in result.stderr and not out.exists()
-    result = run_script(script, "--model.name_or_path", tmp_path / "no_model", "--train.output_dir", out, check=False)
-    assert result.returncode == 2 and "does not exist" in result.stderr and not out.exists()
+    code, _, stderr = run_main(script, "--model.name_or_path", tiny_model, "--data.dataset", bad, "--data.eval_size", 1,
+                            "--train.output_dir", out, "--train.batch_size", 2, capsys=capsys)  # in this process
+    assert code == 2
+    assert stderr.strip().splitlines()[-1] == f"error: {bad} row 4: field 'rejected' is missing"
+    assert "Traceback" not in stderr and not out.exists()
+    code, _, stderr = run_main(script, "--model.name_or_path", tmp_path / "no_model", "--train.output_dir", out, capsys=capsys)
+    assert code == 2 and "does not exist" in stderr and not out.exists()

@@ -12,7 +12,7 @@ import pytest
 from plumbing.config import DataArgs
 from plumbing.errors import UserError
 from plumbing.models import load_tokenizer
-from conftest import read_metrics, run_script
+from conftest import read_metrics, run_main, run_script
 from plumbing.data import data_summary, hh_messages, load_pairs, to_pairs, tokenize_pairs
 from plumbing.sort_task import build_tokenizer
 
@@ -241,16 +241,17 @@ def test_summary_line_counts_lengths_and_truncation(capsys):
 
 
 @pytest.mark.parametrize("script", ["betadpo.py", "sft.py"])
-def test_preview_prints_what_the_model_sees_and_writes_nothing(tmp_path, tiny_model, script):
+def test_preview_prints_what_the_model_sees_and_writes_nothing(tmp_path, tiny_model, script, capsys):
     """--data.preview 2: two JSON lines on stdout (the exact text after the template, token counts before and after
     truncation, where it cuts), the summary on stderr, exit 0, no output directory. The character tokenizer has one
     token per character, no BOS, and EOS appended to responses, so every count is a length."""
     path = write_jsonl(tmp_path / "uf.jsonl", [shapes(r)["d"] for r in UF])
     out = tmp_path / "run"
-    result = run_script(script, "--model.name_or_path", tiny_model, "--data.dataset", path, "--data.eval_size", 2,
-                        "--data.max_length", 64, "--data.max_prompt_length", 48, "--data.preview", 2, "--train.output_dir", out)
-    lines = [json.loads(line) for line in result.stdout.splitlines()]
-    assert len(lines) == 2 and not out.exists() and result.stderr.strip().splitlines()[-1].startswith("data: 6 training ")
+    code, stdout, stderr = run_main(script, "--model.name_or_path", tiny_model, "--data.dataset", path, "--data.eval_size", 2,
+                                    "--data.max_length", 64, "--data.max_prompt_length", 48, "--data.preview", 2,
+                                    "--train.output_dir", out, capsys=capsys)  # in this process
+    lines = [json.loads(line) for line in stdout.splitlines()]
+    assert code == 0 and len(lines) == 2 and not out.exists() and stderr.strip().splitlines()[-1].startswith("data: 6 training ")
     fields = ("prompt", "chosen", "rejected") if script == "betadpo.py" else ("prompt", "response")
     for row, line in zip(UF, lines):
         prompt, response = f"user: {row['prompt']}\nassistant: ", row["chosen"] + "\n"

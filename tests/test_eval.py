@@ -19,7 +19,7 @@ from betadpo import Config
 from plumbing import sort_task
 from plumbing.config import parse_config
 from plumbing.models import generate, load_model, load_tokenizer
-from conftest import run_script, save_tiny_model
+from conftest import run_main, run_script, save_tiny_model
 from plumbing.data import collate, load_pairs, tokenize, tokenize_pairs
 
 TINY = ["--data.eval_size", "8", "--eval.num_prompts", "3", "--eval.samples_per_prompt", "2",
@@ -220,7 +220,7 @@ def test_one_and_two_processes_agree(dirs, models, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "tokenizer", "vocab"])
-def test_errors_are_one_line(dirs, tmp_path, case):
+def test_errors_are_one_line(dirs, tmp_path, case, capsys):
     policy, reference, extra = dirs.policy, dirs.reference, []
     if case == "missing":
         policy = str(tmp_path / "no_such_model")
@@ -230,10 +230,11 @@ def test_errors_are_one_line(dirs, tmp_path, case):
         reference = dirs.other_tokenizer
     else:
         reference = dirs.other_vocab
-    out = run(TINY + ["--eval.policy", policy, "--eval.reference", reference, "--eval.output_dir", str(tmp_path / "out")] + extra)
-    assert out.returncode == 2, out.stderr
-    assert "Traceback" not in out.stderr
-    last = out.stderr.strip().splitlines()[-1]
+    args = TINY + ["--eval.policy", policy, "--eval.reference", reference, "--eval.output_dir", str(tmp_path / "out")] + extra
+    code, _, stderr = run_main("eval.py", *args, capsys=capsys)  # in this process
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: ")
     expect = {"missing": [policy, "does not exist"], "empty": ["eval_size=0"],
               "tokenizer": [policy, reference, "tokenizers"], "vocab": [policy, reference, "vocabulary"]}[case]

@@ -1,5 +1,6 @@
-"""experiments/run.py: its statistics against hand computations, the frontier, the tables from a CSV, the
-committed results against their CSV, and a smoke run of the pipeline (SFT → runs → CSV → tables → figure)."""
+"""experiments/run.py and experiments/stats.py: the statistics against hand computations, the frontier, the
+tables from a CSV, the committed results against their CSV, and a smoke run of the pipeline (SFT → runs → CSV →
+tables → figure)."""
 
 import json
 import math
@@ -14,6 +15,7 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "experiments"))
 import run as experiments  # noqa: E402
+import stats  # noqa: E402
 
 
 # ---- statistics ---------------------------------------------------------------------------------------------
@@ -23,38 +25,38 @@ def test_incomplete_beta_against_the_binomial_sum():
         for x in (0.05, 0.3, 0.5, 0.77, 0.99):
             n = a + b - 1
             expected = sum(math.comb(n, j) * x**j * (1 - x) ** (n - j) for j in range(a, n + 1))
-            assert experiments.betainc(a, b, x) == pytest.approx(expected, rel=1e-10, abs=1e-14)
-    assert experiments.betainc(2, 3, 0.0) == 0.0 and experiments.betainc(2, 3, 1.0) == 1.0
+            assert stats.betainc(a, b, x) == pytest.approx(expected, rel=1e-10, abs=1e-14)
+    assert stats.betainc(2, 3, 0.0) == 0.0 and stats.betainc(2, 3, 1.0) == 1.0
 
 
 def test_student_t_against_tabulated_values():
     # t_{0.975, df} from any t table.
     for df, t in ((1, 12.7062), (2, 4.3027), (5, 2.5706), (10, 2.2281), (30, 2.0423)):
-        assert experiments.t_quantile(df) == pytest.approx(t, abs=1e-4)
-        assert experiments.t_pvalue(t, df) == pytest.approx(0.05, abs=1e-5)
+        assert stats.t_quantile(df) == pytest.approx(t, abs=1e-4)
+        assert stats.t_pvalue(t, df) == pytest.approx(0.05, abs=1e-5)
     # df = 1 is the Cauchy distribution: P(|T| ≥ 1) = 1/2 exactly.
-    assert experiments.t_pvalue(1.0, 1) == pytest.approx(0.5, abs=1e-12)
-    assert experiments.t_pvalue(0.0, 4) == pytest.approx(1.0)
+    assert stats.t_pvalue(1.0, 1) == pytest.approx(0.5, abs=1e-12)
+    assert stats.t_pvalue(0.0, 4) == pytest.approx(1.0)
 
 
 def test_mean_ci_and_t_test_by_hand():
     # x = 1, 2, 3, 4: mean 2.5; s² = 5/3; t_{0.975, 3} = 3.1824
-    mean, half = experiments.mean_ci([1.0, 2.0, 3.0, 4.0])
+    mean, half = stats.mean_ci([1.0, 2.0, 3.0, 4.0])
     assert mean == 2.5 and half == pytest.approx(3.18245 * math.sqrt(5 / 3) / 2, rel=1e-5)
-    mean, half = experiments.mean_ci([0.3])
+    mean, half = stats.mean_ci([0.3])
     assert mean == 0.3 and math.isnan(half)
     # differences 0.1, 0.3, 0.2: mean 0.2, s = 0.1, t = 0.2 / (0.1/√3) = 3.464 on 2 df → p = 0.0742
-    mean, half, p = experiments.t_test([0.1, 0.3, 0.2])
+    mean, half, p = stats.t_test([0.1, 0.3, 0.2])
     assert mean == pytest.approx(0.2) and p == pytest.approx(0.0742, abs=2e-4)
-    assert experiments.t_test([0.0, 0.0, 0.0])[2] == 1.0 and experiments.t_test([0.1, 0.1])[2] == 0.0
-    assert experiments.fmt(0.6, 1.2706) == "0.600 ± 1.271" and experiments.fmt(0.3) == "0.300"
+    assert stats.t_test([0.0, 0.0, 0.0])[2] == 1.0 and stats.t_test([0.1, 0.1])[2] == 0.0
+    assert stats.fmt(0.6, 1.2706) == "0.600 ± 1.271" and stats.fmt(0.3) == "0.300"
 
 
 def test_holm_by_hand():
     # sorted 0.01, 0.03, 0.04 → 3·0.01 = 0.03, 2·0.03 = 0.06, max(0.06, 1·0.04) = 0.06; nan untouched
-    adjusted = experiments.holm([0.01, 0.04, 0.03, math.nan])
+    adjusted = stats.holm([0.01, 0.04, 0.03, math.nan])
     assert adjusted[:3] == pytest.approx([0.03, 0.06, 0.06]) and math.isnan(adjusted[3])
-    assert experiments.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    assert stats.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
 
 
 # ---- the frontier --------------------------------------------------------------------------------------------

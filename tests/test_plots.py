@@ -10,7 +10,7 @@ import pytest
 from plumbing import plots
 from plumbing.errors import UserError
 from plumbing.metrics import read_metrics
-from conftest import run_script
+from conftest import run_main
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -30,26 +30,26 @@ def fake_eval(path: Path, metrics: dict) -> Path:
     return path
 
 
-def test_plot_two_runs(tmp_path):
+def test_plot_two_runs(tmp_path, capsys):
     a, b = fake_run(tmp_path / "dpo", 0.1), fake_run(tmp_path / "betadpo", 0.2)
     out = tmp_path / "fig" / "curves.png"
-    done = run_script("eval.py", "--plot", a, b, "--plot_out", out, check=False)
-    assert done.returncode == 0, done.stderr
+    code, _, stderr = run_main("eval.py", "--plot", a, b, "--plot_out", out, capsys=capsys)  # in this process
+    assert code == 0, stderr
     assert out.read_bytes()[:8] == PNG and out.stat().st_size > 20_000
     with pytest.raises(UserError, match="metrics.jsonl"):
         plots.plot_runs([str(a), str(tmp_path / "nothing")], tmp_path / "x.png")
 
 
-def test_compare_puts_evaluations_side_by_side(tmp_path):
+def test_compare_puts_evaluations_side_by_side(tmp_path, capsys):
     a = fake_eval(tmp_path / "sort_dpo", {"pref_accuracy": 0.5, "kl_seq": 2.0, "kl_seq_se": 0.1, "only_here": 1.0})
     b = fake_eval(tmp_path / "sort_betadpo", {"pref_accuracy": 0.75, "kl_seq": 1.25, "kl_seq_se": 0.1})
-    done = run_script("eval.py", "--compare", a, b, check=False)
-    assert done.returncode == 0, done.stderr
-    header, *rows = done.stdout.splitlines()
+    code, stdout, stderr = run_main("eval.py", "--compare", a, b, capsys=capsys)  # in this process
+    assert code == 0, stderr
+    header, *rows = stdout.splitlines()
     assert header.split() == ["sort_dpo", "sort_betadpo"]
     assert [r.split() for r in rows] == [["pref_accuracy", "0.5000", "0.7500"], ["kl_seq", "2.0000", "1.2500"]]
-    missing = run_script("eval.py", "--compare", a, tmp_path / "nothing", check=False)
-    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "eval.json" in missing.stderr
+    code, _, stderr = run_main("eval.py", "--compare", a, tmp_path / "nothing", capsys=capsys)
+    assert code == 2 and stderr.count("\n") == 1 and "eval.json" in stderr
 
 
 def test_study_figure(tmp_path):

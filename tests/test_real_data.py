@@ -65,7 +65,7 @@ def test_split_model_scores_like_the_whole_model(tmp_path):
     """Top block on the cached output of the block below = the whole 2-block model: log-probs padded and packed,
     after a save/reload; a sequence not in the cache stops with a UserError."""
     import betadpo
-    from plumbing import lower_cache
+    import lower_cache
     from plumbing.data import collate_pairs
     from plumbing.errors import UserError
     from plumbing.models import load_model, load_tokenizer
@@ -76,7 +76,8 @@ def test_split_model_scores_like_the_whole_model(tmp_path):
     pairs = [([3 + i], torch.randint(3, 90, (5 + i,), generator=g).tolist(), torch.randint(3, 90, (2 + 2 * i,), generator=g).tolist())
              for i in range(4)]
     lower_cache.make_split(full, tok, [p + y for p, c, r in pairs for y in (c, r)], 1, tmp_path / "split")
-    top = load_model(str(tmp_path / "split"))
+    top = load_model(str(tmp_path / "split"), trust_remote_code=True)  # as betadpo.py loads it (real.py's flag)
+    assert type(top).__name__ == lower_cache.CLASS and type(top) is not lower_cache.LowerCachedLlama  # the directory's copy
     assert top.config.num_hidden_layers == 1 and not top.get_input_embeddings().weight.requires_grad
     batch = collate_pairs(pairs, tok.pad_token_id)
     with torch.no_grad():
@@ -84,7 +85,7 @@ def test_split_model_scores_like_the_whole_model(tmp_path):
         for fast in (False, True):  # padded, and packed (fast path)
             assert betadpo.sequence_logps(top, batch, fast=fast)["sum"] == pytest.approx(expected.tolist(), abs=1e-5)
     top.save_pretrained(tmp_path / "again")
-    again = load_model(str(tmp_path / "again"))
+    again = load_model(str(tmp_path / "again"), trust_remote_code=True)
     with torch.no_grad():
         assert betadpo.sequence_logps(again, batch)["sum"] == pytest.approx(expected.tolist(), abs=1e-5)
     with pytest.raises(UserError, match="not in the cached"):

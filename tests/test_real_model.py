@@ -18,7 +18,7 @@ import pytest
 from plumbing.config import DataArgs
 from plumbing.errors import UserError
 from plumbing.models import load_model, load_tokenizer
-from conftest import read_metrics, run_script
+from conftest import read_metrics, run_main, run_script
 from plumbing.data import collate_pairs, hh_messages, load_pairs, tokenize_pairs
 
 QUESTIONS = [  # (question, chosen answer, rejected answer): short, so that a whole dialogue fits in 64 tokens
@@ -144,14 +144,14 @@ def test_bad_gguf_files_are_one_sentence(bad_gguf, case):
             load(str(path), key="model.ref_name_or_path")
 
 
-def test_bad_gguf_stops_a_run_before_it_writes(tmp_path, bad_gguf, hh_file):
+def test_bad_gguf_stops_a_run_before_it_writes(tmp_path, bad_gguf, hh_file, capsys):
     path, message = bad_gguf["not GGUF"]  # (a missing path: tests/test_data.py, test_scripts_stop_before_writing_anything)
     out = tmp_path / "out"
-    result = run_script("betadpo.py", "--model.name_or_path", path, "--data.dataset", hh_file, "--data.eval_size", 2,
-                        "--train.output_dir", out, check=False)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [result.stderr.strip().splitlines()[-1]]  # one line
-    assert result.stderr.startswith("error: ") and message in result.stderr and not out.exists()
+    code, _, stderr = run_main("betadpo.py", "--model.name_or_path", path, "--data.dataset", hh_file, "--data.eval_size", 2,
+                               "--train.output_dir", out, capsys=capsys)  # in this process
+    assert code == 2 and "Traceback" not in stderr
+    assert stderr.strip().splitlines() == [stderr.strip().splitlines()[-1]]  # one line
+    assert stderr.startswith("error: ") and message in stderr and not out.exists()
 
 
 def test_packaged_model_not_installed_says_how_to_install(monkeypatch):
@@ -183,7 +183,7 @@ def smollm2_run(tmp_path_factory, hh_file):
     with FileLock(str(shared / "smollm2.lock")):
         if not stdout.exists():
             result = run_script("betadpo.py", "--config", "configs/smollm2_hh.yaml", "--data.dataset", hh_file, *TINY_RUN,
-                                "--train.output_dir", out, env={"OMP_NUM_THREADS": "2"})
+                                "--train.output_dir", out)
             stdout.write_text(result.stdout)
     return out, stdout.read_text()
 
@@ -221,7 +221,7 @@ def test_final_reloads_without_gguf_and_eval_has_no_gold_metrics(smollm2_run, hh
     result = run_script("eval.py", "--config", "configs/smollm2_hh.yaml", "--data.dataset", hh_file, *TINY_RUN,
                         "--eval.policy", final, "--eval.reference", final, "--eval.output_dir", report_dir,
                         "--eval.num_prompts", 2, "--eval.samples_per_prompt", 2, "--eval.max_new_tokens", 4,
-                        env={**without_gguf(tmp_path), "OMP_NUM_THREADS": "2"})
+                        env=without_gguf(tmp_path))
     report = json.loads((report_dir / "eval.json").read_text())
     metrics = report["metrics"]
     assert {"pref_accuracy", "reward_margin", "kl_seq", "kl_k1", "logps/chosen"} <= metrics.keys()
@@ -244,7 +244,7 @@ def test_lora_betadpo_on_smollm2_trains_adapters_against_smollm2_itself(smollm2_
     base, out = smollm2_run[0] / "final", tmp_path / "lora"
     result = run_script("betadpo.py", "--config", "configs/smollm2_hh_lora.yaml", "--data.dataset", hh_file, *TINY_RUN,
                         "--model.name_or_path", base, "--train.lr", 1e-3, "--model.lora_merge_final", "false",
-                        "--train.output_dir", out, env={"OMP_NUM_THREADS": "2"})
+                        "--train.output_dir", out)
     assert "LoRA: 4,884,480 of 139,399,488 parameters trainable (3.50%)" in result.stdout
     train = read_metrics(out)
     assert [r["step"] for r in train] == [1, 2] and all(np.isfinite(r["loss"]) for r in train)

@@ -158,10 +158,10 @@ def test_read_metrics_skips_a_torn_last_line_and_names_a_damaged_one(tmp_path, c
         read_jsonl(path)
 
 
-def test_readme_names_the_keys_that_may_change_on_resume():
+def test_the_docs_name_the_keys_that_may_change_on_resume():
     from plumbing.checkpoints import RESUMABLE_KEYS
 
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "ERRORS.md").read_text()
     section = text[text.index("## When something goes wrong") :][:3000]
     listed = set(re.findall(r"`((?:train|log|eval|data)\.[\w*]+)`", section[section.index("Only") : section.index("may change")]))
     assert listed == {k + "*" if k.endswith(".") else k for k in RESUMABLE_KEYS}

@@ -1,5 +1,5 @@
 """Every user mistake we know of gets one line naming what to fix, an exit code, no traceback, and an
-untouched output directory. The table of docs/ERRORS.md (linked from the README's "When something goes wrong")
+untouched output directory. The table of docs/ERRORS.md (below its "When something goes wrong")
 is generated from these cases:
 
     python tests/test_user_errors.py        # rewrites the table in docs/ERRORS.md from what the scripts print now

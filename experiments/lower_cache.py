@@ -1,10 +1,16 @@
 """Training only the top k blocks of a Llama, on cached outputs of the frozen blocks below (the real-data study).
 
 A *split* model directory is an ordinary `save_pretrained` directory of a Llama with only the top k decoder blocks
-(and the final norm and LM head), plus `lower_cache.json`, which names the file holding h_{L−k}, the output of the
-frozen lower L−k blocks, for every token sequence the model will be asked to score (keyed by its token ids).
-`load_model(dir)` (plumbing/models.py) returns it as a `LowerCachedLlama`: its forward looks up h_{L−k} of each
-sequence in the batch and runs the top blocks on it (transformers' `inputs_embeds`).
+(and the final norm and LM head), whose config also names the file holding h_{L−k}, the output of the frozen
+lower L−k blocks, for every token sequence the model will be asked to score (keyed by its token ids). It loads as a
+`LowerCachedLlama`, whose forward looks up h_{L−k} of each sequence in the batch and runs the top blocks on it
+(transformers' `inputs_embeds`).
+
+How betadpo.py loads it without knowing of it: through transformers' own mechanism for a model class it does not
+ship. `make_split` copies this file into the directory and names the class in the config's `auto_map`, so
+`model.trust_remote_code: true` (experiments/real.py passes it) makes `AutoModelForCausalLM` import it from there;
+`save_pretrained` (final/, checkpoints) copies it on. plumbing/ stays free of study code, and the study's models
+are ordinary model directories.
 
 Exact, not an approximation: a decoder block sees only the hidden states below it and the positions (rotary
 embeddings are computed from position_ids, not from the layer), so top_k(h_{L−k}) is the whole model's output up
@@ -24,14 +30,17 @@ import shutil
 from pathlib import Path
 
 import torch
+from transformers import LlamaForCausalLM
 
 from plumbing.errors import UserError
 
-LOWER_CACHE = "lower_cache.json"  # in a split directory: {"states": file, "lower_layers": L−k, "source": ...}
+CLASS = "LowerCachedLlama"  # the class a split directory's config names (auto_map, architectures)
 
 
-def is_split(name: str) -> bool:
-    return (Path(name) / LOWER_CACHE).is_file()
+def is_split(directory) -> bool:
+    """Whether `directory` holds a split model (its config names the cached states)."""
+    config = Path(directory) / "config.json"
+    return config.is_file() and "lower_states" in json.loads(config.read_text())
 
 
 def sequence_key(ids) -> bytes:
@@ -60,16 +69,16 @@ def lower_states(model, sequences: list[list[int]], lower_layers: int, batch_siz
 
 def make_split(model, tokenizer, sequences: list[list[int]], top_layers: int, out: Path, batch_size: int = 16) -> Path:
     """Write a split directory at `out`: the top `top_layers` blocks of `model` (a Llama) as a model of their own,
-    the tokenizer, and h_{L−k} of every sequence in `sequences` (states.pt). → out."""
-    from transformers import LlamaForCausalLM
-
+    the tokenizer, h_{L−k} of every sequence in `sequences` (states.pt) and this file (the model's class). → out."""
     L = model.config.num_hidden_layers
     if not 0 < top_layers < L:
         raise UserError(f"top_layers must be in [1, {L - 1}] for a model of {L} blocks, got {top_layers}")
     states = lower_states(model, sequences, L - top_layers, batch_size)
     config = model.config.to_dict()
-    config.update(num_hidden_layers=top_layers, layer_types=None)
-    top = LlamaForCausalLM(type(model.config).from_dict(config)).to(model.dtype)
+    config.update(num_hidden_layers=top_layers, layer_types=None, architectures=[CLASS],
+                  auto_map={"AutoModelForCausalLM": f"{Path(__file__).stem}.{CLASS}"},  # read with trust_remote_code
+                  lower_states=str((out / "states.pt").resolve()), lower_layers=L - top_layers, lower_sequences=len(states))
+    top = LowerCachedLlama(type(model.config).from_dict(config)).to(model.dtype)
     weights = {}
     for name, value in model.state_dict().items():
         if name.startswith("model.layers."):
@@ -84,9 +93,8 @@ def make_split(model, tokenizer, sequences: list[list[int]], top_layers: int, ou
         shutil.rmtree(tmp)
     top.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    shutil.copyfile(__file__, tmp / Path(__file__).name)  # the class, for AutoModelForCausalLM (auto_map)
     torch.save(states, tmp / "states.pt")
-    (tmp / LOWER_CACHE).write_text(json.dumps({"states": str((out / "states.pt").resolve()), "lower_layers": L - top_layers,
-                                               "top_layers": top_layers, "sequences": len(states)}, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -96,32 +104,34 @@ def make_split(model, tokenizer, sequences: list[list[int]], top_layers: int, ou
 _STATES: dict = {}  # states file → its dict, loaded once per process (eval loads policy and reference from one file)
 
 
-def load(name: str, dtype) -> torch.nn.Module:
-    """A split directory → LowerCachedLlama with its cached states; the embedding / LM head frozen."""
-    from transformers import LlamaForCausalLM
-
-    class LowerCachedLlama(LlamaForCausalLM):
-        """The top blocks of a Llama; `forward(input_ids=...)` runs them on the cached h_{L−k} of each sequence."""
-
-        def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **kwargs):
-            if input_ids is not None:
-                inputs_embeds = lookup(self.lower_states, input_ids, attention_mask, position_ids, self.dtype)
-            return super().forward(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
-
-        def save_pretrained(self, directory, **kwargs):
-            super().save_pretrained(directory, **kwargs)
-            (Path(directory) / LOWER_CACHE).write_text(json.dumps(self.lower_cache, indent=2) + "\n")
-
-    info = json.loads((Path(name) / LOWER_CACHE).read_text())
-    if info["states"] not in _STATES:
-        if not Path(info["states"]).is_file():
-            raise UserError(f"{name}: its cached lower-block states {info['states']} are missing (rebuild the split)")
+def cached_states(path: str) -> dict:
+    if path not in _STATES:
+        if not Path(path).is_file():
+            raise UserError(f"the cached lower-block states {path} of a split model are missing (rebuild the split)")
         _STATES.clear()
-        _STATES[info["states"]] = torch.load(info["states"])
-    model = LowerCachedLlama.from_pretrained(name, dtype=dtype)
-    model.lower_states, model.lower_cache = _STATES[info["states"]], info
-    model.get_input_embeddings().weight.requires_grad_(False)  # tied to the LM head: both frozen
-    return model
+        _STATES[path] = torch.load(path)
+    return _STATES[path]
+
+
+class LowerCachedLlama(LlamaForCausalLM):
+    """The top blocks of a Llama; `forward(input_ids=...)` runs them on the cached h_{L−k} of each sequence. The
+    embedding (tied to the LM head) is frozen."""
+
+    def __init__(self, config):  # built from a config (the other processes under FSDP: plumbing/distributed.py)
+        super().__init__(config)
+        self.get_input_embeddings().weight.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):  # loading the weights gives the parameters requires_grad again
+        model = super().from_pretrained(*args, **kwargs)
+        model.get_input_embeddings().weight.requires_grad_(False)
+        return model
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **kwargs):
+        if input_ids is not None:
+            states = cached_states(self.config.lower_states)
+            inputs_embeds = lookup(states, input_ids, attention_mask, position_ids, self.dtype)
+        return super().forward(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
 
 
 def lookup(states: dict, input_ids, attention_mask, position_ids, dtype) -> torch.Tensor:

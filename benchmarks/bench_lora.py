@@ -39,11 +39,12 @@ ARCH_ORDER = ("llama", "gpt_neox", "qwen2", "mistral", "gemma", "gemma2", "phi3"
 
 def lora_table(a, workdir: Path) -> list[str]:
     meta = bench.build_real_model_dir("smollm2-135m", workdir / "model")
+    model = str(workdir / "model") if a.model == "copy" else "smollm2-135m"
     rows = bench.make_hh_pairs(a.batch_size * (a.steps + 1) + 8, seed=0)
     train, held_out = workdir / "train.jsonl", workdir / "eval.jsonl"
     bench.write_jsonl(train, rows[8:])
     bench.write_jsonl(held_out, rows[:8])
-    common = ["--config", "configs/smollm2_hh_lora.yaml", "--model.name_or_path", str(workdir / "model"),
+    common = ["--config", "configs/smollm2_hh_lora.yaml", "--model.name_or_path", model,
               "--data.dataset", str(train), "--data.eval_dataset", str(held_out), "--data.chat_template", "off",
               "--data.max_length", "256", "--data.max_prompt_length", "128", "--train.batch_size", str(a.batch_size),
               "--train.max_steps", str(a.steps), "--train.save_every", str(a.steps), "--train.eval_every", "0",
@@ -52,20 +53,55 @@ def lora_table(a, workdir: Path) -> list[str]:
                 "LoRA r=16, all linear": ["--model.lora_r", "16"]}
     lines = [f"SmolLM2-135M ({meta['params'] / 1e6:.0f}M parameters), β-DPO, fp32, batch {a.batch_size} pairs, "
              f"{a.steps} steps ({a.threads} threads)", "",
-             "| | trainable parameters | peak RSS (MiB) | time per step (s, median of steps 2…) | reference |", "|---|---:|---:|---:|---|"]
+             "| | trainable parameters | peak RSS (MiB) | loading | training | time per step (s, median of steps 2…) | reference |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     for name, extra in variants.items():
         out = workdir / "out" / name.split()[0].lower()
         shutil.rmtree(out, ignore_errors=True)
         print(f"[lora] {name} …", flush=True)
-        run = bench.launch([sys.executable, "betadpo.py", *common, "--train.output_dir", str(out), *extra], workdir / f"{out.name}.log", a.threads)
+        run = launch_in_phases([sys.executable, "betadpo.py", *common, "--train.output_dir", str(out), *extra], workdir / f"{out.name}.log",
+                               a.threads, out / "config.yaml")
         if run["rc"] != 0:
             raise SystemExit(f"benchmark: {name} failed; see {workdir / f'{out.name}.log'}")
         steps = bench.read_ours(out)["dt"]
         log = (workdir / f"{out.name}.log").read_text()
         trainable = next((line.split("LoRA: ")[1].split(" of ")[0] for line in log.splitlines() if line.startswith("LoRA: ")), f"{meta['params']:,}")
         reference = "the policy, adapters off" if "LoRA" in name else "a second model"
-        lines.append(f"| {name} | {trainable} | {run['rss_mib']:.0f} | {statistics.median(steps[1:]):.2f} | {reference} |")
+        lines.append(f"| {name} | {trainable} | {run['rss_mib']:.0f} | {run['load_mib']:.0f} | {run['train_mib']:.0f} | "
+                     f"{statistics.median(steps[1:]):.2f} | {reference} |")
     return lines
+
+
+def launch_in_phases(cmd: list[str], log: Path, threads: int, loaded: Path) -> dict:
+    """bench.launch's measured process, its RSS sampled every 50 ms and split at the moment `loaded` appears
+    (betadpo.py writes the run's config.yaml once the models, optimizer and data are ready, just before the
+    loop): → exit code, peak RSS of the whole process (wait4, MiB) and the sampled peaks while loading and while
+    training (MiB)."""
+    import threading
+
+    import psutil
+
+    peaks, done, me = {"load_mib": 0.0, "train_mib": 0.0}, threading.Event(), psutil.Process()
+
+    def sample():
+        while not done.is_set():
+            for proc in me.children(recursive=True):  # the launcher, and its child running betadpo.py
+                try:
+                    if "betadpo.py" in proc.cmdline():
+                        phase = "train_mib" if loaded.exists() else "load_mib"
+                        peaks[phase] = max(peaks[phase], proc.memory_info().rss / 2**20)
+                except psutil.Error:
+                    pass
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        run = bench.launch(cmd, log, threads)
+    finally:
+        done.set()
+        sampler.join()
+    return {**run, **peaks}
 
 
 def random_model(arch: str, vocab: int):
@@ -133,6 +169,8 @@ def main():
     p.add_argument("--batch-size", type=int, default=4, help="LoRA table: pairs per step")
     p.add_argument("--repeats", type=int, default=3, help="packing table: timed passes per cell")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--model", choices=["copy", "gguf"], default="copy",
+                   help="LoRA table: SmolLM2 from a plain save_pretrained copy (no GGUF read measured), or from its GGUF file as users load it")
     p.add_argument("--workdir", default="runs/bench/lora")
     a = p.parse_args()
     workdir = Path(a.workdir)

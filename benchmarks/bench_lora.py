@@ -4,18 +4,23 @@ supports: peak memory and time per step, side by side.
     python benchmarks/bench_lora.py                       # both tables: ≈10 minutes on 2 idle CPU cores
     python benchmarks/bench_lora.py --only lora --steps 6 --batch-size 8
     python benchmarks/bench_lora.py --only packing
+    python benchmarks/bench_lora.py --only gguf --repo OLDER_CHECKOUT      # the GGUF load peak, before/after
 
 1. LORA. SmolLM2-135M-Instruct (`smollm2-135m`, dequantised once into a plain save_pretrained copy under
    --workdir, so that no measured run pays for the GGUF read), β-DPO as configs/smollm2_hh_lora.yaml runs it
    (α = 0.6, ρ = 0.2), on HH-format pairs (bench_vs_trl.make_hh_pairs), fp32, AdamW. Two runs, each
    `python betadpo.py` in its own fresh process, in one invocation: full fine-tuning (a frozen reference model
    beside the policy, as a user gets it) and LoRA with r = 16 on every linear layer (the reference = the policy
-   with its adapters off). Reported: the process's peak RSS (bench_vs_trl.launch: the launcher's wait4), the median
-   time of a step after the first (metrics.jsonl), and the trainable parameters.
+   with its adapters off). Reported: the process's peak RSS (bench_vs_trl.launch: the launcher's wait4), split into
+   the peaks while loading and while training (RSS sampled every 50 ms; the boundary is the run's config.yaml,
+   written just before the loop), the median time of a step after the first (metrics.jsonl), and the trainable
+   parameters. --model gguf loads SmolLM2 from its GGUF file, as users do, instead of the plain copy.
 2. PACKING. For each architecture of PACKED_MODEL_TYPES (plumbing/fast_logps.py), a random model of the small Llama's
    shape (hidden 256, 4 layers, 4 heads, vocabulary 8,192) and one batch of 16 pairs with lengths spread like HH's
    (32–256 tokens, right-padded): forward + backward of betadpo.sequence_logps, packed (the fast path) and with
    packing switched off (the fast path otherwise), median of --repeats after one warm-up, in this process.
+3. GGUF. One process loads SmolLM2's GGUF file twice with plumbing.models.load_model (betadpo.py's policy and
+   reference): peak RSS after each, and CPU seconds; in --repo (e.g. an older commit's checkout) and here.
 The machine may be shared with other work: the table prints the load average before and after, and the CPU model and
 torch's kernel set (ATEN_CPU_CAPABILITY) with every number.
 """
@@ -104,6 +109,28 @@ def launch_in_phases(cmd: list[str], log: Path, threads: int, loaded: Path) -> d
     return {**run, **peaks}
 
 
+# One process that loads SmolLM2's GGUF file as betadpo.py does (the policy, then the reference): its peak RSS after each
+GGUF_LOADS = ("import resource, sys, time; sys.path.insert(0, '.'); from plumbing.models import load_model; t = time.process_time(); "
+              "peaks = [(load_model('smollm2-135m'), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)[1] for _ in range(2)]; "
+              "print('GGUF', *peaks, time.process_time() - t)")
+
+
+def gguf_table(a) -> list[str]:
+    """The GGUF load peak: `GGUF_LOADS` in the checkout --repo (another commit, for before/after) and in this one."""
+    import subprocess
+
+    lines = ["SmolLM2-135M's GGUF file dequantised to fp32 by plumbing.models.load_model, twice (policy, reference), one process", "",
+             "| checkout | peak RSS after the policy (MiB) | after the reference too (MiB) | CPU s |", "|---|---:|---:|---:|"]
+    for repo in dict.fromkeys([Path(a.repo).resolve(), REPO]):
+        run = subprocess.run([sys.executable, "-c", GGUF_LOADS], cwd=repo, capture_output=True, text=True, env=bench.child_env(a.threads))
+        found = [line.split()[1:] for line in run.stdout.splitlines() if line.startswith("GGUF ")]
+        if run.returncode != 0 or not found:
+            raise SystemExit(f"benchmark: loading the GGUF file in {repo} failed:\n{run.stderr[-2000:]}")
+        policy, both, cpu = map(float, found[0])
+        lines.append(f"| {repo} | {policy:.0f} | {both:.0f} | {cpu:.1f} |")
+    return lines
+
+
 def random_model(arch: str, vocab: int):
     import torch
     import transformers
@@ -164,7 +191,8 @@ def packing_table(a) -> list[str]:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["lora", "packing"], default=None)
+    p.add_argument("--only", choices=["lora", "packing", "gguf"], default=None)
+    p.add_argument("--repo", default=str(REPO), help="gguf table: another checkout to load the file with as well (before/after)")
     p.add_argument("--steps", type=int, default=4, help="LoRA table: optimizer steps per run (the first is not timed)")
     p.add_argument("--batch-size", type=int, default=4, help="LoRA table: pairs per step")
     p.add_argument("--repeats", type=int, default=3, help="packing table: timed passes per cell")
@@ -187,6 +215,8 @@ def main():
         body += lora_table(a, workdir) + [""]
     if a.only in (None, "packing"):
         body += packing_table(a) + [""]
+    if a.only in (None, "gguf"):
+        body += gguf_table(a) + [""]
     report = "\n".join(head + body + [f"load average after: {os.getloadavg()[0]:.1f}"])
     print("\n" + report)
     (workdir / "report.md").write_text(report + "\n")

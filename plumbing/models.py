@@ -242,7 +242,7 @@ def _load_gguf_model(path: str, dtype: str, config_key: str):
 
     transformers' own GGUF loading dequantises the whole file into a state dict first, then builds a model that it
     marks as quantized (and refuses to `save_pretrained`), which we copied into a plain model of the same class:
-    three copies of the weights at the peak, and a fourth kept for the reference. Here the plain model is built
+    three copies of the weights at the peak, one of them kept for the reference. Here the plain model is built
     from the file's config (without its quantization entry) and filled tensor by tensor: each GGUF tensor is
     dequantised, put through transformers' per-architecture fix-ups (e.g. Llama's q/k row order) and copied into
     its parameter under transformers' GGUF → HF name map, so the peak is the model plus one tensor. The file is
@@ -263,15 +263,17 @@ def _load_gguf_model(path: str, dtype: str, config_key: str):
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
-    parsed = gguf_utils.load_gguf_checkpoint(str(file), return_tensors=False)  # metadata: what the fix-ups read
-    processor = gguf_utils.TENSOR_PROCESSORS.get(architecture, gguf_utils.TensorProcessor)(config=parsed.get("config", {}))
+    # The fix-ups read the config's head counts (the model's config holds them under the same names as the file's
+    # parsed metadata, which is not read a third time: its 49k-token vocabulary alone costs seconds).
+    parsed = {"config": config.to_dict(), "tensors": {}}
+    processor = gguf_utils.TENSOR_PROCESSORS.get(architecture, gguf_utils.TensorProcessor)(config=parsed["config"])
     names = gguf_utils.get_gguf_hf_weights_map(model, processor)  # GGUF tensor name → parameter name
     params = model.state_dict(keep_vars=True)
     filled = set()
     with torch.no_grad():
         for tensor in GGUFReader(str(file)).tensors:
             fixed = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
-                                      tensor_key_mapping=names, parsed_parameters={**parsed, "tensors": {}})
+                                      tensor_key_mapping=names, parsed_parameters=parsed)
             if fixed.name in names:
                 target = params[names[fixed.name]]
                 weights = fixed.weights if fixed.weights.flags.writeable else fixed.weights.copy()  # (an F32 tensor is the read-only map)

@@ -254,12 +254,12 @@ def build_or_open(root: Path, key: str, build) -> tuple[dict, dict]:
         except OSError:
             if check(path) is not None:
                 raise
-            shutil.rmtree(tmp, ignore_errors=True)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         line = describe(e, "the tokenized data cache", tmp)
         if line is None:
             raise
         raise UserError(f"{line}; point data.cache_dir (or ${ENV}) to a writable directory with room, or set "
                         "data.cache_dir: off to tokenize in memory") from None
+    finally:  # a failed build (bad data, a storage fault, Ctrl-C) or a lost race leaves nothing behind
+        shutil.rmtree(tmp, ignore_errors=True)
     return open_entry(path)

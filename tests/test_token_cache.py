@@ -184,3 +184,11 @@ def test_a_run_resumes_exactly_from_cached_data(tmp_path, tiny_model):
     D = DataArgs(dataset=str(path), eval_size=8, max_length=24, max_prompt_length=12)
     inputs = json.loads((tmp_path / "resumed" / "inputs.json").read_text())
     assert inputs["train data"]["sha256"] == token_hash(by_lists(D, tok)[0])
+
+
+def test_bad_data_stops_as_before_and_leaves_no_partial_entry(tmp_path):
+    tok = sort_task.build_tokenizer()
+    write_rows(tmp_path / "pairs.jsonl", ROWS[:5] + [{"prompt": "sort 3: ", "chosen": 3, "rejected": "3"}] + ROWS[5:])
+    with pytest.raises(UserError, match=r"pairs.jsonl row 6: field 'chosen'"):
+        data.training_pairs(data_cfg(tmp_path), tok)
+    assert list((tmp_path / "cache").iterdir()) == []

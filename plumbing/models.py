@@ -259,7 +259,7 @@ def _load_gguf_model(path: str, dtype: str, config_key: str):
     if os.environ.get("RANK", "0") == "0":
         print(f"{path}: reading a GGUF checkpoint and dequantising it to {dtype} tensor by tensor", flush=True)
     started = time.perf_counter()
-    config = _convert(lambda: AutoConfig.from_pretrained(str(file.parent), gguf_file=file.name), path)
+    config = _load_gguf(AutoConfig, path, "model", config_key, architecture)  # (an architecture transformers lacks: one line)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])

@@ -255,7 +255,7 @@ def build_or_open(root: Path, key: str, build) -> tuple[dict, dict]:
             if check(path) is not None:
                 raise
     except OSError as e:
-        line = describe(e, "the tokenized data cache", tmp)
+        line = describe(e, "the tokenized data cache", root)
         if line is None:
             raise
         raise UserError(f"{line}; point data.cache_dir (or ${ENV}) to a writable directory with room, or set "

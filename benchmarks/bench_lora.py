@@ -19,8 +19,8 @@ supports: peak memory and time per step, side by side.
    shape (hidden 256, 4 layers, 4 heads, vocabulary 8,192) and one batch of 16 pairs with lengths spread like HH's
    (32–256 tokens, right-padded): forward + backward of betadpo.sequence_logps, packed (the fast path) and with
    packing switched off (the fast path otherwise), median of --repeats after one warm-up, in this process.
-3. GGUF. One process loads SmolLM2's GGUF file twice with plumbing.models.load_model (betadpo.py's policy and
-   reference): peak RSS after each, and CPU seconds; in --repo (e.g. an older commit's checkout) and here.
+3. GGUF. One process loads SmolLM2's GGUF file twice with plumbing.models.load_model, dropping the first model
+   before the second: peak RSS after each, and CPU seconds; in --repo (e.g. an older commit's checkout) and here.
 The machine may be shared with other work: the table prints the load average before and after, and the CPU model and
 torch's kernel set (ATEN_CPU_CAPABILITY) with every number.
 """
@@ -109,7 +109,8 @@ def launch_in_phases(cmd: list[str], log: Path, threads: int, loaded: Path) -> d
     return {**run, **peaks}
 
 
-# One process that loads SmolLM2's GGUF file as betadpo.py does (the policy, then the reference): its peak RSS after each
+# One process that loads SmolLM2's GGUF file twice, the first model dropped before the second: its peak RSS after each
+# (the first: the load's own peak; the second: that plus whatever a load keeps for the next one)
 GGUF_LOADS = ("import resource, sys, time; sys.path.insert(0, '.'); from plumbing.models import load_model; t = time.process_time(); "
               "peaks = [(load_model('smollm2-135m'), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)[1] for _ in range(2)]; "
               "print('GGUF', *peaks, time.process_time() - t)")
@@ -119,8 +120,9 @@ def gguf_table(a) -> list[str]:
     """The GGUF load peak: `GGUF_LOADS` in the checkout --repo (another commit, for before/after) and in this one."""
     import subprocess
 
-    lines = ["SmolLM2-135M's GGUF file dequantised to fp32 by plumbing.models.load_model, twice (policy, reference), one process", "",
-             "| checkout | peak RSS after the policy (MiB) | after the reference too (MiB) | CPU s |", "|---|---:|---:|---:|"]
+    lines = ["SmolLM2-135M's GGUF file dequantised to fp32 by plumbing.models.load_model, twice in one process (the first model "
+             "dropped before the second)", "", "| checkout | peak RSS after one load (MiB) | after the second (MiB) | CPU s (both) |",
+             "|---|---:|---:|---:|"]
     for repo in dict.fromkeys([Path(a.repo).resolve(), REPO]):
         run = subprocess.run([sys.executable, "-c", GGUF_LOADS], cwd=repo, capture_output=True, text=True, env=bench.child_env(a.threads))
         found = [line.split()[1:] for line in run.stdout.splitlines() if line.startswith("GGUF ")]

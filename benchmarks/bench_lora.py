@@ -4,18 +4,23 @@ supports: peak memory and time per step, side by side.
     python benchmarks/bench_lora.py                       # both tables: ≈10 minutes on 2 idle CPU cores
     python benchmarks/bench_lora.py --only lora --steps 6 --batch-size 8
     python benchmarks/bench_lora.py --only packing
+    python benchmarks/bench_lora.py --only gguf --repo OLDER_CHECKOUT      # the GGUF load peak, before/after
 
 1. LORA. SmolLM2-135M-Instruct (`smollm2-135m`, dequantised once into a plain save_pretrained copy under
    --workdir, so that no measured run pays for the GGUF read), β-DPO as configs/smollm2_hh_lora.yaml runs it
    (α = 0.6, ρ = 0.2), on HH-format pairs (bench_vs_trl.make_hh_pairs), fp32, AdamW. Two runs, each
    `python betadpo.py` in its own fresh process, in one invocation: full fine-tuning (a frozen reference model
    beside the policy, as a user gets it) and LoRA with r = 16 on every linear layer (the reference = the policy
-   with its adapters off). Reported: the process's peak RSS (bench_vs_trl.launch: the launcher's wait4), the median
-   time of a step after the first (metrics.jsonl), and the trainable parameters.
+   with its adapters off). Reported: the process's peak RSS (bench_vs_trl.launch: the launcher's wait4), split into
+   the peaks while loading and while training (RSS sampled every 50 ms; the boundary is the run's config.yaml,
+   written just before the loop), the median time of a step after the first (metrics.jsonl), and the trainable
+   parameters. --model gguf loads SmolLM2 from its GGUF file, as users do, instead of the plain copy.
 2. PACKING. For each architecture of PACKED_MODEL_TYPES (plumbing/fast_logps.py), a random model of the small Llama's
    shape (hidden 256, 4 layers, 4 heads, vocabulary 8,192) and one batch of 16 pairs with lengths spread like HH's
    (32–256 tokens, right-padded): forward + backward of betadpo.sequence_logps, packed (the fast path) and with
    packing switched off (the fast path otherwise), median of --repeats after one warm-up, in this process.
+3. GGUF. One process loads SmolLM2's GGUF file twice with plumbing.models.load_model, dropping the first model
+   before the second: peak RSS after each, and CPU seconds; in --repo (e.g. an older commit's checkout) and here.
 The machine may be shared with other work: the table prints the load average before and after, and the CPU model and
 torch's kernel set (ATEN_CPU_CAPABILITY) with every number.
 """
@@ -39,11 +44,12 @@ ARCH_ORDER = ("llama", "gpt_neox", "qwen2", "mistral", "gemma", "gemma2", "phi3"
 
 def lora_table(a, workdir: Path) -> list[str]:
     meta = bench.build_real_model_dir("smollm2-135m", workdir / "model")
+    model = str(workdir / "model") if a.model == "copy" else "smollm2-135m"
     rows = bench.make_hh_pairs(a.batch_size * (a.steps + 1) + 8, seed=0)
     train, held_out = workdir / "train.jsonl", workdir / "eval.jsonl"
     bench.write_jsonl(train, rows[8:])
     bench.write_jsonl(held_out, rows[:8])
-    common = ["--config", "configs/smollm2_hh_lora.yaml", "--model.name_or_path", str(workdir / "model"),
+    common = ["--config", "configs/smollm2_hh_lora.yaml", "--model.name_or_path", model,
               "--data.dataset", str(train), "--data.eval_dataset", str(held_out), "--data.chat_template", "off",
               "--data.max_length", "256", "--data.max_prompt_length", "128", "--train.batch_size", str(a.batch_size),
               "--train.max_steps", str(a.steps), "--train.save_every", str(a.steps), "--train.eval_every", "0",
@@ -52,19 +58,78 @@ def lora_table(a, workdir: Path) -> list[str]:
                 "LoRA r=16, all linear": ["--model.lora_r", "16"]}
     lines = [f"SmolLM2-135M ({meta['params'] / 1e6:.0f}M parameters), β-DPO, fp32, batch {a.batch_size} pairs, "
              f"{a.steps} steps ({a.threads} threads)", "",
-             "| | trainable parameters | peak RSS (MiB) | time per step (s, median of steps 2…) | reference |", "|---|---:|---:|---:|---|"]
+             "| | trainable parameters | peak RSS (MiB) | loading | training | time per step (s, median of steps 2…) | reference |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     for name, extra in variants.items():
         out = workdir / "out" / name.split()[0].lower()
         shutil.rmtree(out, ignore_errors=True)
         print(f"[lora] {name} …", flush=True)
-        run = bench.launch([sys.executable, "betadpo.py", *common, "--train.output_dir", str(out), *extra], workdir / f"{out.name}.log", a.threads)
+        run = launch_in_phases([sys.executable, "betadpo.py", *common, "--train.output_dir", str(out), *extra], workdir / f"{out.name}.log",
+                               a.threads, out / "config.yaml")
         if run["rc"] != 0:
             raise SystemExit(f"benchmark: {name} failed; see {workdir / f'{out.name}.log'}")
         steps = bench.read_ours(out)["dt"]
         log = (workdir / f"{out.name}.log").read_text()
         trainable = next((line.split("LoRA: ")[1].split(" of ")[0] for line in log.splitlines() if line.startswith("LoRA: ")), f"{meta['params']:,}")
         reference = "the policy, adapters off" if "LoRA" in name else "a second model"
-        lines.append(f"| {name} | {trainable} | {run['rss_mib']:.0f} | {statistics.median(steps[1:]):.2f} | {reference} |")
+        lines.append(f"| {name} | {trainable} | {run['rss_mib']:.0f} | {run['load_mib']:.0f} | {run['train_mib']:.0f} | "
+                     f"{statistics.median(steps[1:]):.2f} | {reference} |")
+    return lines
+
+
+def launch_in_phases(cmd: list[str], log: Path, threads: int, loaded: Path) -> dict:
+    """bench.launch's measured process, its RSS sampled every 50 ms and split at the moment `loaded` appears
+    (betadpo.py writes the run's config.yaml once the models, optimizer and data are ready, just before the
+    loop): → exit code, peak RSS of the whole process (wait4, MiB) and the sampled peaks while loading and while
+    training (MiB)."""
+    import threading
+
+    import psutil
+
+    peaks, done, me = {"load_mib": 0.0, "train_mib": 0.0}, threading.Event(), psutil.Process()
+
+    def sample():
+        while not done.is_set():
+            for proc in me.children(recursive=True):  # the launcher, and its child running betadpo.py
+                try:
+                    if "betadpo.py" in proc.cmdline():
+                        phase = "train_mib" if loaded.exists() else "load_mib"
+                        peaks[phase] = max(peaks[phase], proc.memory_info().rss / 2**20)
+                except psutil.Error:
+                    pass
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        run = bench.launch(cmd, log, threads)
+    finally:
+        done.set()
+        sampler.join()
+    return {**run, **peaks}
+
+
+# One process that loads SmolLM2's GGUF file twice, the first model dropped before the second: its peak RSS after each
+# (the first: the load's own peak; the second: that plus whatever a load keeps for the next one)
+GGUF_LOADS = ("import resource, sys, time; sys.path.insert(0, '.'); from plumbing.models import load_model; t = time.process_time(); "
+              "peaks = [(load_model('smollm2-135m'), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)[1] for _ in range(2)]; "
+              "print('GGUF', *peaks, time.process_time() - t)")
+
+
+def gguf_table(a) -> list[str]:
+    """The GGUF load peak: `GGUF_LOADS` in the checkout --repo (another commit, for before/after) and in this one."""
+    import subprocess
+
+    lines = ["SmolLM2-135M's GGUF file dequantised to fp32 by plumbing.models.load_model, twice in one process (the first model "
+             "dropped before the second)", "", "| checkout | peak RSS after one load (MiB) | after the second (MiB) | CPU s (both) |",
+             "|---|---:|---:|---:|"]
+    for repo in dict.fromkeys([Path(a.repo).resolve(), REPO]):
+        run = subprocess.run([sys.executable, "-c", GGUF_LOADS], cwd=repo, capture_output=True, text=True, env=bench.child_env(a.threads))
+        found = [line.split()[1:] for line in run.stdout.splitlines() if line.startswith("GGUF ")]
+        if run.returncode != 0 or not found:
+            raise SystemExit(f"benchmark: loading the GGUF file in {repo} failed:\n{run.stderr[-2000:]}")
+        policy, both, cpu = map(float, found[0])
+        lines.append(f"| {repo} | {policy:.0f} | {both:.0f} | {cpu:.1f} |")
     return lines
 
 
@@ -128,11 +193,14 @@ def packing_table(a) -> list[str]:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["lora", "packing"], default=None)
+    p.add_argument("--only", choices=["lora", "packing", "gguf"], default=None)
+    p.add_argument("--repo", default=str(REPO), help="gguf table: another checkout to load the file with as well (before/after)")
     p.add_argument("--steps", type=int, default=4, help="LoRA table: optimizer steps per run (the first is not timed)")
     p.add_argument("--batch-size", type=int, default=4, help="LoRA table: pairs per step")
     p.add_argument("--repeats", type=int, default=3, help="packing table: timed passes per cell")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--model", choices=["copy", "gguf"], default="copy",
+                   help="LoRA table: SmolLM2 from a plain save_pretrained copy (no GGUF read measured), or from its GGUF file as users load it")
     p.add_argument("--workdir", default="runs/bench/lora")
     a = p.parse_args()
     workdir = Path(a.workdir)
@@ -149,6 +217,8 @@ def main():
         body += lora_table(a, workdir) + [""]
     if a.only in (None, "packing"):
         body += packing_table(a) + [""]
+    if a.only in (None, "gguf"):
+        body += gguf_table(a) + [""]
     report = "\n".join(head + body + [f"load average after: {os.getloadavg()[0]:.1f}"])
     print("\n" + report)
     (workdir / "report.md").write_text(report + "\n")

@@ -70,6 +70,7 @@ class DataArgs:
     columns: str = ""  # other column names, ours=theirs: "prompt=question,chosen=response_j,rejected=response_k" (a.b = nested)
     drop_ties: bool = False  # drop pairs with score_chosen == score_rejected (they are counted either way)
     preview: int = 0  # N > 0: print the first N training pairs as JSON lines (exact text, token counts, cuts) and exit
+    cache_dir: str = ""  # tokenized data cache: "" = $BETADPO_DATA_CACHE, else ~/.cache/betadpo/data; "off" = in memory
     hh_subset: str = ""  # Anthropic/hh-rlhf data_dir, e.g. "harmless-base"; "" = all of HH
     chat_template: Literal["auto", "on", "off"] = "auto"  # rows through the tokenizer's chat template: auto = if it has one; off = text as given (HH: raw "\n\nHuman: … \n\nAssistant:", the paper's)
     max_length: int = 64  # max tokens of prompt + response

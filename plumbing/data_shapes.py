@@ -280,10 +280,15 @@ def _prerendered(tokenizer, text: str) -> bool:
 # --------------------------------------------------------------------------------------------------------
 # The whole dataset
 # --------------------------------------------------------------------------------------------------------
-def to_pairs(rows: list, source: str, data_cfg, tokenizer=None, report: dict | None = None) -> list[dict]:
+def to_pairs(rows: list, source: str, data_cfg, tokenizer=None, report: dict | None = None, render=None) -> list[dict]:
     """(1-based row number, row) → {prompt, chosen, rejected} text (+ score_chosen/score_rejected when the data has
     scores), rendered as the module docstring says. Skipped rows are counted in `report` (and a warning), as are
-    ties (equal scores), which `data.drop_ties` drops."""
+    ties (equal scores), which `data.drop_ties` drops.
+
+    render(normalised, template, raw, source) → ([(row number, pair dict)], [(row number, why skipped)]) turns the
+    normalised rows (row number, kind, prompt, chosen, rejected, _) into pairs; by default `render_rows`, here.
+    The tokenized cache (token_cache.py) passes one that renders and tokenizes in worker processes, and whose pair
+    dicts point into its arrays: whatever it returns is counted, scored and split exactly as text pairs are."""
     report = {} if report is None else report
     rows = map_columns(rows, data_cfg.columns, source)
     if not rows:
@@ -320,19 +325,26 @@ def to_pairs(rows: list, source: str, data_cfg, tokenizer=None, report: dict | N
     if raw and data_cfg.chat_template == "on":
         raise DataError(f"{source} row {i0}: the text already holds the tokenizer's special tokens (it was rendered "
                         "before), and data.chat_template 'on' would render it again; use 'auto' or 'off'")
-    pairs = []
-    for i, kind, p, c, r, _ in normalised:
-        rendered = _render(kind, p, c, r, template, raw, f"{source} row {i}")
-        if rendered is None:
-            skipped.append((i, "turns the chat template refuses"))
-        else:
-            pairs.append((i, dict(zip(("prompt", "chosen", "rejected"), rendered))))
-    _count_skipped(skipped, len(rows), source, shape == "hh")
+    pairs, refused = (render or render_rows)(normalised, template, raw, source)
+    skipped += refused
+    _count_skipped(skipped, len(rows), source, shape == "hh", report)
     removed = "; the prompt cut off the responses, which repeated it" if report.pop("prompt_removed", False) else ""
     report.update(source=source, shape=SHAPES[shape] + removed, rows=len(rows), skipped=Counter(reason for _, reason in skipped),
                   rendering=("rendered by the chat template" if template is not None and not raw
                              else "written as HH text" if shape in ("chat", "chat-full", "implicit-chat") else "text as given"))
     return _scores(pairs, dict(rows), source, data_cfg.drop_ties, report)
+
+
+def render_rows(normalised: list, template, raw: bool, source: str) -> tuple[list, list]:
+    """Normalised rows → ([(row number, {prompt, chosen, rejected} text)], [(row number, why skipped)])."""
+    pairs, refused = [], []
+    for i, kind, p, c, r, _ in normalised:
+        rendered = _render(kind, p, c, r, template, raw, f"{source} row {i}")
+        if rendered is None:
+            refused.append((i, "turns the chat template refuses"))
+        else:
+            pairs.append((i, dict(zip(("prompt", "chosen", "rejected"), rendered))))
+    return pairs, refused
 
 
 def _remove_repeated_prompt(normalised: list, source: str, report: dict):
@@ -369,7 +381,7 @@ def _scores(pairs: list, rows: dict, source: str, drop_ties: bool, report: dict)
     return out
 
 
-def _count_skipped(skipped: list, total: int, source: str, hh: bool):
+def _count_skipped(skipped: list, total: int, source: str, hh: bool, report: dict):
     if not skipped:
         return
     rows = sorted(i for i, _ in skipped)
@@ -377,13 +389,14 @@ def _count_skipped(skipped: list, total: int, source: str, hh: bool):
     msg = f"{source}: {len(rows)} of {total} rows have {reasons} (rows {', '.join(map(str, rows[:5]))}{', ...' if len(rows) > 5 else ''})"
     if len(rows) / total > MAX_SKIPPED and len(rows) > MAX_SKIPPED_ROWS:
         raise DataError(msg + f": more than {MAX_SKIPPED:.0%}, {'is this really HH-format data?' if hh else 'check the data and data.columns'}")
-    _warn_once(f"warning: {msg}; skipped")
+    report.setdefault("warnings", []).append(f"warning: {msg}; skipped")  # (said again when the tokenized cache is read)
+    warn_once(f"warning: {msg}; skipped")
 
 
 _warned = set()
 
 
-def _warn_once(message: str):
+def warn_once(message: str):
     """The same file is parsed for the training and the held-out split: say what is wrong with it once."""
     if message not in _warned:
         _warned.add(message)

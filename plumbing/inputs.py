@@ -2,9 +2,9 @@
 model or another tokenizer under the same output_dir and config would silently mix two runs in one.
 
 What is fingerprinted is content, cheaply:
-- data: the SHA-256 of the tokenized ids (scoring.token_hash), computed once from the ids the run trains on, so
-  a Hub dataset costs one pass over ids already in memory, and a moved or re-downloaded file with the same
-  rows is the same data;
+- data: the SHA-256 of the tokenized ids (scoring.token_hash), computed from the token arrays when they are
+  built (token_cache.py) and kept with them, so a resume from the tokenized cache costs nothing; a moved or
+  re-downloaded file with the same rows is the same data;
 - a model (and a separate reference): per weight file its size and the SHA-256 of its first, middle and last
   MiB (retraining changes every tensor; a copy with new modification times is the same model); a Hub id that
   is no local path is its name;
@@ -24,6 +24,7 @@ from pathlib import Path
 from plumbing.models import model_identity
 from plumbing.scoring import token_hash
 from plumbing.storage import remove_quietly
+from plumbing.token_cache import tokenizer_fingerprint
 
 INPUTS = "inputs.json"
 SAMPLE = 1 << 20  # bytes read at each of a weight file's start, middle and end
@@ -44,13 +45,6 @@ def model_fingerprint(name: str) -> dict:
     root = Path(identity["model"])
     files = {f: _file_sample(root if root.is_file() else root / f) for f, _, _ in identity["files"]}
     return {"files": files} if files else {"name": identity["model"]}
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    content = {"class": type(tokenizer).__name__, "vocab": sorted(tokenizer.get_vocab().items()),
-               "special": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
-               "chat_template": getattr(tokenizer, "chat_template", None)}
-    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def fingerprint_inputs(cfg, tokenizer, **data) -> dict:

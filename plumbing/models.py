@@ -186,7 +186,6 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, key: str = "model
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-_GGUF_LOADED: dict = {}  # (path, dtype) → (config, dequantised weights) of the last GGUF file loaded, in memory only
 
 
 def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False, key: str = "model.name_or_path",
@@ -239,37 +238,62 @@ def gathered_state_dict(accelerator, model) -> dict:
 def _load_gguf_model(path: str, dtype: str, config_key: str):
     """A .gguf checkpoint, every weight dequantised to `dtype`, as a plain model of the class transformers picks.
 
-    transformers marks a model read from GGUF as quantized, even once all its weights are dense, and refuses to
-    `save_pretrained` it. A model of the same class built from the same config (without its quantization
-    entry) holding the same weights gives identical logits and saves like any other: `final/` is then an
-    ordinary directory that loads without the `gguf` package.
-
-    Dequantising is slow (SmolLM2-135M: about 30 s of CPU), so the weights of the last GGUF file loaded stay in
-    memory for the next call in the same process (betadpo.py's reference is the same file as its policy).
-    Nothing is written to disk.
+    transformers' own GGUF loading dequantises the whole file into a state dict first, then builds a model that it
+    marks as quantized (and refuses to `save_pretrained`), which we copied into a plain model of the same class:
+    three copies of the weights at the peak, one of them kept for the reference. Here the plain model is built
+    from the file's config (without its quantization entry) and filled tensor by tensor: each GGUF tensor is
+    dequantised, put through transformers' per-architecture fix-ups (e.g. Llama's q/k row order) and copied into
+    its parameter under transformers' GGUF → HF name map, so the peak is the model plus one tensor. The file is
+    memory-mapped, and nothing is kept between calls (betadpo.py's reference dequantises the file again: a few
+    seconds, against a copy of the weights held for the whole run). `final/` is then an ordinary directory that
+    loads without the `gguf` package.
     """
-    import copy
+    from gguf import GGUFReader, dequantize
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
-    from transformers import AutoModelForCausalLM
-
-    key = (str(Path(path).expanduser().resolve()), dtype)
-    if key not in _GGUF_LOADED:
-        architecture = _check_gguf(path, config_key)  # bad files stop here, before the message below
-        if os.environ.get("RANK", "0") == "0":
-            print(f"{path}: reading a GGUF checkpoint and dequantising it to {dtype} (SmolLM2-135M: about half a "
-                  "minute on a CPU)", flush=True)
-        started = time.perf_counter()
-        packed = _load_gguf(AutoModelForCausalLM, path, "model", config_key, architecture, dtype=DTYPES[dtype])
-        config = copy.deepcopy(packed.config)
+    architecture = _check_gguf(path, config_key)  # bad files stop here, before the message below
+    file = Path(path).expanduser()
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{path}: reading a GGUF checkpoint and dequantising it to {dtype} tensor by tensor", flush=True)
+    started = time.perf_counter()
+    config = _load_gguf(AutoConfig, path, "model", config_key, architecture)  # (an architecture transformers lacks: one line)
+    if hasattr(config, "quantization_config"):
         del config.quantization_config
-        _GGUF_LOADED.clear()  # one file at a time: the cache costs one copy of the weights
-        _GGUF_LOADED[key] = (config, packed.state_dict())
-        if os.environ.get("RANK", "0") == "0":
-            print(f"{path}: loaded in {time.perf_counter() - started:.0f} s", flush=True)
-    config, weights = _GGUF_LOADED[key]
     model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
-    model.load_state_dict(weights)  # copies: every model loaded from the file owns its weights
+    # The fix-ups read the config's head counts (the model's config holds them under the same names as the file's
+    # parsed metadata, which is not read a third time: its 49k-token vocabulary alone costs seconds).
+    parsed = {"config": config.to_dict(), "tensors": {}}
+    processor = gguf_utils.TENSOR_PROCESSORS.get(architecture, gguf_utils.TensorProcessor)(config=parsed["config"])
+    names = gguf_utils.get_gguf_hf_weights_map(model, processor)  # GGUF tensor name → parameter name
+    params = model.state_dict(keep_vars=True)
+    filled = set()
+    with torch.no_grad():
+        for tensor in GGUFReader(str(file)).tensors:
+            fixed = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
+                                      tensor_key_mapping=names, parsed_parameters=parsed)
+            if fixed.name in names:
+                target = params[names[fixed.name]]
+                weights = fixed.weights if fixed.weights.flags.writeable else fixed.weights.copy()  # (an F32 tensor is the read-only map)
+                target.copy_(torch.from_numpy(weights).reshape(target.shape))  # (casts to dtype)
+                filled.add(names[fixed.name])
+    missing = sorted(set(names.values()) - filled - _tied_names(model))
+    if missing:
+        raise UserError(f"{config_key}: '{path}' holds no tensor for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{path}: loaded in {time.perf_counter() - started:.0f} s", flush=True)
     return model
+
+
+def _tied_names(model) -> set:
+    """Parameter names that share their tensor with an earlier one (a tied LM head): filled through it."""
+    first, tied = {}, set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in first:
+            tied.add(name)
+        else:
+            first[id(tensor)] = name
+    return tied
 
 
 def disable_dropout(model: torch.nn.Module):

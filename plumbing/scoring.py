@@ -47,7 +47,10 @@ def score_in_chunks(accelerator, model, score, pairs, pad_id, batch_size: int, e
 
 def token_hash(rows) -> str:
     """SHA-256 of tokenized rows, each a tuple of id lists ((prompt, chosen, rejected) pairs, (prompt, response)
-    SFT examples): a key of the exact data, as cheap as reading the ids once. Part i of a row ends with −(i+1)."""
+    SFT examples): a key of the exact data, as cheap as reading the ids once. Part i of a row ends with −(i+1).
+    Token arrays (data.TokenizedRows) hash themselves, to the same value, without lists."""
+    if hasattr(rows, "token_hash"):
+        return rows.token_hash()
     h = hashlib.sha256()
     for row in rows:
         h.update(array.array("q", [t for i, part in enumerate(row) for t in (*part, -(i + 1))]).tobytes())

@@ -33,6 +33,14 @@ def save_tiny_model(path: Path, seed: int = 0, hidden: int = 32, layers: int = 1
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory) -> Path:
+    """The tokenized data cache of every test and script the tests launch: the session's own, never the user's."""
+    path = tmp_path_factory.mktemp("data_cache")
+    os.environ["BETADPO_DATA_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")

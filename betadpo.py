@@ -39,6 +39,7 @@ named entries in variants.py; the plumbing around the algorithm (config files, m
 logging, data) is in plumbing/, one module per job.
 """
 
+import plumbing.host_allocator  # noqa: F401  (first: glibc malloc set up before torch loads; docs/SCALING.md)
 import math
 import time
 from dataclasses import dataclass, field

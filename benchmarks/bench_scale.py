@@ -4,6 +4,15 @@ the gradient memory of accumulation, for the current code and (with --before REV
     python benchmarks/bench_scale.py                        # 273M-param Llama, the cases below: ≈1 hour on 2 busy cores
     python benchmarks/bench_scale.py --cases after:4:2 before:4:2   # CODE:PROCESSES:GRAD_ACCUM (before: 366a857's code)
     python benchmarks/bench_scale.py --layers 2 --hidden 64 --cases after:2:2 before:2:2   # a smoke run, ≈3 minutes
+    python benchmarks/bench_scale.py --cases after:4:2 --load_peak   # the issue-31 run: as launched, + rank 0's load alone
+    python benchmarks/bench_scale.py --cases after:4:2 --allocator_env   # MALLOC_* set by hand, as before issue 31
+
+Launched as a user launches: no allocator variables in the environment (any inherited MALLOC_* is removed);
+the scripts set glibc's malloc up themselves (plumbing/host_allocator.py). --allocator_env sets the same two
+settings through the environment instead. A case CODE:PROCESSES:GRAD_ACCUM:bf16 reads a bf16 checkpoint of the
+same model (the policy is still fp32: model.dtype float32, as the 7B/20B configs).
+--load_peak: rank 0's loading alone, one process, plumbing.models.load_model(checkpoint, float32) of the fp32
+and the bf16 checkpoint, peak RSS above the imports (what rank 0 holds before it shards anything).
 
 Default cases: the current code on 4 processes with grad_accum 2; then on 2 processes (the code before, commit
 366a857, needs ~4.5 S per rank: 4 of them do not fit in 24 GB) with grad_accum 4 and 1, before and after.
@@ -32,10 +41,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # glibc's malloc on its defaults keeps freed memory in per-thread arenas (gloo runs several threads) and raises its
-# mmap threshold after each large free, so a CPU process's RSS counts much memory no tensor holds any more (a
-# GPU's caching allocator holds no host memory at all). Two arenas and a fixed 1 MiB mmap threshold make RSS
-# follow the live tensors; --glibc_defaults measures without them.
-ALLOCATOR = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+# mmap threshold after each large free, so a CPU process's RSS counts much memory no tensor holds any more. The
+# scripts now set it up themselves (plumbing/host_allocator.py); --allocator_env sets the same through the
+# environment, as users had to before.
+ALLOCATOR: dict = {}
 MARK = re.compile(r"MEM rank (\d+) (\S+) hwm_kb (\d+) rss_kb (\d+)")  # processes share stdout: lines may run together
 
 
@@ -113,12 +122,40 @@ def build_model(path: Path, hidden: int, layers: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def save_bf16(model: Path, path: Path):
+    """The fp32 checkpoint `model` saved again in bf16 (as hub checkpoints of 7B/20B models are)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    if (path / "config.json").is_file():
+        return
+    AutoModelForCausalLM.from_pretrained(model, dtype="bfloat16").save_pretrained(path)
+    for f in model.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, path / f.name)
+
+
+def load_peak_kb(path: Path) -> int:
+    """Peak RSS (VmHWM, KiB) of one fresh process that loads `path` as betadpo.py's rank 0 does: the allocator
+    module first, then plumbing.models.load_model(path, "float32")."""
+    code = ("import sys; sys.path.insert(0, '.'); import plumbing.host_allocator\n"
+            "import torch, transformers, accelerate\nfrom plumbing.models import load_model\n"
+            f"model = load_model({str(path)!r}, 'float32')\n"
+            "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])")
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env={**inherited, "OMP_NUM_THREADS": "1"})
+    return int(out.stdout.split()[-1])
+
+
 def run_case(code: Path, model: Path, out: Path, processes: int, accum: int) -> dict:
     """One launch → {rank: {mark: (hwm_kb, rss_kb)}}."""
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1", **ALLOCATOR}
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # as launched: no allocator variables
+    env = {**inherited, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1", **ALLOCATOR}
     port = 29500 + os.getpid() % 1000 + processes * 10 + accum
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/fsdp.yaml",
            "--num_processes", str(processes), "--main_process_port", str(port), str(Path(__file__).resolve()), "--probe",
@@ -145,7 +182,8 @@ def main():
     parser.add_argument("--before", default="366a857", help="the git revision 'before' cases run (366a857: the code before issue 25)")
     parser.add_argument("--workdir", default="")
     parser.add_argument("--memory_model", action="store_true", help="print docs/SCALING.md's memory model table and stop")
-    parser.add_argument("--glibc_defaults", action="store_true", help="glibc's malloc defaults (see ALLOCATOR)")
+    parser.add_argument("--allocator_env", action="store_true", help="MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=1 MiB in the environment")
+    parser.add_argument("--load_peak", action="store_true", help="also rank 0's load alone, fp32 and bf16 checkpoints")
     args = parser.parse_args()
     if args.probe is not None:
         return probe(args.probe)
@@ -154,8 +192,8 @@ def main():
         print()
         print_memory_model(2048)
         return
-    if args.glibc_defaults:
-        ALLOCATOR.clear()
+    if args.allocator_env:
+        ALLOCATOR.update({"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)})
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_scale_"))
     model = work / "model"
     n = build_model(model, args.hidden, args.layers) if not (model / "config.json").is_file() else None
@@ -167,9 +205,11 @@ def main():
             __import__("transformers").AutoConfig.for_model(**c)).parameters())
     S_kb = n * 4 / 1024
     base = bare_import_kb()
-    cases = [tuple(c.split(":")) for c in args.cases]  # (code, processes, grad_accum)
+    cases = [(c.split(":") + ["fp32"])[:4] for c in args.cases]  # (code, processes, grad_accum, checkpoint dtype)
+    if any(dtype == "bf16" for *_, dtype in cases) or args.load_peak:
+        save_bf16(model, work / "model-bf16")
     trees = {"after": ROOT}
-    if any(code != "after" for code, _, _ in cases):
+    if any(code != "after" for code, *_ in cases):
         old = work / f"code-{args.before}"
         if not old.is_dir():
             old.mkdir(parents=True)
@@ -178,20 +218,25 @@ def main():
         trees["before"] = old
     print(f"model: {n / 1e6:.0f}M parameters, S = {S_kb / 2**20:.2f} GiB in fp32; bare import RSS {base / 2**20:.2f} GiB; "
           f"CPU: {cpu_name()}; before = {args.before}")
-    print(f"allocator: {ALLOCATOR or 'glibc defaults'}")
-    print("\n| code | processes | grad_accum | rank | started (S) | peak at load (S) | peak after 1st backward (S) | peak, whole run (S) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"allocator: {ALLOCATOR or 'no MALLOC_* variables (as users launch): the scripts call mallopt, plumbing/host_allocator.py'}")
     s = lambda kb: f"{(kb - base) / S_kb:.2f}"  # noqa: E731
-    for code, P, accum in cases:
-        marks = run_case(trees[code], model, work / f"run-{code}-{P}-{accum}", int(P), int(accum))
+    if args.load_peak:
+        print("\n| checkpoint | rank 0's load alone: peak (S) |\n|---|---|")
+        for dtype, path in (("fp32", model), ("bf16", work / "model-bf16")):
+            print(f"| {dtype} | {s(load_peak_kb(path))} |", flush=True)
+    print("\n| code | checkpoint | processes | grad_accum | rank | started (S) | peak at load (S) | peak after 1st backward (S) | peak, whole run (S) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for code, P, accum, dtype in cases:
+        path = work / "model-bf16" if dtype == "bf16" else model
+        marks = run_case(trees[code], path, work / f"run-{code}-{P}-{accum}-{dtype}", int(P), int(accum))
         total = 0.0
         for rank in sorted(marks):
             m = marks[rank]
             load = max((v[0] for k, v in m.items() if k.startswith("sharded_")), default=None)
             get = lambda key: s(m[key][0]) if key in m else "–"  # noqa: E731
             total += (m["exit"][0] - base) / S_kb if "exit" in m else float("nan")
-            print(f"| {code} | {P} | {accum} | {rank} | {get('started')} | {s(load) if load else '–'} | {get('backward_1')} | {get('exit')} |", flush=True)
-        print(f"| {code} | {P} | {accum} | all | | | | {total:.2f} |", flush=True)
+            print(f"| {code} | {dtype} | {P} | {accum} | {rank} | {get('started')} | {s(load) if load else '–'} | {get('backward_1')} | {get('exit')} |", flush=True)
+        print(f"| {code} | {dtype} | {P} | {accum} | all | | | | {total:.2f} |", flush=True)
 
 
 # InternLM2.5 shapes (config.json of internlm/internlm2_5-{1_8b,7b,20b}-chat): hidden, layers, heads, KV heads, MLP, vocab.

@@ -58,6 +58,7 @@ FINISHED = "finished.json"
 # logs and caches, eval.py's own settings. Anything else would change what the saved state means.
 RESUMABLE_KEYS = ("train.max_steps", "train.epochs", "train.save_every", "train.eval_every", "train.output_dir",
                   "train.ref_cache_dir", "train.gradient_checkpointing", "train.dist_timeout_min", "train.allow_changed_inputs",
+                  "train.memory_check",
                   "log.", "eval.", "data.preview")
 
 

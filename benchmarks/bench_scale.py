@@ -239,38 +239,30 @@ def main():
         print(f"| {code} | {dtype} | {P} | {accum} | all | | | | {total:.2f} |", flush=True)
 
 
-# InternLM2.5 shapes (config.json of internlm/internlm2_5-{1_8b,7b,20b}-chat): hidden, layers, heads, KV heads, MLP, vocab.
-SHAPES = {"1.8B": (2048, 24, 16, 8, 8192, 92544), "7B": (4096, 32, 32, 8, 14336, 92544), "20B": (6144, 48, 48, 8, 16384, 92544)}
-
-
-def memory_model(tokens: int = 4096, G: int = 8):
-    """docs/SCALING.md's memory model, per GPU, in GB (1e9 bytes): fp32 master weights, gradients and RMSprop's one
-    state tensor; the reference (fp32 under DDP, bf16 under FSDP2/HSDP: frozen_dtype); bf16-autocast activations of
-    `tokens` tokens per micro-batch with and without gradient checkpointing; FSDP2's transient unsharded bf16
-    parameters (two layers: the current one and the prefetched next) and its unsharded embedding/LM-head group."""
-    rows = []
-    for name, (h, L, H, KV, I, V) in SHAPES.items():
-        kv = h // H * KV
-        layer = h * (h + 2 * kv) + h * h + 3 * h * I + 2 * h  # q,k,v, o, gate/up/down, 2 norms
-        N = L * layer + 2 * V * h + h  # + embedding, untied LM head, final norm
-        act_layer = 2 * (7 * h + 2 * kv + 4 * I) + 4 * 2 * h  # bf16 saved tensors + fp32 residual/norm inputs, per token
-        act_full, act_ckpt = L * act_layer * tokens, (L * 4 * h + act_layer) * tokens
-        logits_plain, logits_fast = 3 * 4 * V * tokens, 2 * V * tokens + 4 * 512 * V * 4  # fp32 logits+log-softmax+grad; bf16 p + 4-row chunk
-        ddp = {"weights": 4 * N, "grads": 4 * N, "rmsprop": 4 * N, "reference": 4 * N}
-        fsdp = {"weights": 4 * N / G, "grads": 4 * N / G, "rmsprop": 4 * N / G, "reference": 2 * N / G}
-        transient = 2 * 2 * layer + 2 * 2 * V * h  # two unsharded layers + embedding/LM head, bf16
-        rows.append((name, N, ddp, fsdp, transient, act_full, act_ckpt, logits_plain, logits_fast))
-    return rows
-
-
 def print_memory_model(tokens: int = 4096, G: int = 8):
+    """docs/SCALING.md's per-GPU tables, from plumbing/memory_model.py (the launch guard's model): InternLM2.5
+    shapes, fp32 weights, gradients and RMSprop state; DDP with a fp32 reference, FSDP2/HSDP over G with bf16
+    mixed precision and a bf16 reference; `tokens` per GPU per micro-batch; GB = 1e9 bytes."""
+    sys.path.insert(0, str(ROOT))
+    from plumbing import memory_model as mm
+
     gb = lambda b: f"{b / 1e9:.1f}"  # noqa: E731
-    print(f"| model | params | DDP: weights+grads+RMSprop+ref (fp32) | FSDP/HSDP over {G}: the same, ref bf16 | FSDP transient "
-          f"(2 layers + embed/head, bf16) | activations, {tokens} tokens: none / checkpointed | logits {tokens} tokens: plain / fast |")
-    print("|---|---|---|---|---|---|---|")
-    for name, N, ddp, fsdp, transient, act_full, act_ckpt, lp, lf in memory_model(tokens, G):
-        print(f"| {name} | {N / 1e9:.2f} B | {gb(sum(ddp.values()))} | {gb(sum(fsdp.values()))} | {gb(transient)} | "
-              f"{gb(act_full)} / {gb(act_ckpt)} | {gb(lp)} / {gb(lf)} |")
+    print(f"| model | params | DDP: weights+grads+RMSprop+ref (fp32) | FSDP/HSDP over {G}: the same, ref bf16 | FSDP unsharded "
+          f"(2 layers + embed/head, bf16) | activations, {tokens} tokens: none / checkpointed | LM-head backward | "
+          f"FSDP end of backward: embed/head grad bf16 + fp32 staging | FSDP peak: checkpointed / not |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, hub in (("1.8B", "internlm/internlm2_5-1_8b-chat"), ("7B", "internlm/internlm2_5-7b-chat"),
+                      ("20B", "internlm/internlm2_5-20b-chat")):
+        shape = mm.shape_of(mm.known_config(hub))
+        common = dict(weight_bytes=4, trained_fraction=1.0, optimizer_states=1, tokens=tokens, autocast=True, fp32_reduce=True)
+        ddp = mm.estimate(shape, mm.Launch(processes=G, shards=1, compute_bytes=4, reference_bytes=4, checkpointing=True, **common))
+        fsdp = {ckpt: mm.estimate(shape, mm.Launch(processes=G, shards=G, compute_bytes=2, reference_bytes=2, checkpointing=ckpt,
+                                                   **common)) for ckpt in (True, False)}
+        states = lambda t: sum(t[k] for k in ("weights", "gradients", "optimizer", "reference"))  # noqa: E731
+        f = fsdp[True]
+        print(f"| {name} | {shape.params / 1e9:.2f} B | {gb(states(ddp))} | {gb(states(f))} | {gb(f['fsdp_unsharded'])} | "
+              f"{gb(fsdp[False]['activations'])} / {gb(f['activations'])} | {gb(f['head_backward'])} | "
+              f"{gb(f['fsdp_reduce_staging'])} | {gb(f['peak'])} / {gb(fsdp[False]['peak'])} |")
 
 
 def cpu_name() -> str:

@@ -68,12 +68,14 @@ def test_the_filter_generator_is_on_the_cpu_whatever_the_device():
 
 
 def test_the_gpu_check_script_passes_in_its_cpu_mode(tmp_path):
-    """benchmarks/gpu_check.sh --cpu: the GPU check's logic (fast vs plain log-probs, plain vs FSDP2 with resume,
-    precomputed reference, eval.py), tiny, on CPU processes; it exits 1 on any disagreement."""
+    """benchmarks/gpu_check.sh --cpu: the GPU check's logic (the measured micro-batches plain and FSDP2, bf16 vs
+    fp32 log-probs, fast vs plain log-probs, plain vs FSDP2 with resume, precomputed reference, eval.py), tiny, on
+    CPU processes; it exits 1 on any disagreement."""
     result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu", "--workdir", str(tmp_path)], cwd=ROOT,
                             capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for line in ("log-probs fast vs plain", "step 1, plain vs FSDP2", "step 2 (after resume), plain vs FSDP2",
+    for line in ("0. plain, bf16 autocast:", "0. FSDP2 (1 process), bf16 parameters, fp32 reduce:", "tokens/s, model",
+                 "0. precision: cpu bf16 autocast vs CPU fp32", "log-probs fast vs plain", "step 1, plain vs FSDP2", "step 2 (after resume), plain vs FSDP2",
                  "step 1, live vs precomputed reference", "5. eval.py: pref_accuracy", "all checks passed"):
         assert line in result.stdout, result.stdout[-3000:]
 

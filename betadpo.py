@@ -595,6 +595,10 @@ def train(cfg: Config):
             save_checkpoint(accelerator, out, state.step, [*policy.parameters(), state.c])
     progress.close()
     # ---- save -----------------------------------------------------------------------------------------
+    # final/ gathers the whole model on the main process: first free what the last checkpoint already holds and
+    # the end no longer needs (optimizer state, reference), so that host peak is the model + one shard (SCALING.md)
+    optimizer.state.clear()
+    reference = None  # noqa: F841
     scale = {"c": state.c.item(), "beta_scale": F.softplus(state.c).item(), "ppl_scale": cfg.loss.ppl_scale,
              "learn_scale": cfg.loss.learn_scale, "M0": state.M0.item(), "sigma": state.sigma.item(), "step": state.step}
     save_final(accelerator, policy, tokenizer, out, state.step, {"beta_scale.json": scale},  # + the learned β-scale

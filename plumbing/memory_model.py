@@ -85,17 +85,18 @@ def known_config(name: str):
     elif not path.exists() and name.count("/") == 1:
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(name, "config.json")
+        try:
+            cached = try_to_load_from_cache(name, "config.json")
+        except ValueError:  # not a valid hub id (e.g. './missing'): the loader says so, later
+            cached = None
         config_file = Path(cached) if isinstance(cached, str) else None
     else:
         config_file = None
     if config_file is not None:
-        raw = json.loads(config_file.read_text())
-        if raw.get("model_type") == "internlm2":
-            return internlm2.llama_config(raw)
         try:
-            return AutoConfig.from_pretrained(config_file.parent)
-        except Exception:  # remote-code architectures and the like: their loader reports any problem
+            raw = json.loads(config_file.read_text())
+            return internlm2.llama_config(raw) if raw.get("model_type") == "internlm2" else AutoConfig.from_pretrained(config_file.parent)
+        except Exception:  # a damaged config.json, remote-code architectures: the loader says what is wrong, later
             return None
     if name in KNOWN_SHAPES:
         h, L, H, KV, I, V = KNOWN_SHAPES[name]

@@ -82,6 +82,14 @@ def test_the_guard_refuses_what_cannot_fit_and_its_flag_overrides_it(monkeypatch
     assert lora.trained_fraction == 0 and lora.reference_bytes == 0
 
 
+def test_models_without_a_readable_config_are_left_to_the_loader(tmp_path):
+    """No estimate (and no traceback) where the loader has the better message: a path that is not there, a damaged
+    config.json, a name that is no hub id, a GGUF/packaged model."""
+    (tmp_path / "config.json").write_text("{not json")
+    for name in ("./nothere", str(tmp_path), "other..repo..id/x", "smollm2-135m", "model.gguf"):
+        assert memory_model.known_config(name) is None, name
+
+
 def test_the_7b_config_in_one_process_is_refused_in_one_line(tmp_path):
     """As a user launches it, offline: one line naming FSDP and the memory per device, exit 2, nothing written."""
     out = tmp_path / "out"

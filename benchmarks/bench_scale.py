@@ -22,7 +22,8 @@ Each case is one `accelerate launch --config_file configs/accelerate/fsdp.yaml -
 RMSprop with train.grad_accum micro-batches of one pair per process, a checkpoint and final/ (every memory
 peak a real run has). The launched script is this file in --probe mode: it records each process's peak RSS
 (VmHWM from /proc/self/status) when each model has been sharded (the end of loading), after each backward, and
-at exit. Numbers are given in S, the model's size in fp32, above the RSS of a bare
+at exit, and the peaks of the checkpoint and of final/ alone (VmHWM reset before each, the RSS final/ starts
+from beside it). Numbers are given in S, the model's size in fp32, above the RSS of a bare
 `import torch, transformers, accelerate` (measured the same way).
 
 Fully sharded over P processes a rank needs about (params + grads + optimizer state + reference)/P ≈ 4S/P,
@@ -53,8 +54,27 @@ def vm_kb(field: str) -> int:
         return int(next(line for line in f if line.startswith(field + ":")).split()[1])
 
 
-def mark(label: str):
-    print(f"\nMEM rank {os.environ.get('RANK', '0')} {label} hwm_kb {vm_kb('VmHWM')} rss_kb {vm_kb('VmRSS')}", flush=True)
+_PEAK_KB = [0]  # the whole run's peak so far: phase() resets the kernel's VmHWM
+
+
+def mark(label: str, hwm_kb: int | None = None):
+    _PEAK_KB[0] = max(_PEAK_KB[0], vm_kb("VmHWM"))
+    hwm = _PEAK_KB[0] if hwm_kb is None else hwm_kb
+    print(f"\nMEM rank {os.environ.get('RANK', '0')} {label} hwm_kb {hwm} rss_kb {vm_kb('VmRSS')}", flush=True)
+
+
+def phase(label: str, run):
+    """run(...) with its own peak RSS: VmHWM is reset to the current RSS before (writing 5 to /proc/self/clear_refs)
+    and read after; the mark `label` holds that phase's peak, `label_start` the RSS it started from."""
+    def run_and_mark(*args, **kwargs):
+        mark(f"{label}_start")
+        Path("/proc/self/clear_refs").write_text("5")
+        try:
+            return run(*args, **kwargs)
+        finally:
+            peak = vm_kb("VmHWM")
+            mark(label, peak)
+    return run_and_mark
 
 
 def probe(argv: list[str]):
@@ -87,7 +107,11 @@ def probe(argv: list[str]):
 
     accelerate.Accelerator.backward = backward_and_mark
     sys.path.insert(0, os.getcwd())  # the code under test
+    import plumbing.checkpoints  # before betadpo.py imports save_checkpoint and save_final from it
     import plumbing.launch  # before betadpo.py imports start_run from it
+
+    plumbing.checkpoints.save_checkpoint = phase("checkpoint", plumbing.checkpoints.save_checkpoint)
+    plumbing.checkpoints.save_final = phase("final", plumbing.checkpoints.save_final)
 
     start_run = plumbing.launch.start_run
 
@@ -224,8 +248,9 @@ def main():
         print("\n| checkpoint | rank 0's load alone: peak (S) |\n|---|---|")
         for dtype, path in (("fp32", model), ("bf16", work / "model-bf16")):
             print(f"| {dtype} | {s(load_peak_kb(path))} |", flush=True)
-    print("\n| code | checkpoint | processes | grad_accum | rank | started (S) | peak at load (S) | peak after 1st backward (S) | peak, whole run (S) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| code | checkpoint | processes | grad_accum | rank | started (S) | peak at load (S) | peak after 1st backward (S) "
+          "| peak in checkpoint (S) | RSS before final/ (S) | peak in final/ (S) | peak, whole run (S) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for code, P, accum, dtype in cases:
         path = work / "model-bf16" if dtype == "bf16" else model
         marks = run_case(trees[code], path, work / f"run-{code}-{P}-{accum}-{dtype}", int(P), int(accum))
@@ -233,10 +258,11 @@ def main():
         for rank in sorted(marks):
             m = marks[rank]
             load = max((v[0] for k, v in m.items() if k.startswith("sharded_")), default=None)
-            get = lambda key: s(m[key][0]) if key in m else "–"  # noqa: E731
+            get = lambda key, i=0: s(m[key][i]) if key in m else "–"  # noqa: E731
             total += (m["exit"][0] - base) / S_kb if "exit" in m else float("nan")
-            print(f"| {code} | {dtype} | {P} | {accum} | {rank} | {get('started')} | {s(load) if load else '–'} | {get('backward_1')} | {get('exit')} |", flush=True)
-        print(f"| {code} | {dtype} | {P} | {accum} | all | | | | {total:.2f} |", flush=True)
+            print(f"| {code} | {dtype} | {P} | {accum} | {rank} | {get('started')} | {s(load) if load else '–'} | {get('backward_1')} | "
+                  f"{get('checkpoint')} | {get('final_start', 1)} | {get('final')} | {get('exit')} |", flush=True)
+        print(f"| {code} | {dtype} | {P} | {accum} | all | | | | | | | {total:.2f} |", flush=True)
 
 
 def print_memory_model(tokens: int = 4096, G: int = 8):

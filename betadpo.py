@@ -595,8 +595,8 @@ def train(cfg: Config):
             save_checkpoint(accelerator, out, state.step, [*policy.parameters(), state.c])
     progress.close()
     # ---- save -----------------------------------------------------------------------------------------
-    # final/ gathers the whole model on the main process: first free what the last checkpoint already holds and
-    # the end no longer needs (optimizer state, reference), so that host peak is the model + one shard (SCALING.md)
+    # final/ gathers the model on the main process (under FSDP2 a file at a time): first free what the last checkpoint
+    # already holds and the end no longer needs (optimizer state, reference), to lower that host peak (SCALING.md)
     optimizer.state.clear()
     reference = None  # noqa: F841
     scale = {"c": state.c.item(), "beta_scale": F.softplus(state.c).item(), "ppl_scale": cfg.loss.ppl_scale,

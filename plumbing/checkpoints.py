@@ -175,7 +175,8 @@ def _streams_weights(model) -> bool:
     from transformers.conversion_mapping import get_model_conversion_mapping
 
     return (any(isinstance(p, DTensor) for p in model.parameters()) and not hasattr(model, "peft_config")
-            and not getattr(model, "_weight_conversions", None) and not get_model_conversion_mapping(model, add_legacy=False))
+            and not getattr(model, "_weight_conversions", None)
+            and not get_model_conversion_mapping(model, add_legacy=False))
 
 
 def _write_weights_streamed(accelerator, model, directory: Path, final: Path) -> str | None:
@@ -220,7 +221,8 @@ def _write_weights_streamed(accelerator, model, directory: Path, final: Path) ->
         index = {"metadata": {"total_parameters": model.num_parameters(), "total_size": total},
                  "weight_map": {key: name for name, keys in zip(names, files) for key in keys}}
         index_text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-        error = attempt(lambda: (directory / "model.safetensors.index.json").write_text(index_text), "final model", final)
+        index_file = directory / "model.safetensors.index.json"
+        error = attempt(lambda: index_file.write_text(index_text), "final model", final)
     return error
 
 

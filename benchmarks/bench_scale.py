@@ -23,7 +23,7 @@ RMSprop with train.grad_accum micro-batches of one pair per process, a checkpoin
 peak a real run has). The launched script is this file in --probe mode: it records each process's peak RSS
 (VmHWM from /proc/self/status) when each model has been sharded (the end of loading), after each backward, and
 at exit, and the peaks of the checkpoint and of final/ alone (VmHWM reset before each, the RSS final/ starts
-from beside it). Numbers are given in S, the model's size in fp32, above the RSS of a bare
+from beside it, and the bytes of the tensors not freed at that point). Numbers are given in S, the model's size in fp32, above the RSS of a bare
 `import torch, transformers, accelerate` (measured the same way).
 
 Fully sharded over P processes a rank needs about (params + grads + optimizer state + reference)/P ≈ 4S/P,
@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # environment, as users had to before.
 ALLOCATOR: dict = {}
 MARK = re.compile(r"MEM rank (\d+) (\S+) hwm_kb (\d+) rss_kb (\d+)")  # processes share stdout: lines may run together
+LIVE = re.compile(r"LIVE rank (\d+) (\S+) tensors_kb (\d+)/(\d+)")
 
 
 def vm_kb(field: str) -> int:
@@ -63,11 +64,32 @@ def mark(label: str, hwm_kb: int | None = None):
     print(f"\nMEM rank {os.environ.get('RANK', '0')} {label} hwm_kb {hwm} rss_kb {vm_kb('VmRSS')}", flush=True)
 
 
+def live_tensors_kb() -> tuple[int, int]:
+    """The bytes of every tensor storage not freed yet (DTensors: their local shard), each counted once →
+    (parameters', the rest's): a model not freed shows in the first, optimizer state or gradients in the second.
+    gc.get_objects also lists objects in reference cycles that the collector has not freed yet."""
+    import gc
+
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+            local = obj._local_tensor if isinstance(obj, DTensor) else obj
+            ptr = local.untyped_storage().data_ptr()
+            is_param = isinstance(obj, torch.nn.Parameter) or storages.get(ptr, (0, False))[1]
+            storages[ptr] = (local.untyped_storage().nbytes(), is_param)
+    params = sum(n for n, is_param in storages.values() if is_param)
+    return params // 1024, (sum(n for n, _ in storages.values()) - params) // 1024
+
+
 def phase(label: str, run):
     """run(...) with its own peak RSS: VmHWM is reset to the current RSS before (writing 5 to /proc/self/clear_refs)
     and read after; the mark `label` holds that phase's peak, `label_start` the RSS it started from."""
     def run_and_mark(*args, **kwargs):
         mark(f"{label}_start")
+        print(f"\nLIVE rank {os.environ.get('RANK', '0')} {label}_start tensors_kb {'/'.join(map(str, live_tensors_kb()))}", flush=True)
         Path("/proc/self/clear_refs").write_text("5")
         try:
             return run(*args, **kwargs)
@@ -193,6 +215,8 @@ def run_case(code: Path, model: Path, out: Path, processes: int, accum: int) -> 
     marks: dict = {}
     for rank, label, hwm, rss in MARK.findall(result.stdout):
         marks.setdefault(int(rank), {})[label] = (int(hwm), int(rss))
+    for rank, label, params_kb, rest_kb in LIVE.findall(result.stdout):
+        marks.setdefault(int(rank), {})["live_" + label] = (int(params_kb), int(rest_kb))
     return marks
 
 
@@ -249,8 +273,9 @@ def main():
         for dtype, path in (("fp32", model), ("bf16", work / "model-bf16")):
             print(f"| {dtype} | {s(load_peak_kb(path))} |", flush=True)
     print("\n| code | checkpoint | processes | grad_accum | rank | started (S) | peak at load (S) | peak after 1st backward (S) "
-          "| peak in checkpoint (S) | RSS before final/ (S) | peak in final/ (S) | peak, whole run (S) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| peak in checkpoint (S) | RSS before final/ (S) | live tensors before final/: parameters + rest (S) | peak in final/ (S) "
+          "| peak, whole run (S) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for code, P, accum, dtype in cases:
         path = work / "model-bf16" if dtype == "bf16" else model
         marks = run_case(trees[code], path, work / f"run-{code}-{P}-{accum}-{dtype}", int(P), int(accum))
@@ -259,10 +284,11 @@ def main():
             m = marks[rank]
             load = max((v[0] for k, v in m.items() if k.startswith("sharded_")), default=None)
             get = lambda key, i=0: s(m[key][i]) if key in m else "–"  # noqa: E731
+            live = " + ".join(f"{kb / S_kb:.2f}" for kb in m["live_final_start"]) if "live_final_start" in m else "–"
             total += (m["exit"][0] - base) / S_kb if "exit" in m else float("nan")
             print(f"| {code} | {dtype} | {P} | {accum} | {rank} | {get('started')} | {s(load) if load else '–'} | {get('backward_1')} | "
-                  f"{get('checkpoint')} | {get('final_start', 1)} | {get('final')} | {get('exit')} |", flush=True)
-        print(f"| {code} | {dtype} | {P} | {accum} | all | | | | | | | {total:.2f} |", flush=True)
+                  f"{get('checkpoint')} | {get('final_start', 1)} | {live} | {get('final')} | {get('exit')} |", flush=True)
+        print(f"| {code} | {dtype} | {P} | {accum} | all | | | | | | | | {total:.2f} |", flush=True)
 
 
 def print_memory_model(tokens: int = 4096, G: int = 8):

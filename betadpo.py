@@ -39,6 +39,7 @@ named entries in variants.py; the plumbing around the algorithm (config files, m
 logging, data) is in plumbing/, one module per job.
 """
 
+import plumbing.host_allocator  # noqa: F401  (first: glibc malloc set up before torch loads; docs/SCALING.md)
 import math
 import time
 from dataclasses import dataclass, field
@@ -595,6 +596,10 @@ def train(cfg: Config):
             save_checkpoint(accelerator, out, state.step, [*policy.parameters(), state.c])
     progress.close()
     # ---- save -----------------------------------------------------------------------------------------
+    # final/ gathers the model on the main process (under FSDP2 a file at a time): first free what the last checkpoint
+    # already holds and the end no longer needs (optimizer state, reference), to lower that host peak (SCALING.md)
+    optimizer.state.clear()
+    reference = None  # noqa: F841
     scale = {"c": state.c.item(), "beta_scale": F.softplus(state.c).item(), "ppl_scale": cfg.loss.ppl_scale,
              "learn_scale": cfg.loss.learn_scale, "M0": state.M0.item(), "sigma": state.sigma.item(), "step": state.step}
     save_final(accelerator, policy, tokenizer, out, state.step, {"beta_scale.json": scale},  # + the learned β-scale

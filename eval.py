@@ -50,6 +50,7 @@ train.ref_cache_dir and reuse them when the same reference is evaluated again wi
 (many runs from one start): the same samples and numbers, half the generation time.
 """
 
+import plumbing.host_allocator  # noqa: F401  (first: glibc malloc set up before torch loads; docs/SCALING.md)
 import dataclasses
 import hashlib
 import json

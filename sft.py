@@ -19,6 +19,7 @@ Optimizer, checkpoints, resume and the final save are betadpo.py's (shared in pl
 command resumes from the newest intact checkpoint, a finished run is not retrained, and a NaN stops the run.
 """
 
+import plumbing.host_allocator  # noqa: F401  (first: glibc malloc set up before torch loads; docs/SCALING.md)
 import time
 from pathlib import Path
 

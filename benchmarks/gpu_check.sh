@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The first run on a GPU (one GPU, no internet): a random InternLM2-7B-width model, 4 layers, vocabulary 92,544;
-# fast vs plain log-probs under bf16 autocast, a plain and a 1-process FSDP2 run with resume (they must agree),
-# precompute_ref, eval.py; peak GPU memory and step time of each (benchmarks/gpu_check.py says what and why).
+# a training micro-batch of 8 × 1,024 tokens in bf16, plain and FSDP2 (1 process): tokens/s, model TFLOP/s, MFU,
+# peak allocated/reserved memory, the host-sync check, the GPU's log-probs against fp32 on the CPU; then fast vs
+# plain log-probs, a plain and a 1-process FSDP2 run with resume (they must agree), precompute_ref, eval.py
+# (benchmarks/gpu_check.py says what and why; --cpu runs everything that does not need CUDA).
 #   bash benchmarks/gpu_check.sh          # on the GPU; the output is also written to gpu_check.txt in docs/
 #   bash benchmarks/gpu_check.sh --cpu    # the same logic, tiny, on CPU processes (tests/test_scale.py runs it)
 set -euo pipefail

@@ -58,6 +58,7 @@ FINISHED = "finished.json"
 # logs and caches, eval.py's own settings. Anything else would change what the saved state means.
 RESUMABLE_KEYS = ("train.max_steps", "train.epochs", "train.save_every", "train.eval_every", "train.output_dir",
                   "train.ref_cache_dir", "train.gradient_checkpointing", "train.dist_timeout_min", "train.allow_changed_inputs",
+                  "train.memory_check",
                   "log.", "eval.", "data.preview", "data.cache_dir")
 
 
@@ -160,27 +161,107 @@ def finished_steps(output_dir: Path) -> int | None:
         return None
 
 
+# final/'s weights under FSDP2 are written in files of at most this many bytes (a tensor larger than that: a file
+# of its own), each gathered, written and freed before the next: the main process holds its shard plus one file's
+# tensors, never the whole model (docs/SCALING.md). Tests set _TEST_FINAL_FILE_BYTES to split a tiny model.
+FINAL_FILE_BYTES = 256 << 20
+
+
+def _streams_weights(model) -> bool:
+    """Whether final/'s weights can be written a file at a time: FSDP2 (DTensor parameters), not peft (its
+    save_pretrained filters the adapter out of the whole state dict; adapters are small, merged/ needs all), and
+    no transformers weight conversion to revert on save (it may need tensors from several files; Llama has none)."""
+    from torch.distributed.tensor import DTensor
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    return (any(isinstance(p, DTensor) for p in model.parameters()) and not hasattr(model, "peft_config")
+            and not getattr(model, "_weight_conversions", None)
+            and not get_model_conversion_mapping(model, add_legacy=False))
+
+
+def _write_weights_streamed(accelerator, model, directory: Path, final: Path) -> str | None:
+    """FSDP2: the full weights into `directory` as save_pretrained lays out a big model (model.safetensors, or
+    model-0000k-of-0000n.safetensors + model.safetensors.index.json), gathering one file's tensors at a time.
+
+    Every process walks the same state dict in the same order and takes part in each tensor's all-gather
+    (DTensor.full_tensor); only the main process keeps the result, writes the file and frees it. Tied weights
+    (lm_head = embed_tokens) are stored once, as save_pretrained does. → the main process's storage fault, if any
+    (it stops writing but keeps gathering, so that no process waits alone in a collective)."""
+    from safetensors.torch import save_file
+    from torch.distributed.tensor import DTensor
+
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    state = {k: v for k, v in model.state_dict().items() if k not in tied}  # DTensors: shapes are the whole tensors'
+    limit = int(os.environ.get("_TEST_FINAL_FILE_BYTES", FINAL_FILE_BYTES))
+    files: list[list[str]] = [[]]
+    size = 0
+    for name, value in state.items():  # in order, a new file when this tensor would pass the limit
+        nbytes = value.numel() * value.element_size()
+        if files[-1] and size + nbytes > limit:
+            files.append([])
+            size = 0
+        files[-1].append(name)
+        size += nbytes
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    names = ["model.safetensors"] if len(files) == 1 else [f"model-{k:05d}-of-{len(files):05d}.safetensors"
+                                                          for k in range(1, len(files) + 1)]
+    error = None
+    for file_name, keys in zip(names, files):
+        tensors = {}
+        for key in keys:
+            full = state[key].full_tensor() if isinstance(state[key], DTensor) else state[key]  # collective: all ranks
+            if accelerator.is_main_process:
+                tensors[key] = full.contiguous()
+            del full
+        if accelerator.is_main_process and error is None:
+            error = attempt(lambda: save_file(tensors, directory / file_name, metadata={"format": "pt"}),
+                            "final model", final, total)
+        del tensors  # freed before the next file is gathered
+    if accelerator.is_main_process and error is None and len(files) > 1:
+        index = {"metadata": {"total_parameters": model.num_parameters(), "total_size": total},
+                 "weight_map": {key: name for name, keys in zip(names, files) for key in keys}}
+        index_text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+        index_file = directory / "model.safetensors.index.json"
+        error = attempt(lambda: index_file.write_text(index_text), "final model", final)
+    return error
+
+
 def save_final(accelerator, model, tokenizer, output_dir: Path, step: int, extra_files: dict | None = None, merge_lora: bool = False):
     """final/: `save_pretrained` model + tokenizer (plain transformers can load them), {file name: JSON object}
     extras, and finished.json last. Written in .final-tmp/ and renamed; a crash at any point leaves either
     the previous final/ or none, and the next run (whose last checkpoint is at the last step) writes it again.
 
+    Under FSDP2 the weights are gathered and written a file at a time (_write_weights_streamed); otherwise
+    (one process, DDP, LoRA) the whole state dict is gathered on the main process and save_pretrained writes it.
     Test-only: the environment variable _TEST_PAUSE_IN_SAVE_FINAL=SECONDS sleeps before finished.json is
     written, so that a test can kill the process in the middle of a final save.
     With LoRA the model is peft's: save_pretrained writes the adapter only; merge_lora adds final/merged/
     (plumbing/lora.py)."""
     check_finite_weights(accelerator, model.parameters(), step)
-    state_dict = gathered_state_dict(accelerator, model)  # gathers FSDP shards
+    unwrapped = accelerator.unwrap_model(model)
+    streamed = _streams_weights(unwrapped)
+    state_dict = {} if streamed else gathered_state_dict(accelerator, model)  # gathers FSDP shards
     tmp, final, old = output_dir / ".final-tmp", output_dir / "final", output_dir / ".final-old"
 
-    def write():
+    def clear():
         for stale in (tmp, old):
             if stale.exists():
                 shutil.rmtree(stale)
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
+        if streamed:  # save_pretrained with no state dict writes the rest (config.json with the dtype and class,
+            # generation_config.json, a remote-code model's code): first, as it deletes model-0000k-of-0000n files
+            # that are not its own
+            unwrapped.save_pretrained(tmp, state_dict={})
+
+    error = attempt(clear, "final model", final) if accelerator.is_main_process else None
+    if streamed:
+        error = _write_weights_streamed(accelerator, unwrapped, tmp, final) or error
+
+    def write():
+        if not streamed:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         if merge_lora:
-            lora.save_merged(accelerator.unwrap_model(model), tmp / "merged", state_dict, tokenizer)
+            lora.save_merged(unwrapped, tmp / "merged", state_dict, tokenizer)
         for name, content in (extra_files or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=2, allow_nan=False) + "\n")
         if os.environ.get("_TEST_PAUSE_IN_SAVE_FINAL"):
@@ -193,7 +274,8 @@ def save_final(accelerator, model, tokenizer, output_dir: Path, step: int, extra
             shutil.rmtree(old)
 
     needed = sum(t.numel() * t.element_size() for t in state_dict.values()) if state_dict else None
-    error = attempt(write, "final model", final, needed) if accelerator.is_main_process else None
+    if accelerator.is_main_process and error is None:
+        error = attempt(write, "final model", final, needed)
     STATUS.defer_interrupt = False  # training is over: from here on Ctrl-C stops at once
     if settle(accelerator, error, tmp, "final/", interrupted=STATUS.interrupted):
         raise KeyboardInterrupt  # Ctrl-C came during the final save, which was completed first

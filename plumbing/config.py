@@ -110,6 +110,7 @@ class TrainArgs:
     fsdp_reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # FSDP2 with mixed precision: dtype of the gradient reduce-scatter (bf16 halves its traffic; docs/SCALING.md)
     dist_timeout_min: float = 60.0  # minutes a process waits in a collective (e.g. while rank 0 loads or saves) before the run stops
     allow_changed_inputs: bool = False  # resume even though data, model or tokenizer changed since the run started (inputs.json)
+    memory_check: bool = True  # refuse a launch whose memory model (docs/SCALING.md) exceeds a device's memory; false: launch anyway
 
 
 @dataclass

@@ -15,6 +15,7 @@ from plumbing.checkpoints import RESUMABLE_KEYS, finished_steps, list_checkpoint
 from plumbing.config import read_yaml, validate
 from plumbing.distributed import check_shared_output_dir, main_decides, make_accelerator
 from plumbing.errors import UserError
+from plumbing.memory_model import check_fits
 from plumbing.metrics import wandb_logged_in
 
 
@@ -56,6 +57,7 @@ def start_run(cfg):
     # The main process checks (it reads the filesystem) and every process gets its verdict; then every process
     # must see the output directory the main process writes into.
     main_decides(accelerator, lambda: preflight(cfg, accelerator.num_processes))  # validates the config first
+    main_decides(accelerator, lambda: check_fits(cfg, accelerator))  # the launch guard: the memory model vs the device
     check_shared_output_dir(accelerator, Path(cfg.train.output_dir))
     lock_output_dir(accelerator, Path(cfg.train.output_dir))  # one job per output directory
     seed_everything(cfg.train.seed)

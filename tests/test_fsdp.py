@@ -61,11 +61,23 @@ def assert_weights_close(a, b, rel):
         assert ((tensor - b[name]).norm() / tensor.norm()).item() <= rel, name
 
 
-def test_betadpo_fsdp2_shards_checkpoints_resumes_and_matches_one_process(tmp_path, tiny_model):
+def final_weights(final) -> dict:
+    """final/'s tensors, from model.safetensors or from the files its model.safetensors.index.json lists."""
+    index = final / "model.safetensors.index.json"
+    if not index.exists():
+        return load_file(final / "model.safetensors")
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return {k: v for name in files for k, v in load_file(final / name).items()}
+
+
+def test_betadpo_fsdp2_shards_checkpoints_resumes_and_matches_one_process(tmp_path, tiny_model, monkeypatch):
     """In float64, so that a logic error cannot hide in float noise: in fp32, Adam's g/√v turns the ~1e-7 of
-    gradients summed in another order into ~1e-4 differences of the margins after one step at lr 1e-2."""
+    gradients summed in another order into ~1e-4 differences of the margins after one step at lr 1e-2.
+    final/ under FSDP2 is gathered and written a file at a time; files of 20 kB split the tiny model into several."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     from transformers import AutoModelForCausalLM
 
+    monkeypatch.setenv("_TEST_FINAL_FILE_BYTES", "20000")
     one, two = tmp_path / "one", tmp_path / "fsdp"
     run_script("betadpo.py", *flags(tiny_model, one, "--train.max_steps", 3))
     first = launch("betadpo.py", *flags(tiny_model, two, "--train.max_steps", 2))
@@ -90,8 +102,22 @@ def test_betadpo_fsdp2_shards_checkpoints_resumes_and_matches_one_process(tmp_pa
     assert_rows_close(read_metrics(one, "eval"), read_metrics(two, "eval"), EVAL_COMPARED, rel=1e-6)
     # final/: gathered into one plain checkpoint that transformers loads.
     assert json.loads((two / "final" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
-    assert_weights_close(load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors"), rel=1e-10)
-    AutoModelForCausalLM.from_pretrained(two / "final")
+    streamed = final_weights(two / "final")
+    assert_weights_close(load_file(one / "final" / "model.safetensors"), streamed, rel=1e-10)  # one process: one file
+    # Written a file at a time, in save_pretrained's layout for big models; every file at most 20 kB or one tensor.
+    index = json.loads((two / "final" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert sorted(index["weight_map"]) == sorted(streamed)
+    for name in files:
+        assert (two / "final" / name).stat().st_size <= 20000 + 1000 or len(load_file(two / "final" / name)) == 1, name
+    # Bit for bit the weights of the last sharded checkpoint (step 3, the same weights, consolidated by torch).
+    dcp_to_torch_save(two / "checkpoints" / "step-00000003" / "pytorch_model_fsdp_0", tmp_path / "step3.pt")
+    saved = torch.load(tmp_path / "step3.pt", weights_only=False)["model"]
+    assert {k: v for k, v in saved.items() if k != "lm_head.weight"}.keys() == streamed.keys()  # tied: stored once
+    assert all(torch.equal(saved[k], v) for k, v in streamed.items())
+    loaded = AutoModelForCausalLM.from_pretrained(two / "final", dtype=torch.float64).state_dict()  # transformers reads it
+    assert all(torch.equal(loaded[k], v) for k, v in streamed.items())
     # eval.py in the same kind of launch finishes (pairs in 3 chunks and 3 prompts: uneven over 2 processes).
     launch("eval.py", "--model.name_or_path", tiny_model, "--eval.policy", two / "final", "--data.eval_size", 5,
            "--eval.batch_size", 2, "--eval.num_prompts", 3, "--eval.samples_per_prompt", 2, "--eval.max_new_tokens", 4,

@@ -173,7 +173,8 @@ def filter_mask(M, M0, sigma, filter_ratio: float, generator: torch.Generator, w
     keep = max(1, math.floor(N * (1 - filter_ratio)))
     if keep == N:
         return torch.ones(N, dtype=torch.bool, device=M.device)
-    u = torch.rand(N, generator=generator, device=generator.device).to(M.device)
+    u = torch.rand(N, generator=generator, device=generator.device)  # (N,) on the CPU; to the GPU without a host wait:
+    u = u if M.device.type == "cpu" else u.pin_memory().to(M.device, non_blocking=True)  # pinned, non_blocking
     gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1 - 1e-7)))
     kept_indices = (weights(M, M0, sigma) + gumbel).topk(keep).indices
     return torch.zeros(N, dtype=torch.bool, device=M.device).index_fill_(0, kept_indices, True)

@@ -175,7 +175,8 @@ def filter_mask(M, M0, sigma, filter_ratio: float, generator: torch.Generator, w
     keep = max(1, math.floor(N * (1 - filter_ratio)))
     if keep == N:
         return torch.ones(N, dtype=torch.bool, device=M.device)
-    u = torch.rand(N, generator=generator, device=generator.device).to(M.device)
+    u = torch.rand(N, generator=generator, device=generator.device)  # (N,) on the CPU; to the GPU without a host wait:
+    u = u if M.device.type == "cpu" else u.pin_memory().to(M.device, non_blocking=True)  # pinned, non_blocking
     gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1 - 1e-7)))
     kept_indices = (weights(M, M0, sigma) + gumbel).topk(keep).indices
     return torch.zeros(N, dtype=torch.bool, device=M.device).index_fill_(0, kept_indices, True)
@@ -373,6 +374,8 @@ def sequence_logps(model, batch: dict, prompt_rows: int = 0, fast: bool | None =
     fast: FAST_LOGPS unless given.
     """
     response, in_prompt = position_masks(batch, prompt_rows)  # (B, T−1) each
+    if "host" in batch:  # fast_logps.to_device kept the batch on the host: the same masks there, to plan the packing
+        batch = {**batch, "needed_host": torch.logical_or(*position_masks(batch["host"], prompt_rows))}
     logps_at = fast_logps.logps_at if (FAST_LOGPS if fast is None else fast) else plain_logps_at
     logp = logps_at(model, batch, response | in_prompt)  # (B, T−1)
     total = (logp * response).sum(-1)
@@ -558,7 +561,7 @@ def train(cfg: Config):
             my_pairs = idx[rank * per_process : (rank + 1) * per_process]  # this process's B pairs of the N
             batch = collate_pairs([train_pairs[i] for i in my_pairs], tokenizer.pad_token_id)
             batch.update({key: v[my_pairs] for key, v in (ref_train or {}).items()})
-            batch = {key: v.to(accelerator.device) for key, v in batch.items()}
+            batch = fast_logps.to_device(batch, accelerator.device)  # pinned, non_blocking; the host copy kept
             with no_sync_unless_last(accelerator, policy, k, cfg.train.grad_accum), accelerator.autocast():
                 stats = pair_logps(policy, reference, batch, with_ppl=cfg.loss.ppl_scale)
                 loss, summary = betadpo_loss(stats, gather(accelerator, stats), state, cfg.loss, rank, P, train=True,

@@ -542,7 +542,7 @@ def failure_reason(log: Path) -> str:
 def step_shape(step_ids: list[tuple], pack_layout, row_width: int) -> dict:
     """One step's batch as each implementation lays it out: 2B sequences (chosen rows, then rejected) padded to
     the longest, T; ours packs them into `packed_rows` rows of `packed_width` ≤ row_width·T, exactly as
-    betadpo.packed_logits does (pack_layout, PACK_ROW_WIDTH)."""
+    plumbing.fast_logps.pack_plan does (pack_layout, PACK_ROW_WIDTH)."""
     lengths = [len(p) + len(c) for p, c, _ in step_ids] + [len(p) + len(r) for p, _, r in step_ids]
     T = max(lengths)
     place = pack_layout(lengths, row_width * T)

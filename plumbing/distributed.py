@@ -27,7 +27,8 @@ def make_accelerator(cfg):
     """The Accelerator of a run: train.mixed_precision; a process-group timeout of train.dist_timeout_min
     minutes (torch's default of 10 is shorter than loading a 20B model or writing its checkpoint on a slow
     filesystem, during which the other processes wait in a collective); and under FSDP2 the dtype gradients
-    are reduce-scattered in, train.fsdp_reduce_dtype (accelerate's default is the mixed-precision dtype)."""
+    are reduce-scattered in, train.fsdp_reduce_dtype (accelerate's default is the mixed-precision dtype), and
+    no cast of the model's outputs: log-probs and their sums stay fp32 on every launch (tests/test_precision.py)."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
@@ -40,9 +41,14 @@ def make_accelerator(cfg):
         # Forward/backward compute in param_dtype (bf16); the sharded gradients (and the optimizer) stay in the
         # parameters' fp32. reduce_dtype is only the dtype of the reduce-scatter: fp32 sums P contributions
         # without rounding each to 8 bits of mantissa; bf16 halves the traffic.
+        # output_dtype None: every sharded module's output keeps the dtype it was computed in. accelerate sets it
+        # to the mixed-precision dtype, and FSDP2 then casts the model's output after the forward, i.e. after the
+        # fused LM head (and accelerate's fp32 upcast of the logits) has returned fp32 log-probs: the per-sequence
+        # sums came out bf16, 2 nats apart at |log π(y|x)| ≈ 256-512 (docs/ALGORITHM.md, Precision). Inside the
+        # model nothing changes: the decoder layers compute in bf16 from bf16 parameters and inputs either way.
         old = plugin.mixed_precision_policy
         plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=old.param_dtype, reduce_dtype=DTYPES[cfg.train.fsdp_reduce_dtype],
-                                                             output_dtype=old.output_dtype, cast_forward_inputs=old.cast_forward_inputs)
+                                                             output_dtype=None, cast_forward_inputs=old.cast_forward_inputs)
     return accelerator
 
 

@@ -12,7 +12,7 @@ vocabulary are 24 GiB as one fp32 log-softmax. Three savings, each in one place:
   2b. FUSED_HEAD (Llama, GPT-NeoX): not even the logits. The LM head and the log-softmax are one kernel,
      plumbing/fused_head.py, fed the final hidden states: per chunk of positions, logits → logsumexp and target
      logit, logits dropped; backward recomputes them. Memory no longer grows with positions × V.
-  3. Packing (`packed_logits`): no compute on padding in the model body either. Plain equivalent: the padded
+  3. Packing (`pack_plan`): no compute on padding in the model body either. Plain equivalent: the padded
      (B, T) batch with its attention mask.
 `token_logps` is also sft.py's SFT loss and eval.py's k1 KL.
 """
@@ -22,6 +22,7 @@ import os
 import torch
 
 from plumbing.fused_head import core_model, fused_head_applies, fused_logps_at
+from plumbing.host_sync import on_host
 
 # The switch of 2b: True computes log-probs with the fused LM head where it applies (fused_head_applies); False
 # keeps the logits path (LM head, then token_logps), e.g. to compare the two (benchmarks/bench_vs_trl.py does).
@@ -39,9 +40,9 @@ class _LabelLogProb(torch.autograd.Function):
       forward:  log p = log_softmax(logits) in fp32, `chunk_rows` rows at a time (one fused kernel per chunk),
                 and log p(y) gathered from it. When a gradient is needed, the chunk's softmax p = exp(log p) is
                 kept for backward, in the logits' dtype, or in autocast's dtype when autocast is on and narrower:
-                under accelerate's bf16 the policy's logits arrive as fp32 (one process and DDP: accelerate wraps
-                the model's forward in autocast and upcasts its outputs, `convert_outputs_to_fp32`; FSDP2 returns
-                bf16), and p stays bf16 either way. The logits themselves are not kept.
+                under accelerate's bf16 the policy's logits arrive as fp32 (accelerate wraps the prepared model's
+                forward in autocast and upcasts its outputs, `convert_outputs_to_fp32`; a frozen reference under
+                FSDP2 returns bf16), and p stays bf16 either way. The logits themselves are not kept.
       backward: ∂ log p(y) / ∂ logits = onehot(y) − p, times the incoming gradient g: −p·g written over the
                 kept p in place, then (1 − p(y))·g at the target, from the fp32 log p(y) (bf16 p would lose
                 1 − p(y) when the model is confident). So backward runs no exp over the vocabulary and makes
@@ -105,7 +106,7 @@ PACKED_MODEL_TYPES = ("llama", "gpt_neox", "qwen2", "mistral", "gemma", "gemma2"
 # block-diagonal mask and any number of rows; flash attention gets no mask and separates sequences by their
 # position ids only for a batch of ONE row (transformers' _is_packed_sequence), so every sequence goes in one row.
 PACKED_ROWS = {"sdpa": "rows", "eager": "rows", "flash_attention_2": "one row", "flash_attention_3": "one row"}
-PACK_ROW_WIDTH = 2  # packed rows hold up to 2 × the batch's longest sequence: see packed_logits
+PACK_ROW_WIDTH = 2  # packed rows hold up to 2 × the batch's longest sequence: see pack_plan
 _SAID = set()  # (model type, attention) pairs already reported as running padded
 
 
@@ -143,56 +144,94 @@ def pack_layout(lengths: list[int], width: int) -> list[tuple[int, int]]:
     return place
 
 
-def packed_logits(model, batch: dict, needed, targets=None):
-    """OPTIMISATION 3, packing: the batch's sequences laid end to end in as few rows as fit (pack_layout), each
+def to_device(batch: dict, device) -> dict:
+    """The collated batch (CPU tensors) onto `device` without making the host wait for the copy: pinned memory and
+    non_blocking copies (a copy from pageable memory blocks the host until it is done). The CPU batch itself stays
+    under "host": `logps_at` plans the packing from it (pack_plan), so no device tensor is ever read back."""
+    return {**{k: _copy(v, device) for k, v in batch.items()}, "host": batch}
+
+
+def _copy(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor onto `device`, asynchronously (pinned + non_blocking); the tensor itself on a CPU."""
+    device = torch.device(device)
+    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+
+
+def pack_plan(model, host: dict, needed: torch.Tensor) -> dict:
+    """OPTIMISATION 3, packing, planned on the host: which tokens go where, and where the log-probs come from.
+
+    host: the collated batch's input_ids and attention_mask (B, T) on the host; needed (B, T−1) bool on the host.
+    Packing (when `packs(model)`): the batch's sequences laid end to end in as few rows as fit (pack_layout), each
     with its own position ids 0…L−1 and no attention mask: transformers (5.x) then builds a block-diagonal causal
     mask from the position ids (`masking_utils.find_packed_sequence_indices`), so no token sees another
     sequence. Every sequence's logits are those of the padded batch, but the model body runs on few rows with
-    little padding instead of 2B rows padded to the longest.
-    Rows are up to PACK_ROW_WIDTH = 2 × the longest sequence: wider rows leave less padding but cost attention
-    over more (masked) positions (docs/PERFORMANCE.md has the measurements behind the choice of 2).
-    (Flash attention: one row of every sequence, whose attention runs per sequence: row_width.)
-    → (logits (n, V), index (n,)): row-major over `needed`'s True positions in the packed layout, and each
-    one's flat index into `needed` (B·(T−1)), to put the log-probs back in (B, T−1) order. With `targets`
-    (B·(T−1),), the token each position predicts: log-probs (n,) from the fused LM head instead of logits."""
-    ids = batch["input_ids"]  # (B, T)
+    little padding instead of 2B rows padded to the longest. Rows are up to PACK_ROW_WIDTH = 2 × the longest
+    sequence: wider rows leave less padding but cost attention over more (masked) positions (docs/PERFORMANCE.md
+    has the measurements behind the choice of 2). (Flash attention: one row of every sequence: row_width.)
+    Otherwise the padded rows as they are, with their attention mask.
+    → CPU tensors: the model's inputs (input_ids (R, W), position_ids or attention_mask), and for the n needed
+    positions, row-major in the (R, W) grid: `keep` (R, m) their columns per row (padded by repeating a column:
+    transformers' integer `logits_to_keep`), `rows` (n,) each one's place in the R·m kept positions, `flat` (n,)
+    its place in the R·W grid, `index` (n,) its flat index into `needed` (B·(T−1)), `targets` (n,) the token it
+    predicts. Every size is known here, so the device never has to report one (no boolean-mask indexing there)."""
+    ids, mask = host["input_ids"], host["attention_mask"]  # (B, T)
+    assert ids.device.type == mask.device.type == needed.device.type == "cpu", "pack_plan works on host tensors"
     B, T = ids.shape
-    lengths = batch["attention_mask"].sum(-1).tolist()  # right padding: sequence i is ids[i, :L_i]
-    place = pack_layout(lengths, row_width(model, T, lengths))
-    R = 1 + max(r for r, _ in place)
-    W = max(o + L for (_, o), L in zip(place, lengths))  # the fullest row's length: no all-padding columns
-    packed = torch.zeros((R, W), dtype=ids.dtype, device=ids.device)  # (R, W); trailing slots: token 0, position 0
-    positions = torch.zeros_like(packed)  # (R, W); each trailing slot is then its own one-token "sequence"
-    target = torch.full_like(packed, -1)  # (R, W): flat index b·(T−1) + t of the prediction at that slot, −1 if none
-    for i, ((r, o), L) in enumerate(zip(place, lengths)):
-        packed[r, o : o + L] = ids[i, :L]
-        positions[r, o : o + L] = torch.arange(L, device=ids.device)
-        target[r, o : o + L - 1] = i * (T - 1) + torch.arange(L - 1, device=ids.device)  # the last token predicts nothing
+    lengths = mask.sum(-1).tolist()  # right padding: sequence i is ids[i, :L_i]
+    if packs(model):
+        place = pack_layout(lengths, row_width(model, T, lengths))
+        R = 1 + max(r for r, _ in place)
+        W = max(o + L for (_, o), L in zip(place, lengths))  # the fullest row's length: no all-padding columns
+        grid = torch.zeros((R, W), dtype=ids.dtype)  # (R, W); trailing slots: token 0, position 0
+        positions = torch.zeros_like(grid)  # (R, W); each trailing slot is then its own one-token "sequence"
+        target = torch.full_like(grid, -1)  # (R, W): flat index b·(T−1) + t of the prediction at that slot, −1 if none
+        for i, ((r, o), L) in enumerate(zip(place, lengths)):
+            grid[r, o : o + L] = ids[i, :L]
+            positions[r, o : o + L] = torch.arange(L)
+            target[r, o : o + L - 1] = i * (T - 1) + torch.arange(L - 1)  # the last token predicts nothing
+        # use_cache=False: transformers looks for packed sequences only when there is no KV cache (and no mask).
+        inputs = {"input_ids": grid, "position_ids": positions, "use_cache": False}
+    else:
+        grid, W = ids, T
+        target = torch.cat([torch.arange(B * (T - 1)).view(B, T - 1), torch.full((B, 1), -1)], 1)  # (B, T)
+        inputs = {"input_ids": ids, "attention_mask": mask}
     keep = target >= 0
-    keep[keep.clone()] = needed.reshape(-1)[target[keep]]  # (R, W): packed slots whose log-prob is used
-    index = target[keep]  # (n,)
-    # use_cache=False: transformers looks for packed sequences only when there is no KV cache (and no mask).
-    if targets is not None:  # 2b: log-probs (n,), no logits
-        return fused_logps_at(model, keep, targets[index], input_ids=packed, position_ids=positions, use_cache=False), index
-    logits = model(input_ids=packed, position_ids=positions, logits_to_keep=keep, use_cache=False).logits  # (n, V)
-    return logits, index
+    keep[keep.clone()] = needed.reshape(-1)[target[keep]]  # (R, W): slots whose log-prob is used
+    row, col = keep.nonzero(as_tuple=True)  # (n,) each, row-major
+    counts = keep.sum(-1)  # (R,)
+    m = max(1, int(counts.max()))
+    slot = torch.arange(row.numel()) - (counts.cumsum(0) - counts)[row]  # (n,): k-th kept slot of its row
+    kept = torch.zeros((grid.shape[0], m), dtype=torch.long)  # (R, m); padding repeats column 0 (computed, unused)
+    kept[row, slot] = col
+    index = target[row, col]  # (n,)
+    return {"inputs": inputs, "keep": kept, "rows": row * m + slot, "flat": row * W + col, "index": index,
+            "targets": ids[:, 1:].reshape(-1)[index]}
 
 
 def logps_at(model, batch: dict, needed: torch.Tensor) -> torch.Tensor:
     """betadpo.plain_logps_at with the work cut to where it is needed: log π(token t+1 | tokens ≤ t) at the True
-    positions of `needed` (B, T−1), 0 elsewhere → (B, T−1) fp32 (fp64 for fp64 models)."""
-    ids = batch["input_ids"]  # (B, T)
-    targets = ids[:, 1:].reshape(-1)  # (B·(T−1),): the token each position predicts
-    fused = FUSED_HEAD and packs(model) and fused_head_applies(model)  # 2b (every FUSED_HEAD_MODEL_TYPES packs)
-    if packs(model):  # 3. packing
-        logits, index = packed_logits(model, batch, needed, targets if fused else None)  # (n, V) — or (n,) log-probs — and (n,)
+    positions of `needed` (B, T−1), 0 elsewhere → (B, T−1) fp32 (fp64 for fp64 models).
+
+    No host↔device sync (plumbing/host_sync.py): the layout is planned from the batch's host copy (batch["host"],
+    `to_device`, with batch["needed_host"], the same `needed` computed there); a batch without one (held-out
+    scoring) is read back once for it."""
+    host, needed_host = batch.get("host"), batch.get("needed_host")
+    with on_host():
+        if host is None or needed_host is None:
+            host, needed_host = {k: batch[k].cpu() for k in ("input_ids", "attention_mask")}, needed.cpu()
+        plan = pack_plan(model, host, needed_host)
+    device = needed.device
+    inputs = {k: _copy(v, device) if isinstance(v, torch.Tensor) else v for k, v in plan["inputs"].items()}
+    keep, rows, flat, index, targets = (_copy(plan[k], device) for k in ("keep", "rows", "flat", "index", "targets"))
+    if FUSED_HEAD and packs(model) and fused_head_applies(model):  # 2b: log-probs (n,), no logits (every FUSED_HEAD_MODEL_TYPES packs)
+        picked = fused_logps_at(model, keep, targets, rows=rows, **inputs)
     else:
-        index = needed.reshape(-1).nonzero()[:, 0]  # (n,): row-major over `needed`
-        if takes_position_mask(model):  # 1. the LM head at the needed positions only
-            keep = torch.cat([needed, torch.zeros_like(needed[:, :1])], 1)  # (B, T): the last position predicts nothing
-            logits = model(input_ids=ids, attention_mask=batch["attention_mask"], logits_to_keep=keep).logits  # (n, V)
+        if takes_position_mask(model):  # 1. the LM head at the needed positions only (and the padding of `keep`)
+            logits = model(**inputs, logits_to_keep=keep).logits  # (R, m, V)
+            logits = logits.reshape(-1, logits.shape[-1]).index_select(0, rows)  # (n, V)
         else:
-            logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, :-1][needed]  # (n, V)
-    picked = logits if fused else token_logps(logits, targets[index], chunk_rows=256)  # 2. (n,); 256 positions a chunk of fp32 work space
+            logits = model(**inputs).logits  # (R, W, V)
+            logits = logits.reshape(-1, logits.shape[-1]).index_select(0, flat)  # (n, V)
+        picked = token_logps(logits, targets, chunk_rows=256)  # 2. (n,); 256 positions a chunk of fp32 work space
     logp = torch.zeros(needed.numel(), dtype=picked.dtype, device=picked.device).scatter(0, index, picked)  # (B·(T−1),)
     return logp.view(needed.shape)

@@ -77,12 +77,10 @@ class _FusedLinearLogProb(torch.autograd.Function):
         hc, wc, bc, targets, lse, picked = ctx.saved_tensors
         h_dtype, w_dtype, b_dtype = ctx.dtypes
         acc = lse.dtype
-        # Positions whose log-prob gets no gradient (pairs β-DPO's filter dropped; prompt tokens scored for β(x)'s
-        # perplexity, which is detached) contribute exactly 0 to every gradient: their logits are not recomputed.
-        # (One host sync, for the count.)
-        live = (grad_out != 0).nonzero()[:, 0]  # (m,)
-        everything = live.numel() == grad_out.numel()
-        h_live, g, t, lse, picked = ((x if everything else x[live]) for x in (hc, grad_out.to(acc), targets, lse, picked))
+        # Every position's logits are recomputed, also those whose log-prob gets no gradient (pairs β-DPO's filter
+        # dropped, prompt tokens scored for β(x)'s detached perplexity): they contribute exactly 0. Skipping them
+        # would need their count on the host, i.e. a host↔device sync in every backward (plumbing/host_sync.py).
+        h_live, g, t = hc, grad_out.to(acc), targets
         m = h_live.shape[0]
         grad_h = torch.zeros(hc.shape, dtype=acc, device=hc.device) if ctx.needs_input_grad[0] else None  # (m, H), fp32 sums
         grad_w = (torch.zeros if m == 0 else torch.empty)(wc.shape, dtype=acc, device=wc.device) if ctx.needs_input_grad[1] else None
@@ -103,8 +101,6 @@ class _FusedLinearLogProb(torch.autograd.Function):
                     _accumulate(grad_h[rows], dz, wc[block], first=block.start == 0)
                 if grad_w is not None:  # ∂/∂W = (g (onehot(y) − p))ᵀ h: each block written once per position block
                     _accumulate(grad_w[block], dz.T, h_rows, first=first)
-        if grad_h is not None and not everything:
-            grad_h = torch.zeros_like(grad_h).index_copy_(0, live, grad_h[:m])  # (n, H): 0 where no gradient came
         return (grad_h.to(h_dtype) if grad_h is not None else None, grad_w.to(w_dtype) if grad_w is not None else None,
                 grad_b.to(b_dtype) if grad_b is not None else None, None, None, None)
 
@@ -188,9 +184,11 @@ def fused_head_applies(model) -> bool:
             and isinstance(head, torch.nn.Linear))
 
 
-def fused_logps_at(model, keep: torch.Tensor, targets: torch.Tensor, **inputs) -> torch.Tensor:
+def fused_logps_at(model, keep: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor | None = None, **inputs) -> torch.Tensor:
     """model(**inputs, logits_to_keep=keep), with its LM head returning log p(target) at the kept positions
-    instead of their logits. keep: (R, W) bool; targets: (n,) for the n True positions, row-major → (n,) fp32.
+    instead of their logits. keep: (R, W) bool, targets (n,) for the n True positions, row-major → (n,) fp32; or
+    keep (R, m) integer positions per row (transformers' sync-free form) with rows (n,), which of the R·m kept
+    positions the n targets belong to (fast_logps.pack_plan).
 
     Why inside the forward, through two hooks on the LM head, rather than `model.model(...)` for the hidden
     states and then fused_logps with `lm_head.weight`: under FSDP2 the weights are sharded between forwards, and
@@ -205,9 +203,10 @@ def fused_logps_at(model, keep: torch.Tensor, targets: torch.Tensor, **inputs) -
     head = core_model(model).get_output_embeddings()
     hidden = []
 
-    def take_hidden(module, args):  # args: ((n, H),): the kept positions' final hidden states
-        hidden.append(args[0])
-        return (args[0][:0],)  # the Linear itself runs on no rows
+    def take_hidden(module, args):  # args: ((n, H),) or ((R, m, H),): the kept positions' final hidden states
+        h = args[0]
+        hidden.append(h if rows is None else h.reshape(-1, h.shape[-1]).index_select(0, rows))  # (n, H)
+        return (h[:0],)  # the Linear itself runs on no rows
 
     def give_logps(module, args, output):  # output: the (0, V) logits of no rows
         return fused_logps(hidden.pop(), module.weight, targets, module.bias)  # (n,)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from betadpo import BetaDPOState, Config, make_scale_optimizer, pair_logps, sequence_logps
 from conftest import read_metrics, run_script
 from plumbing.data import _epoch_order, collate_pairs, tokenize_pairs
-from plumbing.fast_logps import PACK_ROW_WIDTH, PACKED_MODEL_TYPES, pack_layout, packed_logits, token_logps
+from plumbing.fast_logps import PACK_ROW_WIDTH, PACKED_MODEL_TYPES, logps_at, pack_layout, token_logps
 from plumbing.fast_logps import packs as _packs
 from plumbing.fast_logps import takes_position_mask as _takes_position_mask
 from plumbing.models import load_model
@@ -242,7 +242,7 @@ def test_packed_sequences_give_the_padded_log_probs_and_gradients(tiny_model, ar
     seen = []
     hook = m.get_input_embeddings().register_forward_hook(lambda mod, args, out: seen.append(tuple(out.shape[:2])))
     with torch.no_grad():
-        packed_logits(m, batch, torch.ones_like(batch["input_ids"][:, 1:], dtype=torch.bool))
+        logps_at(m, batch, torch.ones_like(batch["input_ids"][:, 1:], dtype=torch.bool))
     hook.remove()
     assert seen == [(packed_rows, width)]
 

@@ -5,7 +5,7 @@ with save_pretrained, and the built-in sort task's tokenizer and data (token ids
     python benchmarks/gpu_check.py            # on one GPU: ≈10 minutes
     python benchmarks/gpu_check.py --cpu      # the same logic, tiny, on CPU processes (tests/test_scale.py runs it)
 
-1. fast vs plain log-probs (betadpo.FAST_LOGPS) under bf16 autocast, 2 × 2,048 tokens: values and gradients.
+1. fast vs plain log-probs (train.logps: fused vs plain) under bf16 autocast, 2 × 2,048 tokens: values and gradients.
 2. A plain one-process run of betadpo.py, 2 steps (bf16 on the GPU): the baseline.
 3. FSDP2 (configs/accelerate/fsdp.yaml, 1 process on the GPU; --cpu: 2 CPU processes through
    tests/fsdp_launch.py): 1 step, then the same command with 2 steps resumes from its checkpoint. Steps 1 and 2
@@ -91,7 +91,7 @@ def check_logps(model, shape, cpu: bool):
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         with torch.autocast(device, dtype=torch.bfloat16):
-            logp = betadpo.sequence_logps(model, batch, prompt_rows=1, fast=fast)
+            logp = betadpo.sequence_logps(model, batch, "fused" if fast else "plain", prompt_rows=1)
         (logp["sum"].sum() + logp["prompt"].sum()).backward()
         if not cpu:
             torch.cuda.synchronize()

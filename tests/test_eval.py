@@ -90,7 +90,8 @@ def test_preference_metrics_hand_computed():
         {"policy_chosen": -3.0, "ref_chosen": -3.0, "policy_rejected": -4.0, "ref_rejected": -4.0},
         {"policy_chosen": -4.0, "ref_chosen": -3.0, "policy_rejected": -2.0, "ref_rejected": -3.0},
     ]
-    m = ev.preference_metrics({k: torch.tensor([it[k] for it in items]) for k in items[0]})
+    sums = {k: torch.tensor([it[k] for it in items]) for k in items[0]}
+    m = ev.preference_metrics(ev.PairLogps(**sums, policy_chosen_avg=None, policy_rejected_avg=None, tokens=None))
     assert m["pref_accuracy"] == pytest.approx(1 / 3)
     assert m["reward_margin"] == pytest.approx(-1 / 3)
     assert m["logps/chosen"] == pytest.approx(-8 / 3) and m["ref_logps/rejected"] == pytest.approx(-4.0)

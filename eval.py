@@ -2,15 +2,18 @@
 
 Launch (one process, or any number through accelerate; the numbers do not depend on how many):
 
-    python eval.py --config configs/sort.yaml --eval.policy runs/sort_betadpo/final --eval.reference runs/sort_sft/final --eval.output_dir runs/eval
-    accelerate launch eval.py --config configs/sort.yaml --eval.policy RUN/final --eval.reference SFT/final --eval.output_dir DIR
-    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 eval.py --config configs/sort.yaml --eval.policy RUN/final --eval.reference SFT/final
+    python eval.py --config configs/sort.yaml --eval.policy runs/sort_betadpo/final \
+        --eval.reference runs/sort_sft/final --eval.output_dir runs/eval
+    accelerate launch eval.py --config configs/sort.yaml --eval.policy RUN/final --eval.reference SFT/final \
+        --eval.output_dir DIR
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 eval.py --config configs/sort.yaml \
+        --eval.policy RUN/final --eval.reference SFT/final
 
 `eval.policy` defaults to `train.output_dir/final`, `eval.reference` to the run's reference
 (`model.ref_name_or_path`, else the base model of a LoRA adapter, else `model.name_or_path`), so
 `python eval.py --config configs/sort.yaml` evaluates the run that config trains. A LoRA run's final/ (an adapter
-directory, plumbing/lora.py) is loaded on its base model with the adapters merged in. Two more flags, drawn by plumbing/plots.py: training curves of one or more runs (their
-metrics.jsonl, overlaid in one PNG)
+directory, plumbing/lora.py) is loaded on its base model with the adapters merged in. Two more flags, drawn by
+plumbing/plots.py: training curves of one or more runs (their metrics.jsonl, overlaid in one PNG)
 
     python eval.py --plot runs/sort_dpo runs/sort_betadpo --plot_out curves.png
 
@@ -62,15 +65,16 @@ from pathlib import Path
 
 import torch
 
-from betadpo import Config, implicit_rewards, score_pairs  # the β-DPO module's public functions: what is evaluated is what trains
+# the β-DPO module's public functions: what is evaluated is what trains
+from betadpo import Config, PairLogps, implicit_rewards, score_pairs
 from plumbing import lora, plots, sort_task
 from plumbing.config import parse_config, validate
 from plumbing.data import collate, load_pairs, tokenize, tokenize_pairs
 from plumbing.distributed import end_processes, frozen_dtype, load_on_main, main_decides, make_accelerator, shard_frozen
 from plumbing.errors import UserError
-from plumbing.stopping import main_guard
-from plumbing.fast_logps import token_logps
+from plumbing.fast_logps import plain_token_logps, token_logps
 from plumbing.models import generate, load_tokenizer, model_identity
+from plumbing.stopping import main_guard
 
 LOGP_KEYS = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
 
@@ -78,15 +82,15 @@ LOGP_KEYS = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
 # ========================================================================================================
 # PURE FUNCTIONS: the numbers
 # ========================================================================================================
-def preference_metrics(scores: dict) -> dict:
-    """Per-pair summed log-probs ((N,) tensors under LOGP_KEYS) → pref_accuracy, reward_margin, mean log-probs."""
-    stats = {k: scores[k].double() for k in LOGP_KEYS}  # (N,) each
-    d_w, d_l = implicit_rewards(stats, "dpo")  # Δ_w, Δ_l
+def preference_metrics(scores: PairLogps) -> dict:
+    """Per-pair summed log-probs ((N,) each, LOGP_KEYS) → pref_accuracy, reward_margin, mean log-probs."""
+    sums = dataclasses.replace(scores, **{k: getattr(scores, k).double() for k in LOGP_KEYS})  # (N,) each, fp64
+    d_w, d_l = implicit_rewards(sums, "dpo")  # Δ_w, Δ_l
     return {
         "pref_accuracy": (d_w > d_l).double().mean().item(),  # strict: Δ_w = Δ_l is wrong
         "reward_margin": (d_w - d_l).mean().item(),
-        "logps/chosen": stats["policy_chosen"].mean().item(), "logps/rejected": stats["policy_rejected"].mean().item(),
-        "ref_logps/chosen": stats["ref_chosen"].mean().item(), "ref_logps/rejected": stats["ref_rejected"].mean().item(),
+        "logps/chosen": sums.policy_chosen.mean().item(), "logps/rejected": sums.policy_rejected.mean().item(),
+        "ref_logps/chosen": sums.ref_chosen.mean().item(), "ref_logps/rejected": sums.ref_rejected.mean().item(),
     }
 
 
@@ -106,10 +110,12 @@ def full_vocab_kl(logits_p, logits_q, rows, cols, chunk: int = 256) -> torch.Ten
     return torch.cat(out)
 
 
-def sequence_kl(policy, reference, batch: dict, temperature: float = 1.0) -> dict:
+def sequence_kl(policy, reference, batch: dict, temperature: float, logps: str) -> dict:
     """Sampled (prompt, response) rows in `data.collate` layout → per-row {"kl": KL_seq, "k1": k1}, (B,) each.
 
-    Both sum over response positions only (labels ≠ -100), the positions whose token was sampled.
+    Both sum over response positions only (labels ≠ -100), the positions whose token was sampled. logps:
+    train.logps; plain takes k1's log-probs from a whole fp32 log-softmax, the others from the token_logps kernel
+    (KL_seq needs every logit anyway: neither packing nor the fused head would save anything here).
     """
     def logits(model):  # (B, T−1, V): position t predicts token t+1
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
@@ -117,7 +123,8 @@ def sequence_kl(policy, reference, batch: dict, temperature: float = 1.0) -> dic
 
     lp, lq = logits(policy), logits(reference)
     targets = batch["labels"][:, 1:]  # (B, T−1), -100 off the response
-    k1 = (token_logps(lp, targets) - token_logps(lq, targets)).sum(-1)  # Σ_t log π(y_t) − log π_ref(y_t)
+    label_logps = plain_token_logps if logps == "plain" else token_logps
+    k1 = (label_logps(lp, targets) - label_logps(lq, targets)).sum(-1)  # Σ_t log π(y_t) − log π_ref(y_t)
     rows, cols = (targets != -100).nonzero(as_tuple=True)  # the N sampled positions
     kl = torch.zeros(targets.shape[0], device=lp.device).index_add_(0, rows, full_vocab_kl(lp, lq, rows, cols))
     return {"kl": kl, "k1": k1}
@@ -211,7 +218,7 @@ def sample_prompts(accelerator, models: dict, prompts: list[list[int]], temps: d
                 item[f"{role}@{tkey(t)}"] = generate(model, [prompts[i]] * n, E.max_new_tokens, t, eos, pad)
         samples = [(prompts[i], y) for y in item[f"policy@{tkey(E.temperature)}"]]
         batch = {k: v.to(accelerator.device) for k, v in collate(samples, pad).items()}
-        kl = sequence_kl(models["policy"], models["reference"], batch, E.temperature)
+        kl = sequence_kl(models["policy"], models["reference"], batch, E.temperature, cfg.train.logps)
         item["kl"], item["k1"] = kl["kl"].tolist(), kl["k1"].tolist()
         items.append(item)
     return gather_items(items, len(prompts))
@@ -241,9 +248,9 @@ def reference_cache(cfg: Config, ref_path: str, prompts: list[list[int]], temps:
     """eval.cache_reference: the file in train.ref_cache_dir for the reference's completions, keyed by everything
     they depend on: the reference's weight files, dtype, the tokenized prompts and the sampling settings."""
     E = cfg.eval
-    identity = {**model_identity(ref_path), "dtype": cfg.model.dtype, "mixed_precision": cfg.train.mixed_precision, "prompts": prompts, "temperatures": temps,
-                "samples_per_prompt": E.samples_per_prompt, "temperature": E.temperature,
-                "max_new_tokens": E.max_new_tokens, "seed": E.seed}
+    identity = {**model_identity(ref_path), "dtype": cfg.model.dtype, "mixed_precision": cfg.train.mixed_precision,
+                "prompts": prompts, "temperatures": temps, "samples_per_prompt": E.samples_per_prompt,
+                "temperature": E.temperature, "max_new_tokens": E.max_new_tokens, "seed": E.seed}
     key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
     return Path(cfg.train.ref_cache_dir) / f"completions-{key}.pt"
 
@@ -265,37 +272,45 @@ def evaluate(cfg: Config, accelerator) -> dict:
         raise UserError(f"no held-out pairs to evaluate (data.dataset={D.dataset}, data.eval_size={D.eval_size})")
     pairs = tokenize_pairs(tokenizer, rows, D.max_length, D.max_prompt_length)
     rows = rows[: E.num_prompts]  # prompts to complete: the first held-out ones
-    prompts = [p for p, _ in tokenize(tokenizer, [r["prompt"] for r in rows], [""] * len(rows), D.max_length, D.max_prompt_length)]
+    prompts = [p for p, _ in tokenize(tokenizer, [r["prompt"] for r in rows], [""] * len(rows), D.max_length,
+                                      D.max_prompt_length)]
     # ---- models (frozen, eval mode): one after the other; under FSDP2 (the accelerate config of training) rank 0
     # alone reads each, in the mixed-precision dtype, and each is sharded before the next is read; otherwise
     # one whole copy per process -------------------------------------------------------------------------
     def load_frozen(path, key):
-        load = lambda: lora.load_trained(path, frozen_dtype(cfg, accelerator), trust, key, cfg.model.attn_implementation)  # noqa: E731 (an adapter: merged into its base)
+        # (an adapter: merged into its base)
+        load = lambda: lora.load_trained(path, frozen_dtype(cfg, accelerator), trust, key,  # noqa: E731
+                                         cfg.model.attn_implementation)
         return shard_frozen(accelerator, load_on_main(accelerator, load).requires_grad_(False).eval())
 
-    models = {role: load_frozen(path, key) for role, path, key in (("policy", policy_path, policy_key), ("reference", ref_path, ref_key))}
+    models = {role: load_frozen(path, key)
+              for role, path, key in (("policy", policy_path, policy_key), ("reference", ref_path, ref_key))}
     sizes = [m.get_output_embeddings().weight.shape[0] for m in models.values()]
     if sizes[0] != sizes[1]:
         raise UserError(f"policy '{policy_path}' has a vocabulary of {sizes[0]} tokens, reference '{ref_path}' "
                         f"of {sizes[1]}: log-prob ratios need one vocabulary")
     # ---- held-out pairs ---------------------------------------------------------------------------------
-    scores = score_pairs(accelerator, *models.values(), pairs, tokenizer.pad_token_id, E.batch_size)  # (N,) per key
+    scores = score_pairs(accelerator, tuple(models.values()), pairs, tokenizer.pad_token_id, cfg)  # (N,) each
     metrics = preference_metrics(scores)
-    scored_pairs = [dict(zip(LOGP_KEYS, values)) for values in zip(*(scores[k].double().tolist() for k in LOGP_KEYS))]
+    columns = (getattr(scores, k).double().tolist() for k in LOGP_KEYS)
+    scored_pairs = [dict(zip(LOGP_KEYS, values)) for values in zip(*columns)]
     # ---- completions: KL at eval.temperature; gold metrics at 0 and eval.temperature (built-in task) -----
     gold = D.dataset == "sort"
     T, T_gen = E.temperature, E.generations_temperature
     temps = {"policy": sorted({T, T_gen} | ({0.0} if gold else set())),
              "reference": sorted({T_gen} | ({0.0, T} if gold else set()))}
     cache = reference_cache(cfg, ref_path, prompts, temps["reference"]) if E.cache_reference else None
-    cached = main_decides(accelerator, lambda: torch.load(cache) if cache is not None and cache.exists() else None)  # one answer for all
+    # one answer for all
+    cached = main_decides(accelerator, lambda: torch.load(cache) if cache is not None and cache.exists() else None)
     if cache is not None:
-        accelerator.print(f"reference completions: {cache}" + (" (cached)" if cached is not None else " (drawn, then cached)"))
+        accelerator.print(f"reference completions: {cache}"
+                          + (" (cached)" if cached is not None else " (drawn, then cached)"))
     with accelerator.autocast():  # train.mixed_precision, as in training and in score_pairs
         done = sample_prompts(accelerator, models, prompts, temps, tokenizer, cfg, cached)
     if cache is not None and cached is None and accelerator.is_main_process:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save([{k: v for k, v in d.items() if k.startswith("reference@")} for d in done], cache.with_suffix(f".{os.getpid()}.tmp"))
+        torch.save([{k: v for k, v in d.items() if k.startswith("reference@")} for d in done],
+                   cache.with_suffix(f".{os.getpid()}.tmp"))
         os.replace(cache.with_suffix(f".{os.getpid()}.tmp"), cache)  # atomic: a crash never leaves half a cache
     metrics["kl_seq"], metrics["kl_seq_se"] = mean_and_se([v for d in done for v in d["kl"]])
     metrics["kl_k1"], metrics["kl_k1_se"] = mean_and_se([v for d in done for v in d["k1"]])
@@ -304,7 +319,8 @@ def evaluate(cfg: Config, accelerator) -> dict:
     if gold:
         for t in sorted({0.0, T}):
             k = tkey(t)
-            m = gold_metrics([r["prompt"] for r in rows], texts[f"policy@{k}"], texts[f"reference@{k}"], [r["chosen"] for r in rows])
+            m = gold_metrics([r["prompt"] for r in rows], texts[f"policy@{k}"], texts[f"reference@{k}"],
+                             [r["chosen"] for r in rows])
             metrics.update({f"{name}@{k}": v for name, v in m.items()})
     # ---- generations.jsonl rows: first completion of each prompt at generations_temperature --------------
     k = tkey(T_gen)
@@ -313,7 +329,8 @@ def evaluate(cfg: Config, accelerator) -> dict:
         row = {"prompt": r["prompt"], "policy": texts[f"policy@{k}"][i][0], "reference": texts[f"reference@{k}"][i][0],
                "chosen": r["chosen"], "temperature": T_gen}
         if gold:
-            row.update({f"gold_{key}": sort_task.gold_reward(r["prompt"], row[key]) for key in ("policy", "reference", "chosen")})
+            row.update({f"gold_{key}": sort_task.gold_reward(r["prompt"], row[key])
+                        for key in ("policy", "reference", "chosen")})
         generations.append(row)
     counts = {"pairs": len(pairs), "prompts": len(prompts), "samples": sum(len(d["kl"]) for d in done)}
     return {"metrics": metrics, "generations": generations, "counts": counts, "pairs": scored_pairs}
@@ -322,7 +339,8 @@ def evaluate(cfg: Config, accelerator) -> dict:
 # ========================================================================================================
 # OUTPUT
 # ========================================================================================================
-GOLD_NAMES = ("gold_reward", "exact_match", "win_rate_vs_chosen", "win_rate_vs_ref", "ref_gold_reward", "ref_exact_match")
+GOLD_NAMES = ("gold_reward", "exact_match", "win_rate_vs_chosen", "win_rate_vs_ref", "ref_gold_reward",
+              "ref_exact_match")
 
 
 def format_table(metrics: dict) -> str:
@@ -379,11 +397,13 @@ def main():
     accelerator = make_accelerator(cfg)  # train.mixed_precision (bf16 matmuls on GPUs), process-group timeout
     result = evaluate(cfg, accelerator)
     if accelerator.is_main_process:
-        written = write_outputs(cfg, result, Path(cfg.eval.output_dir), accelerator.num_processes, time.perf_counter() - t0)
+        written = write_outputs(cfg, result, Path(cfg.eval.output_dir), accelerator.num_processes,
+                                time.perf_counter() - t0)
         policy_path, ref_path = model_paths(cfg)
         c = result["counts"]
         print(f"policy     {policy_path}\nreference  {ref_path}\n"
-              f"{c['pairs']} held-out pairs, {c['prompts']} prompts, {c['samples']} samples at temperature {cfg.eval.temperature:g}")
+              f"{c['pairs']} held-out pairs, {c['prompts']} prompts, {c['samples']} samples at temperature "
+              f"{cfg.eval.temperature:g}")
         print(format_table(result["metrics"]))
         print("wrote " + ", ".join(map(str, written)) + f" ({time.perf_counter() - t0:.1f} s)")
     end_processes(accelerator)  # wait for all, let the collectives settle, destroy the process group

@@ -31,20 +31,24 @@ from plumbing.config import SFTConfig, parse_config
 from plumbing.data import collate, load_sft, micro_batch_indices, tokenize, training_examples
 from plumbing.distributed import end_processes, load_on_main, main_first
 from plumbing.errors import UserError
-from plumbing.stopping import main_guard
-from plumbing.fast_logps import token_logps
+from plumbing.fast_logps import plain_token_logps, token_logps
 from plumbing.inputs import fingerprint_inputs
 from plumbing.launch import start_run
 from plumbing.metrics import Progress, open_run
 from plumbing.models import generate, load_model, load_tokenizer, set_attn_implementation
 from plumbing.optim import StepCount, make_optimizer, make_scheduler, no_sync_unless_last, optimizer_step
+from plumbing.stopping import main_guard
 
 
-def sft_loss(model, batch: dict, total_tokens, num_processes: int) -> torch.Tensor:
+def sft_loss(model, batch: dict, total_tokens, num_processes: int, logps: str) -> torch.Tensor:
     """(P / #response tokens of the global batch) · Σ −log π over this process's response tokens, so that
-    DDP's gradient average equals the token-mean over the global batch on any number of processes."""
+    DDP's gradient average equals the token-mean over the global batch on any number of processes.
+    logps: train.logps. plain: a whole fp32 log-softmax; fast and fused: the token_logps kernel on the padded
+    batch's logits. (Packing and the fused LM head, which betadpo.py's fast paths add, are not used here: they
+    would change the warm start's floating-point results, and with them every number downstream.)"""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    logp = token_logps(logits[:, :-1], batch["labels"][:, 1:])  # (B, T−1), 0 on masked labels
+    label_logps = plain_token_logps if logps == "plain" else token_logps
+    logp = label_logps(logits[:, :-1], batch["labels"][:, 1:])  # (B, T−1), 0 on masked labels
     return -logp.sum() * num_processes / total_tokens
 
 
@@ -53,9 +57,11 @@ def exact_match(model, tokenizer, rows: list[dict], cfg: SFTConfig, batch_size: 
     hits = 0
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
-        prompts = [p for p, _ in tokenize(tokenizer, [r["prompt"] for r in chunk], [""] * len(chunk), cfg.data.max_length, cfg.data.max_prompt_length)]
+        prompts = [p for p, _ in tokenize(tokenizer, [r["prompt"] for r in chunk], [""] * len(chunk),
+                                          cfg.data.max_length, cfg.data.max_prompt_length)]
         outs = generate(model, prompts, cfg.eval.max_new_tokens, 0.0, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        hits += sum(sort_task.gold_reward(r["prompt"], tokenizer.decode(o, skip_special_tokens=True)) == 1.0 for r, o in zip(chunk, outs))
+        texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
+        hits += sum(sort_task.gold_reward(r["prompt"], text) == 1.0 for r, text in zip(chunk, texts))
     return hits / len(rows)
 
 
@@ -70,9 +76,12 @@ def main():
     out = Path(cfg.train.output_dir)
     # ---- data -----------------------------------------------------------------------------------------
     from_scratch = cfg.model.name_or_path == "tiny"
-    # Rank 0 first: a hub tokenizer (or data set, inside training_examples) is downloaded once, then read from the cache.
-    tokenizer = sort_task.build_tokenizer() if from_scratch else main_first(accelerator, lambda: load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code))
-    examples = training_examples(cfg.data, tokenizer, accelerator.is_main_process)  # (prompt, response) ids; prints the data summary
+    # Rank 0 first: a hub tokenizer (or data set, inside training_examples) is downloaded once, then read from the
+    # cache.
+    hub_tokenizer = lambda: load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)  # noqa: E731
+    tokenizer = sort_task.build_tokenizer() if from_scratch else main_first(accelerator, hub_tokenizer)
+    # (prompt, response) ids; prints the data summary
+    examples = training_examples(cfg.data, tokenizer, accelerator.is_main_process)
     if examples is None:  # data.preview N printed the first N examples: stop before anything is written
         return
     micro = cfg.train.batch_size // cfg.train.grad_accum
@@ -92,8 +101,10 @@ def main():
                                            cfg.train.seed, tokenizer.pad_token_id, tokenizer.eos_token_id)
         set_attn_implementation(model, cfg.model.attn_implementation)
     else:  # under FSDP2 only the main process reads the weights; the others build the model on the meta device
-        M = cfg.model
-        model = load_on_main(accelerator, lambda: load_model(M.name_or_path, M.dtype, M.trust_remote_code, attn_implementation=M.attn_implementation))
+        model_cfg = cfg.model
+        model = load_on_main(accelerator, lambda: load_model(model_cfg.name_or_path, model_cfg.dtype,
+                                                             model_cfg.trust_remote_code,
+                                                             attn_implementation=model_cfg.attn_implementation))
     model = lora.add_adapters(model, cfg.model, cfg.model.name_or_path)  # model.lora_r > 0: train adapters only
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -108,7 +119,7 @@ def main():
     # ---- resume ---------------------------------------------------------------------------------------
     if ckpt is not None:
         load_checkpoint(accelerator, ckpt, progress)
-    log = open_run(cfg, accelerator, progress.step, inputs)  # config.yaml, metrics.jsonl (rows after the step dropped), wandb
+    log = open_run(cfg, accelerator, progress.step, inputs)  # config.yaml, metrics.jsonl (later rows dropped), wandb
     # ---- loop -----------------------------------------------------------------------------------------
     model.train()
     report = Progress("SFT", total_steps, progress.step, accelerator.is_main_process, cfg.log.progress_every)
@@ -117,12 +128,14 @@ def main():
         step_loss = torch.zeros((), device=accelerator.device)
         for k in range(cfg.train.grad_accum):
             j = progress.step * cfg.train.grad_accum + k  # global micro-batch number
-            idx = micro_batch_indices(j, len(examples), micro, steps_per_epoch * cfg.train.grad_accum, cfg.train.seed, lengths)
+            idx = micro_batch_indices(j, len(examples), micro, steps_per_epoch * cfg.train.grad_accum, cfg.train.seed,
+                                      lengths)
             mine = idx[rank * (micro // P) : (rank + 1) * (micro // P)]
             total_tokens = sum(len(examples[i][1]) for i in idx)  # response tokens of the global micro-batch
-            batch = {key: v.to(accelerator.device) for key, v in collate([examples[i] for i in mine], tokenizer.pad_token_id).items()}
+            batch = collate([examples[i] for i in mine], tokenizer.pad_token_id)
+            batch = {key: v.to(accelerator.device) for key, v in batch.items()}
             with no_sync_unless_last(accelerator, model, k, cfg.train.grad_accum), accelerator.autocast():
-                loss = sft_loss(model, batch, total_tokens, P)
+                loss = sft_loss(model, batch, total_tokens, P, cfg.train.logps)
                 accelerator.backward(loss / cfg.train.grad_accum)
             step_loss += loss.detach() / cfg.train.grad_accum
         grad_norm, lr = optimizer_step(accelerator, model, optimizer, scheduler, cfg.train.max_grad_norm)
@@ -132,19 +145,23 @@ def main():
         if grad_norm is not None:  # None: fp16's loss scaler skipped this step
             row["grad_norm"] = grad_norm
         values = dict(zip(row, torch.stack([v.float() for v in row.values()]).tolist()))
-        log.write({"step": progress.step, **values, "lr": lr, "pairs_per_s": cfg.train.batch_size / (time.perf_counter() - t0)})  # stops on NaN/inf
+        log.write({"step": progress.step, **values, "lr": lr,
+                   "pairs_per_s": cfg.train.batch_size / (time.perf_counter() - t0)})  # stops on NaN/inf
         report.step(loss=values["loss"])
         if progress.step % cfg.train.save_every == 0 or progress.step == total_steps:
             save_checkpoint(accelerator, out, progress.step, model.parameters())
     report.close()
     # ---- save -----------------------------------------------------------------------------------------
-    save_final(accelerator, model, tokenizer, out, progress.step, merge_lora=cfg.model.lora_merge_final)  # LoRA: the adapter
+    save_final(accelerator, model, tokenizer, out, progress.step,
+               merge_lora=cfg.model.lora_merge_final)  # LoRA: the adapter
     if accelerator.is_main_process:
         print(f"model: {out / 'final'}")
         if cfg.data.dataset == "sort":
             held_out = load_sft(cfg.data, "eval")
-            final = lora.load_trained(str(out / "final"), "float32", False, "final/")  # a plain copy: FSDP's sharded forward would hang
-            print(f"held-out exact match (greedy, {len(held_out)} prompts): {exact_match(final, tokenizer, held_out, cfg):.1%}")
+            # a plain copy: FSDP's sharded forward would hang
+            final = lora.load_trained(str(out / "final"), "float32", False, "final/")
+            matched = exact_match(final, tokenizer, held_out, cfg)
+            print(f"held-out exact match (greedy, {len(held_out)} prompts): {matched:.1%}")
     end_processes(accelerator)  # wait for all, let the collectives settle, destroy the process group
 
 

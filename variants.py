@@ -30,28 +30,28 @@ SIGMA_FLOOR = 1e-6  # as betadpo.SIGMA_FLOOR
 # ---- loss.type: the per-pair loss ℓ_i(β_i), (B,) ------------------------------------------------------------
 @dataclass(frozen=True)
 class LossVariant:
-    per_pair: Callable  # (beta_i (B,), stats, loss_cfg) → ℓ_i (B,)
+    per_pair: Callable  # (beta_i (B,), logps: betadpo.PairLogps, loss_cfg) → ℓ_i (B,)
     reference_free: bool  # True: no π_ref; the calibration margin M_i is avg log π_θ(y_w|x) − avg log π_θ(y_l|x)
 
 
-def ipo(beta, stats: dict, cfg) -> torch.Tensor:
+def ipo(beta, logps, cfg) -> torch.Tensor:
     """ℓ = (M̄ − 1/(2β))², M̄ from length-normalised log-ratios (Azar et al., 2023, https://arxiv.org/abs/2310.12036).
     β-DPO's calibration still uses the summed margins M_i (docs/ALGORITHM.md, Differences)."""
-    M_avg = (stats["policy_chosen_avg"] - stats["ref_chosen_avg"]) - (stats["policy_rejected_avg"] - stats["ref_rejected_avg"])
+    M_avg = (logps.policy_chosen_avg - logps.ref_chosen_avg) - (logps.policy_rejected_avg - logps.ref_rejected_avg)
     return (M_avg - 1 / (2 * beta)) ** 2
 
 
-def simpo(beta, stats: dict, cfg) -> torch.Tensor:
+def simpo(beta, logps, cfg) -> torch.Tensor:
     """ℓ = −log σ(β·M − γ), M = avg log π_θ(y_w|x) − avg log π_θ(y_l|x), γ = loss.simpo_gamma (Meng et al., 2024)."""
-    return -F.logsigmoid(beta * (stats["policy_chosen_avg"] - stats["policy_rejected_avg"]) - cfg.simpo_gamma)
+    return -F.logsigmoid(beta * (logps.policy_chosen_avg - logps.policy_rejected_avg) - cfg.simpo_gamma)
 
 
-def orpo(beta, stats: dict, cfg) -> torch.Tensor:
+def orpo(beta, logps, cfg) -> torch.Tensor:
     """ℓ = −avg log π_θ(y_w|x) − β·log σ(log odds_w − log odds_l), odds = p/(1−p), p = exp(avg log π_θ) (Hong et al., 2024)."""
     def log_odds(avg_logp):  # log(p / (1 − p)), with 1 − p = −expm1(log p) kept away from 0
         return avg_logp - torch.log(-torch.expm1(avg_logp.clamp(max=-1e-6)))
-    ratio = log_odds(stats["policy_chosen_avg"]) - log_odds(stats["policy_rejected_avg"])
-    return -stats["policy_chosen_avg"] - beta * F.logsigmoid(ratio)
+    ratio = log_odds(logps.policy_chosen_avg) - log_odds(logps.policy_rejected_avg)
+    return -logps.policy_chosen_avg - beta * F.logsigmoid(ratio)
 
 
 LOSSES = {"ipo": LossVariant(ipo, reference_free=False), "simpo": LossVariant(simpo, reference_free=True),

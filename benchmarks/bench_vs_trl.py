@@ -27,8 +27,8 @@ What it does, top to bottom:
    logits kernel / TRL / TRL (fast path) / naive with the reference model live, the same five with reference
    log-probs precomputed, and (small model) ours with the β-DPO machinery switched on. `--repeats` rounds;
    medians reported. `--columns` and `--settings` run a subset.
-   Ours (logits kernel): betadpo.py with plumbing/fast_logps.py's FUSED_HEAD switch off, i.e. the LM head's logits and then
-   token_logps, as before the fused LM head (plumbing/fused_head.py); everything else the same.
+   Ours (logits kernel): betadpo.py with `--train.logps fast`, i.e. the LM head's logits and then token_logps, as before
+   the fused LM head (plumbing/fused_head.py, `--train.logps fused`, the default); everything else the same.
    TRL (fast path): TRL 1.16 restricts its LM head to the completion positions only where its Triton kernels run
    (trl/trainer/utils.py asks `_use_triton(device)`: CUDA or XPU). On a CPU it scores every position, prompt and
    padding included. The fast-path column sets `trl.trainer.utils._use_triton = lambda device: True` in TRL's
@@ -312,15 +312,10 @@ def launch(cmd: list[str], log: Path, threads: int) -> dict:
     return {"rc": rc, "wall": wall, "rss_mib": rss / 1024, "cpu_s": cpu}
 
 
-# betadpo.py with plumbing/fast_logps.py's FUSED_HEAD switch off (the logits path: LM head, then token_logps), and argv as `python betadpo.py` gets it
-LOGITS_KERNEL = ("import sys, betadpo; from plumbing import fast_logps; fast_logps.FUSED_HEAD = False; sys.argv[0] = 'betadpo.py'; "
-                 "betadpo.main_guard(betadpo.main)")
-
-
 def ours_command(bench: dict, out: Path, precompute: bool, extra: list[str], fused: bool = True) -> list[str]:
     """Our loop, exactly as a user runs it: plain DPO (α = 0, ρ = 0) unless `extra` switches β-DPO on.
-    fused=False: the same with fast_logps.FUSED_HEAD off (LOGITS_KERNEL)."""
-    cmd = [sys.executable, *(["betadpo.py"] if fused else ["-c", LOGITS_KERNEL]),
+    fused=False: the same with `--train.logps fast`, the logits path (LM head, then token_logps)."""
+    cmd = [sys.executable, "betadpo.py", "--train.logps", "fused" if fused else "fast",
            "--model.name_or_path", bench["model_dir"], "--data.dataset", bench["train_file"],
            "--data.eval_dataset", bench["eval_file"], "--eval.batch_size", str(bench["batch_size"]),
            "--data.max_length", str(bench["max_length"]), "--data.max_prompt_length", str(bench["max_prompt_length"]),
@@ -934,7 +929,7 @@ def machinery_alone(B: int, threads: int, n: int = 2000) -> dict:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from betadpo import BetaDPOState, LossArgs, betadpo_loss
+    from betadpo import BetaDPOState, LossArgs, PairLogps, betadpo_loss, process_share
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
@@ -944,11 +939,11 @@ def machinery_alone(B: int, threads: int, n: int = 2000) -> dict:
 
     def one_call(arm: str) -> float:
         base = {k: -100 + 5 * torch.randn(B, generator=g) for k in keys}  # summed log-probs of responses, (B,)
-        stats = {**{k: v.requires_grad_(k.startswith("policy")) for k, v in base.items()},
-                 **{f"{k}_avg": base[k].detach() / 50 for k in keys}, "tokens": torch.full((B,), 240.0)}
+        logps = PairLogps(**{k: v.requires_grad_(k.startswith("policy")) for k, v in base.items()},
+                          **{f"{k}_avg": base[k].detach() / 50 for k in keys}, tokens=torch.full((B,), 240.0))
         t0 = time.perf_counter()
-        loss, summary = betadpo_loss(stats, {k: v.detach() for k, v in stats.items()}, states[arm], cfgs[arm], 0, 1, train=True)
-        loss.backward()
+        losses, kept, summary = betadpo_loss(logps, states[arm], cfgs[arm], True)
+        process_share(losses, kept, 0, 1).backward()
         torch.stack([v.float() for v in summary.values()]).tolist()
         return time.perf_counter() - t0
 
@@ -997,7 +992,7 @@ def memory_scaling(a):
     print(f"\n### Peak memory of a training step above the imports (MiB): {tokens} tokens per step, Llama hidden "
           f"{DEFAULT.hidden} × {DEFAULT.layers} layers, fp32, AdamW, live reference, 2 steps\n")
     print(f"`python {' '.join(sys.argv)}` (commit {git_commit()}); {machine()}; TRL {trl_version or 'not installed'}; "
-          f"imports alone: ours {floors['ours']:.0f}, TRL {floors['trl']:.0f} MiB. Ours: the fused LM head (fast_logps.FUSED_HEAD, "
+          f"imports alone: ours {floors['ours']:.0f}, TRL {floors['trl']:.0f} MiB. Ours: the fused LM head (train.logps fused, "
           f"the default); ours (logits kernel): the LM head's logits, then token_logps. Model state: policy, its gradient, "
           f"AdamW's two moments and the live reference, 5 × 4 B per parameter, which every column holds. A full fp32 "
           f"log-softmax of one step would be {tokens} × V × 4 B (last column).\n")
@@ -1013,7 +1008,7 @@ def memory_scaling(a):
 def profile_step(a, preset: Preset):
     """--profile: where one of our training steps spends its time. One β-DPO step (a = 0.6, ρ = 0.2, live reference,
     fused AdamW) built from betadpo.py's own functions on the first --batch-size pairs, after one warm-up step,
-    under torch.profiler, with the fused LM head and then with the logits kernel (fast_logps.FUSED_HEAD off), --repeats
+    under torch.profiler, with the fused LM head and then with the logits kernel (train.logps fused, then fast), --repeats
     times in turn (default once); → the
     operators by self time, grouped (matmuls, attention, the log-prob kernels, ...), side by side, then each
     one's top operators."""
@@ -1025,10 +1020,9 @@ def profile_step(a, preset: Preset):
     workdir = (REPO / a.workdir / f"{preset.name}-profile").resolve()  # apart from a speed run's files
     workdir.mkdir(parents=True, exist_ok=True)
     bench, meta, what = prepare(a, workdir, preset, 2, B)
-    from betadpo import BetaDPOState, LossArgs, betadpo_loss, pair_logps
+    from betadpo import BetaDPOState, LossArgs, betadpo_loss, pair_logps, process_share
     from plumbing.data import collate_pairs
     from plumbing.models import load_model
-    from plumbing import fast_logps
 
     policy = load_model(bench["model_dir"]).train()
     reference = load_model(bench["model_dir"]).eval().requires_grad_(False)
@@ -1037,10 +1031,9 @@ def profile_step(a, preset: Preset):
     state = BetaDPOState(cfg, SEED, "cpu")
     batch = collate_pairs([tuple(x) for x in bench["expected_ids"][:B]], 0)  # the first step's pairs
 
-    def step():
-        stats = pair_logps(policy, reference, batch)
-        loss, _ = betadpo_loss(stats, {k: v.detach() for k, v in stats.items()}, state, cfg, 0, 1, train=True)
-        loss.backward()
+    def step(logps: str):  # one process: its pairs are the whole calibration batch
+        losses, kept, _ = betadpo_loss(pair_logps(policy, reference, batch, logps), state, cfg, True)
+        process_share(losses, kept, 0, 1).backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), MAX_GRAD_NORM)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -1052,17 +1045,15 @@ def profile_step(a, preset: Preset):
     kernels = {"fused LM head": ("_FusedLinearLogProb", "_FusedLinearLogProbBackward"),
                "logits kernel": ("_LabelLogProb", "_LabelLogProbBackward")}
     results = {}
-    for name, fused in (("fused LM head", True), ("logits kernel", False)) * (a.repeats or 1):
-        fast_logps.FUSED_HEAD = fused
-        step()  # warm-up, and the allocator's
+    for name, logps in (("fused LM head", "fused"), ("logits kernel", "fast")) * (a.repeats or 1):
+        step(logps)  # warm-up, and the allocator's
         t0 = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            step()
+            step(logps)
         wall = time.perf_counter() - t0
         events = prof.key_averages()
         if name not in results or wall < results[name][0]:  # the fastest of --repeats (the machine may be shared)
             results[name] = (wall, events)
-    fast_logps.FUSED_HEAD = True
     print(f"command: python {' '.join(sys.argv)} (commit {git_commit()})\n{machine()}, {a.threads} threads\n{what}\n"
           f"One step of {sum(sum(s['lengths']) for s in bench['shapes'][:1])} tokens, each kernel profiled "
           f"{a.repeats or 1} time(s) in turn after a warm-up step, the fastest shown: fused LM head {results['fused LM head'][0]:.2f} s, logits kernel "
@@ -1099,7 +1090,6 @@ def kernel_ab(a, preset: Preset):
     workdir.mkdir(parents=True, exist_ok=True)
     bench, meta, what = prepare(a, workdir, preset, 2, B)
     from betadpo import pair_logps
-    from plumbing import fast_logps
     from plumbing.data import collate_pairs
     from plumbing.models import load_model
 
@@ -1109,10 +1099,9 @@ def kernel_ab(a, preset: Preset):
     batch = collate_pairs([tuple(x) for x in bench["expected_ids"][:B]], 0)
 
     def step(fused: bool) -> tuple[float, float]:
-        fast_logps.FUSED_HEAD = fused
         t0, c0 = time.perf_counter(), time.process_time()
-        s = pair_logps(policy, reference, batch)
-        loss = -F.logsigmoid(BETA * ((s["policy_chosen"] - s["ref_chosen"]) - (s["policy_rejected"] - s["ref_rejected"]))).mean()
+        s = pair_logps(policy, reference, batch, "fused" if fused else "fast")  # train.logps
+        loss = -F.logsigmoid(BETA * ((s.policy_chosen - s.ref_chosen) - (s.policy_rejected - s.ref_rejected))).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -1123,7 +1112,6 @@ def kernel_ab(a, preset: Preset):
     for r in range(a.kernel_ab):
         for fused in ((True, False) if r % 2 == 0 else (False, True)):
             times[fused].append(step(fused))
-    fast_logps.FUSED_HEAD = True
     print(f"\n### Fused LM head vs logits kernel, one process, {a.kernel_ab} rounds (ABBA)\n\n`python {' '.join(sys.argv)}` "
           f"(commit {git_commit()})  \n{machine()}, {a.threads} thread(s); load average {os.getloadavg()[0]:.2f} at the end  \n{what}\n")
     print("| one training step | fused LM head (median) | logits kernel (median) | fused / logits: mean ± 95% CI (range) |\n|---|---|---|---|")

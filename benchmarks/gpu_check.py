@@ -18,7 +18,7 @@ with save_pretrained, and the built-in sort task's tokenizer and data (token ids
      error O(1): more than 0.1 stops the check with exit 1).
    --cpu: the same code on the CPU (FSDP2 on a 1-process gloo group), but no MFU (no peak to compare with), no
    sync check (it needs CUDA), and "device" = the CPU under bf16 autocast.
-1. fast vs plain log-probs (betadpo.FAST_LOGPS) under bf16 autocast, 2 × 2,048 tokens: values and gradients.
+1. fast vs plain log-probs (train.logps: fused vs plain) under bf16 autocast, 2 × 2,048 tokens: values and gradients.
 2. A plain one-process run of betadpo.py, 2 steps (bf16 on the GPU): the baseline.
 3. FSDP2 (configs/accelerate/fsdp.yaml, 1 process on the GPU; --cpu: 2 CPU processes through
    tests/fsdp_launch.py): 1 step, then the same command with 2 steps resumes from its checkpoint. Steps 1 and 2
@@ -109,7 +109,7 @@ def check_logps(model, shape, cpu: bool):
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         with torch.autocast(device, dtype=torch.bfloat16):
-            logp = betadpo.sequence_logps(model, batch, prompt_rows=1, fast=fast)
+            logp = betadpo.sequence_logps(model, batch, "fused" if fast else "plain", prompt_rows=1)
         (logp["sum"].sum() + logp["prompt"].sum()).backward()
         if not cpu:
             torch.cuda.synchronize()
@@ -171,8 +171,9 @@ def micro_batch(policy, reference, batch, device: str):
     loss_cfg = betadpo.LossArgs(alpha=0.6, filter_ratio=0.25)  # the 7B config's β-DPO
     state = betadpo.BetaDPOState(loss_cfg, 0, device)
     with torch.autocast(device, dtype=torch.bfloat16):
-        stats = betadpo.pair_logps(policy, reference, batch)
-        loss, _ = betadpo.betadpo_loss(stats, {k: v.detach() for k, v in stats.items()}, state, loss_cfg, 0, 1, train=True)
+        stats = betadpo.pair_logps(policy, reference, batch, "fused")  # train.logps's default
+        losses, kept, _ = betadpo.betadpo_loss(stats, state, loss_cfg, True)  # one process: its pairs are the batch
+        loss = betadpo.process_share(losses, kept, 0, 1)
     loss.backward()
     return stats
 
@@ -233,9 +234,9 @@ def precision_check(model, cpu_model, batch, device: str):
     import betadpo
 
     with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
-        low = betadpo.sequence_logps(model, {k: v.to(device) for k, v in batch.items()})["sum"].double().cpu()
+        low = betadpo.sequence_logps(model, {k: v.to(device) for k, v in batch.items()}, "fused")["sum"].double().cpu()
     with torch.no_grad():
-        exact = betadpo.sequence_logps(cpu_model.float(), batch)["sum"].double()
+        exact = betadpo.sequence_logps(cpu_model.float(), batch, "plain")["sum"].double()
     tokens = (batch["labels"][:, 1:] != -100).sum(-1).double()
     per_token = ((low - exact).abs() / tokens).max().item()
     print(f"0. precision: {device} bf16 autocast vs CPU fp32 log-prob sums of {len(tokens)} sequences "
@@ -272,6 +273,7 @@ def measurements(model_dir: Path, cpu: bool, peak_tflops):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from plumbing import fast_logps
     from plumbing.data import collate_pairs
 
     device = "cpu" if cpu else "cuda"
@@ -282,7 +284,8 @@ def measurements(model_dir: Path, cpu: bool, peak_tflops):
     load = lambda dtype: AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)  # noqa: E731
     model = load(torch.float32)
     pairs, length = (2, 64) if cpu else (4, 1024)
-    batch = {k: v.to(device) for k, v in collate_pairs(random_pairs(model.config.vocab_size, pairs, length), 0).items()}
+    # as betadpo.py's loop: pinned, non_blocking copies, the host copy kept to plan the packing (no read-back)
+    batch = fast_logps.to_device(collate_pairs(random_pairs(model.config.vocab_size, pairs, length), 0), device)
     repeats = 2 if cpu else 5
     policy, reference = model.to(device), load(torch.float32).to(device).requires_grad_(False).eval()  # as betadpo.py: fp32 reference
     measure(policy, "plain, bf16 autocast", reference, batch, device, peak_tflops, repeats)

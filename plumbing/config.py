@@ -103,6 +103,10 @@ class TrainArgs:
     save_every: int = 50  # checkpoint every N optimizer steps (and at the end)
     eval_every: int = 50  # held-out evaluation every N optimizer steps (and at the end); 0 = only at the end
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast of the forward passes (accelerate)
+    # How log-probs are computed, in all three scripts: the switch is betadpo.py's `logps_at` (LOG-PROBS section).
+    # plain: the textbook full fp32 log-softmax; fast: plumbing/fast_logps.py (LM head where used, chunked kernel,
+    # packing); fused: fast with the fused LM head (Llama, GPT-NeoX; other models: fast). Same numbers to ~1e-6.
+    logps: Literal["fused", "fast", "plain"] = "fused"
     gradient_checkpointing: bool = False  # recompute activations in backward: far less memory, ~1/3 more compute
     precompute_ref: bool = False  # one no-grad reference pass over all pairs before training, then free the reference
     ref_cache_dir: str = "runs/ref_cache"  # precomputed reference log-probs, keyed by reference model and data

@@ -1,6 +1,7 @@
 """The fast log-prob path (skip on a first reading): betadpo.py's `plain_logps_at` — log π(token t+1 | tokens ≤ t)
 at the positions β-DPO uses — computed with far less work and memory. Same arguments, same numbers and gradients
-(tests/test_perf.py checks the two paths against each other); betadpo.py picks one with its FAST_LOGPS switch.
+(tests/test_perf.py checks the two paths against each other); betadpo.py's `logps_at` picks one, as the config's
+`train.logps` says (plain, fast, or fused: fast with 2b).
 
 Logits (positions × V) are a DPO step's largest tensors: 128 sequences × 512 tokens × InternLM2's 92,544-token
 vocabulary are 24 GiB as one fp32 log-softmax. Three savings, each in one place:
@@ -9,25 +10,21 @@ vocabulary are 24 GiB as one fp32 log-softmax. Three savings, each in one place:
      `logits_to_keep` and return just those positions' logits; other models' full logits are indexed.
   2. log softmax + gather is `token_logps`, a kernel that never holds a full fp32 log-softmax, forward or
      backward. Plain equivalent: torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None]).
-  2b. FUSED_HEAD (Llama, GPT-NeoX): not even the logits. The LM head and the log-softmax are one kernel,
+  2b. train.logps: fused (Llama, GPT-NeoX): not even the logits. The LM head and the log-softmax are one kernel,
      plumbing/fused_head.py, fed the final hidden states: per chunk of positions, logits → logsumexp and target
-     logit, logits dropped; backward recomputes them. Memory no longer grows with positions × V.
+     logit, logits dropped; backward recomputes them. Memory no longer grows with positions × V. betadpo.py
+     installs it around the forward (fused_head.LMHeadGivesLogps) and hands it to `logps_at` here.
   3. Packing (`pack_plan`): no compute on padding in the model body either. Plain equivalent: the padded
      (B, T) batch with its attention mask.
-`token_logps` is also sft.py's SFT loss and eval.py's k1 KL.
+`token_logps` is also sft.py's SFT loss and eval.py's k1 KL (`plain_token_logps` with train.logps: plain).
 """
 
 import os
 
 import torch
 
-from plumbing.fused_head import core_model, fused_head_applies, fused_logps_at
+from plumbing.fused_head import core_model
 from plumbing.host_sync import on_host
-
-# The switch of 2b: True computes log-probs with the fused LM head where it applies (fused_head_applies); False
-# keeps the logits path (LM head, then token_logps), e.g. to compare the two (benchmarks/bench_vs_trl.py does).
-# Same numbers and gradients either way (tests/test_fused_head.py).
-FUSED_HEAD = True
 
 
 # ---- 2. the log-softmax kernel ---------------------------------------------------------------------------
@@ -61,9 +58,9 @@ class _LabelLogProb(torch.autograd.Function):
         acc = torch.promote_types(logits.dtype, torch.float32)  # bf16/fp16/fp32 → fp32; fp64 stays fp64
         picked = torch.empty(targets.shape, dtype=acc, device=logits.device)  # (B, T)
         device = logits.device.type
-        keep = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else logits.dtype
-        keep = keep if keep.itemsize < logits.dtype.itemsize else logits.dtype  # the narrower of the two
-        probs = torch.empty_like(logits, dtype=keep) if ctx.needs_input_grad[0] else None  # (B, T, V): softmax, for backward
+        saved = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else logits.dtype
+        saved = saved if saved.itemsize < logits.dtype.itemsize else logits.dtype  # p's dtype: the narrower of the two
+        probs = torch.empty_like(logits, dtype=saved) if ctx.needs_input_grad[0] else None  # (B, T, V): softmax, for backward
         for i in range(0, logits.shape[0], chunk_rows):
             rows = slice(i, i + chunk_rows)
             logp = torch.log_softmax(logits[rows].to(acc), -1)  # (b, T, V), fp32
@@ -88,6 +85,13 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 4
     """
     valid = (targets >= 0) & (targets < logits.shape[-1])
     return _LabelLogProb.apply(logits, torch.where(valid, targets, 0), chunk_rows) * valid
+
+
+def plain_token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """token_logps' textbook equivalent (train.logps: plain): the whole fp32 log-softmax, then each target's entry."""
+    valid = (targets >= 0) & (targets < logits.shape[-1])
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)  # (…, V)
+    return logp.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1) * valid
 
 
 # ---- 1 and 3: which positions reach the LM head, and packing -------------------------------------------------
@@ -208,13 +212,16 @@ def pack_plan(model, host: dict, needed: torch.Tensor) -> dict:
             "targets": ids[:, 1:].reshape(-1)[index]}
 
 
-def logps_at(model, batch: dict, needed: torch.Tensor) -> torch.Tensor:
+def logps_at(model, batch: dict, needed: torch.Tensor, fused_head=None) -> torch.Tensor:
     """betadpo.plain_logps_at with the work cut to where it is needed: log π(token t+1 | tokens ≤ t) at the True
-    positions of `needed` (B, T−1), 0 elsewhere → (B, T−1) fp32 (fp64 for fp64 models).
+    positions of `needed` (B, T−1), 0 elsewhere → (B, T−1) fp32 (fp64 for fp64 models). fused_head: 2b, a
+    fused_head.LMHeadGivesLogps installed on the model by the caller; only for models that pack.
 
     No host↔device sync (plumbing/host_sync.py): the layout is planned from the batch's host copy (batch["host"],
     `to_device`, with batch["needed_host"], the same `needed` computed there); a batch without one (held-out
     scoring) is read back once for it."""
+    if fused_head is not None and not packs(model):
+        raise ValueError("logps_at: the fused LM head needs a model that packs (fast_logps.packs)")
     host, needed_host = batch.get("host"), batch.get("needed_host")
     with on_host():
         if host is None or needed_host is None:
@@ -223,8 +230,9 @@ def logps_at(model, batch: dict, needed: torch.Tensor) -> torch.Tensor:
     device = needed.device
     inputs = {k: _copy(v, device) if isinstance(v, torch.Tensor) else v for k, v in plan["inputs"].items()}
     keep, rows, flat, index, targets = (_copy(plan[k], device) for k in ("keep", "rows", "flat", "index", "targets"))
-    if FUSED_HEAD and packs(model) and fused_head_applies(model):  # 2b: log-probs (n,), no logits (every FUSED_HEAD_MODEL_TYPES packs)
-        picked = fused_logps_at(model, keep, targets, rows=rows, **inputs)
+    if fused_head is not None:  # 2b: the LM head returns log p(target) at the kept positions, (n,): no logits
+        fused_head.targets, fused_head.rows = targets, rows
+        picked = model(**inputs, logits_to_keep=keep).logits  # (n,)
     else:
         if takes_position_mask(model):  # 1. the LM head at the needed positions only (and the padding of `keep`)
             logits = model(**inputs, logits_to_keep=keep).logits  # (R, m, V)

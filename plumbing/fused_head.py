@@ -24,8 +24,8 @@ The math, per position i with logits z = W h_i + b and target y:
     ∂ log p(y) / ∂z = onehot(y) − p,  p = softmax(z)          (times the incoming gradient g_i)
     ∂/∂h_i = g_i (W_y − pᵀ W),  ∂/∂W = Σ_i g_i (onehot(y_i) − p_i) h_iᵀ,  ∂/∂b = Σ_i g_i (onehot(y_i) − p_i)
 
-`fused_logps_at(model, keep, targets, **inputs)` is how betadpo.py uses it: the model's own forward, with its LM
-head computing these log-probs instead of logits (why inside the forward: see there).
+`LMHeadGivesLogps(model)` is how betadpo.py uses it (train.logps: fused): installed around the model's own
+forward, it makes the LM head compute these log-probs instead of logits (why inside the forward: see there).
 """
 
 import torch
@@ -184,36 +184,45 @@ def fused_head_applies(model) -> bool:
             and isinstance(head, torch.nn.Linear))
 
 
-def fused_logps_at(model, keep: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor | None = None, **inputs) -> torch.Tensor:
-    """model(**inputs, logits_to_keep=keep), with its LM head returning log p(target) at the kept positions
-    instead of their logits. keep: (R, W) bool, targets (n,) for the n True positions, row-major → (n,) fp32; or
-    keep (R, m) integer positions per row (transformers' sync-free form) with rows (n,), which of the R·m kept
-    positions the n targets belong to (fast_logps.pack_plan).
+class LMHeadGivesLogps:
+    """`with LMHeadGivesLogps(model) as head:` for one forward: set `head.targets` (n,) to the tokens that the n
+    kept positions predict, then `model(..., logits_to_keep=keep).logits` is log p(target) at those positions,
+    (n,) fp32, instead of their (n, V) logits. betadpo.py installs it (its `logps_at`, train.logps: fused).
+    keep: (R, W) bool with the n True positions row-major; or (R, m) integer positions per row (transformers'
+    sync-free form) with `head.rows` (n,), which of the R·m kept positions the n targets belong to
+    (fast_logps.pack_plan).
 
-    Why inside the forward, through two hooks on the LM head, rather than `model.model(...)` for the hidden
-    states and then fused_logps with `lm_head.weight`: under FSDP2 the weights are sharded between forwards, and
-    they are gathered by hooks on the wrapped modules' forward (accelerate wraps the final norm and the LM head
-    as one unit, whose hooks fire when the LM head is called; otherwise the root's hooks, around the whole
-    forward). A body called by itself skips the root's hooks: its embedding stays sharded. Here the LM head is
-    called as usual: FSDP's pre-forward hook runs first (gathers W, registers its post-backward on the hidden
-    states), then ours takes the hidden states and hands the Linear no rows; ours after the forward replaces
-    the empty (0, V) logits with the log-probs before FSDP's post-forward hook sees the output, so FSDP's
-    pre-backward hook sits on what the loss really uses. DDP, autocast and tied embeddings see an ordinary
-    LM-head call too."""
-    head = core_model(model).get_output_embeddings()
-    hidden = []
+    Why two hooks on the LM head, rather than an explicit `model.model(...)` for the final hidden states and then
+    fused_logps with `lm_head.weight`: under FSDP2 the weights are sharded between forwards, and they are gathered
+    by hooks on the wrapped modules' forward (accelerate wraps the final norm and the LM head as one unit, whose
+    hooks fire when the LM head is called; otherwise the root's hooks, around the whole forward). A body called by
+    itself skips the root's hooks: its embedding stays sharded. DDP likewise prepares its gradient reduction only
+    in its own forward. Here the LM head is called as usual: FSDP's pre-forward hook runs first (gathers W,
+    registers its post-backward on the hidden states), then ours takes the hidden states and hands the Linear no
+    rows; ours after the forward replaces the empty (0, V) logits with the log-probs before FSDP's post-forward
+    hook sees the output, so FSDP's pre-backward hook sits on what the loss really uses. DDP, autocast and tied
+    embeddings see an ordinary LM-head call too."""
 
-    def take_hidden(module, args):  # args: ((n, H),) or ((R, m, H),): the kept positions' final hidden states
+    def __init__(self, model):
+        self.head = core_model(model).get_output_embeddings()
+        self.targets = None  # (n,): set before each forward
+        self.rows = None  # (n,) or None: with integer `keep`, the targets' places among the R·m kept positions
+        self.hidden, self.handles = [], ()
+
+    def take_hidden(self, module, args):  # args: ((n, H),) or ((R, m, H),): the kept positions' final hidden states
         h = args[0]
-        hidden.append(h if rows is None else h.reshape(-1, h.shape[-1]).index_select(0, rows))  # (n, H)
+        self.hidden.append(h if self.rows is None else h.reshape(-1, h.shape[-1]).index_select(0, self.rows))  # (n, H)
         return (h[:0],)  # the Linear itself runs on no rows
 
-    def give_logps(module, args, output):  # output: the (0, V) logits of no rows
-        return fused_logps(hidden.pop(), module.weight, targets, module.bias)  # (n,)
+    def give_logps(self, module, args, output):  # output: the (0, V) logits of no rows
+        return fused_logps(self.hidden.pop(), module.weight, self.targets, module.bias)  # (n,)
 
-    handles = (head.register_forward_pre_hook(take_hidden), head.register_forward_hook(give_logps, prepend=True))
-    try:
-        return model(**inputs, logits_to_keep=keep).logits  # (n,)
-    finally:
-        for handle in handles:
+    def __enter__(self):
+        self.handles = (self.head.register_forward_pre_hook(self.take_hidden),
+                        self.head.register_forward_hook(self.give_logps, prepend=True))
+        return self
+
+    def __exit__(self, *exc_info):
+        for handle in self.handles:
             handle.remove()
+        self.hidden.clear()

@@ -14,30 +14,26 @@ from accelerate import Accelerator
 from torch.distributed.tensor import DTensor
 
 import betadpo  # noqa: E402,F401  (importable as the scripts see it)
+import plumbing.fused_head as fused_head
 from betadpo import sequence_logps
-from plumbing import fast_logps
 from plumbing.distributed import end_processes
-
-
-def plain_sequence_logps(model, batch, prompt_rows=0):  # betadpo.FAST_LOGPS = False
-    return sequence_logps(model, batch, prompt_rows, fast=False)
 from test_fused_head import pairs_batch, tiny_llama
 
 accelerator = Accelerator()
 assert accelerator.is_fsdp2, accelerator.distributed_type
 tok, batch = pairs_batch()
 calls = []
-fused_logps_at = fast_logps.fused_logps_at
-fast_logps.fused_logps_at = lambda *a, **kw: calls.append(1) or fused_logps_at(*a, **kw)  # count the fused path's calls
+kernel = fused_head.fused_logps
+fused_head.fused_logps = lambda *a, **kw: calls.append(1) or kernel(*a, **kw)  # count the fused head's forwards
 for tied in (True, False):
     calls.clear()
     model = tiny_llama(len(tok), tied, torch.float64).train()
     unsharded = copy.deepcopy(model)
-    plain = plain_sequence_logps(unsharded, batch, prompt_rows=4)
+    plain = sequence_logps(unsharded, batch, "plain", prompt_rows=4)
     (plain["sum"].sum() - 0.5 * plain["avg"].sum()).backward()
     sharded, _ = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.0))
     assert all(isinstance(p, DTensor) for p in sharded.parameters())
-    ours = sequence_logps(sharded, batch, prompt_rows=4)
+    ours = sequence_logps(sharded, batch, "fused", prompt_rows=4)  # the hook installed around the sharded forward
     (ours["sum"].sum() - 0.5 * ours["avg"].sum()).backward()
     value_err = max((ours[k] - plain[k]).abs().max().item() for k in ("sum", "avg", "prompt"))
     expected = dict(unsharded.named_parameters())

@@ -74,11 +74,11 @@ def score(accelerator, model, batch: dict, role: str) -> dict:
             model = fsdp2_prepare_model(accelerator, model)
         model, _ = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.0))  # FSDP2 wants both
         with accelerator.autocast():
-            out = betadpo.sequence_logps(model, batch)  # with its graph, as the loss gets it
+            out = betadpo.sequence_logps(model, batch, "fused")  # with its graph, as the loss gets it
     else:
         model = shard_frozen(accelerator, model.requires_grad_(False).eval())
         with torch.no_grad(), accelerator.autocast():
-            out = betadpo.sequence_logps(model, batch)
+            out = betadpo.sequence_logps(model, batch, "fused")
     return {"dtype": str(out["sum"].dtype), "sum": out["sum"].detach().double().tolist(),
             "tokens": (batch["labels"][:, 1:] != -100).sum(-1).tolist()}
 
@@ -95,12 +95,13 @@ def gc_losses(accelerator, model, batch: dict, checkpointing: bool) -> list[floa
     cfg = betadpo.LossArgs(alpha=0.6, filter_ratio=0.25)
     state = betadpo.BetaDPOState(cfg, seed=0, device=accelerator.device)
     B = batch["input_ids"].shape[0] // 2
-    batch = {**batch, **{k: torch.full((B,), -20.0) for k in betadpo.REF_KEYS}}  # a fixed reference
+    batch = {**batch, **{k: torch.full((B,), -20.0) for k in betadpo.REF_FIELDS}}  # a fixed reference
     losses = []
     for _ in range(3):
         with accelerator.autocast():
-            stats = betadpo.pair_logps(model, None, batch)
-            loss, _ = betadpo.betadpo_loss(stats, {k: v.detach() for k, v in stats.items()}, state, cfg, 0, 1, train=True)
+            stats = betadpo.pair_logps(model, None, batch, "fused")
+            losses, kept, _ = betadpo.betadpo_loss(stats, state, cfg, True)
+            loss = betadpo.process_share(losses, kept, 0, 1)
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad()

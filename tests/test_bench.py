@@ -68,27 +68,20 @@ def test_machinery_alone_times_both_arms():
     assert abs(extra) < 1 and 0 <= half < 1
 
 
-def test_the_logits_kernel_column_is_betadpo_with_its_switch_off(monkeypatch, tmp_path):
-    """ours_logits runs `python -c LOGITS_KERNEL <our flags>`: betadpo.main with FUSED_HEAD off, argv as betadpo.py's."""
+def test_the_logits_kernel_column_is_betadpo_with_its_switch_set_to_fast(tmp_path):
+    """ours_logits runs betadpo.py as ours does, with `--train.logps fast` instead of fused: the one switch, a flag."""
+    from plumbing.config import parse_config
     import betadpo
-    from plumbing import fast_logps
 
     bench_spec = {k: "x" for k in ("model_dir", "train_file", "eval_file", "batch_size", "max_length", "max_prompt_length", "steps")}
     fused, logits = bench.ours_command(bench_spec, tmp_path, False, []), bench.ours_command(bench_spec, tmp_path, False, [], fused=False)
-    assert fused[1] == "betadpo.py" and logits[1:3] == ["-c", bench.LOGITS_KERNEL] and fused[2:] == logits[3:]
-    seen = []
-    monkeypatch.setattr(fast_logps, "FUSED_HEAD", True)
-    monkeypatch.setattr(betadpo, "main_guard", lambda main: seen.append((main, fast_logps.FUSED_HEAD, sys.argv[0])))
-    monkeypatch.setattr(sys, "argv", ["-c", "--train.max_steps", "1"])
-    exec(bench.LOGITS_KERNEL, {})
-    assert seen == [(betadpo.main, False, "betadpo.py")]
+    assert fused[1] == logits[1] == "betadpo.py" and fused[4:] == logits[4:]
+    assert [parse_config(betadpo.Config, cmd[2:4]).train.logps for cmd in (fused, logits)] == ["fused", "fast"]
 
 
-def test_kernel_ab_runs_both_kernels_and_restores_the_switch(tmp_path, capsys):
-    """--kernel-ab on the quick model: one round of each kernel, the table printed, FUSED_HEAD back on after."""
-    from plumbing import fast_logps
-
+def test_kernel_ab_runs_both_kernels(tmp_path, capsys):
+    """--kernel-ab on the quick model: one round of each kernel, the table printed."""
     a = bench.build_parser().parse_args(["--quick", "--kernel-ab", "1", "--workdir", str(tmp_path)])
     bench.kernel_ab(a, bench.QUICK)
     out = capsys.readouterr().out
-    assert "| wall (s) |" in out and "| CPU time (s) |" in out and fast_logps.FUSED_HEAD is True
+    assert "| wall (s) |" in out and "| CPU time (s) |" in out

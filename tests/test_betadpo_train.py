@@ -127,3 +127,63 @@ def test_batch_not_divisible_by_processes_times_accumulation(tmp_path, tiny_mode
     result = run_script("betadpo.py", *flags(tiny_model, out, "--train.batch_size", 6), processes=2, check=False)
     assert result.returncode != 0 and "train.batch_size (6) must be divisible by processes × grad_accum (2 × 2)" in result.stderr
     assert not out.exists()
+
+
+# ---- train.logps: the one log-prob switch, end to end --------------------------------------------------------
+def train_in_process(*args):
+    """betadpo.py on these flags, in this process (no interpreter start-up and imports: seconds less per run)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    import betadpo
+    from plumbing.config import parse_config
+
+    try:
+        return betadpo.train_policy(parse_config(betadpo.Config, [str(a) for a in args]))
+    finally:  # accelerate's process-wide state: the next run builds its own Accelerator
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def paths_taken(monkeypatch) -> list:
+    """Record which log-prob computation each forward takes: plain, fast (plumbing/fast_logps.py), fused (its head)."""
+    import betadpo
+    import plumbing.fused_head as fused_head
+
+    taken = []
+    for module, name, label in ((betadpo, "plain_logps_at", "plain"), (betadpo.fast_logps, "logps_at", "fast"),
+                                (fused_head, "fused_logps", "fused")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _l=label, **kw: taken.append(_l) or _f(*a, **kw))
+    return taken
+
+
+def assert_the_same_run(runs: dict, tol: float):
+    """Every run's metrics (train and held-out rows, all but throughput) within tol of the first's, relative or
+    absolute (margins and rewards are differences of log-probs near 0: fp32 paths that sum in another order differ
+    there by ~1e-6 absolute, a wrong token's log-prob by ~1e-1), and its weights. margin_skew within 100·tol: a
+    ratio of the centred margins' third and second moments, it magnifies their rounding. Weights within 10·tol:
+    Adam's g/√v turns float noise in small gradients into whole updates (test_two_processes_match_one)."""
+    (_, base), *others = runs.items()
+    for split in ("train", "eval"):
+        rows = read_metrics(base, split)
+        for name, out in others:
+            for x, y in zip(rows, read_metrics(out, split), strict=True):
+                for k in x.keys() - {"step", "split", "pairs_per_s", "tokens_per_s"}:
+                    t = 100 * tol if k == "margin_skew" else tol
+                    assert y[k] == pytest.approx(x[k], rel=t, abs=t), (name, split, x["step"], k)
+    for name, out in others:
+        assert_same_weights(final_weights(base), final_weights(out), rel=10 * tol)
+
+
+def test_each_logps_value_trains_alike(tmp_path, tiny_model, monkeypatch):
+    """train.logps plain | fast | fused, 3 steps of the built-in task with every β-DPO mechanism on: each takes its
+    own path (plain never reaches the kernels, fast never the fused head), the same metrics and weights (1e-5), and
+    config.yaml records the value."""
+    taken, runs = paths_taken(monkeypatch), {}
+    for logps in ("plain", "fast", "fused"):
+        taken.clear()
+        runs[logps] = train_in_process(*flags(tiny_model, tmp_path / logps, "--train.max_steps", 3, "--train.logps", logps))
+        assert set(taken) == {"plain": {"plain"}, "fast": {"fast"}, "fused": {"fast", "fused"}}[logps]
+        assert f"logps: {logps}" in (runs[logps] / "config.yaml").read_text()
+    assert read_metrics(runs["plain"])[-1]["sigma"] > 0  # the margins moved: the comparison has something to compare
+    assert_the_same_run(runs, tol=1e-5)

@@ -90,7 +90,8 @@ def test_preference_metrics_hand_computed():
         {"policy_chosen": -3.0, "ref_chosen": -3.0, "policy_rejected": -4.0, "ref_rejected": -4.0},
         {"policy_chosen": -4.0, "ref_chosen": -3.0, "policy_rejected": -2.0, "ref_rejected": -3.0},
     ]
-    m = ev.preference_metrics({k: torch.tensor([it[k] for it in items]) for k in items[0]})
+    sums = {k: torch.tensor([it[k] for it in items]) for k in items[0]}
+    m = ev.preference_metrics(ev.PairLogps(**sums, policy_chosen_avg=None, policy_rejected_avg=None, tokens=None))
     assert m["pref_accuracy"] == pytest.approx(1 / 3)
     assert m["reward_margin"] == pytest.approx(-1 / 3)
     assert m["logps/chosen"] == pytest.approx(-8 / 3) and m["ref_logps/rejected"] == pytest.approx(-4.0)
@@ -98,11 +99,13 @@ def test_preference_metrics_hand_computed():
 
 def test_pair_scores_match_independent_loop(models):
     pairs = held_out_pairs(models.tok)
-    scores = ev.score_pairs(CPU, models.policy, models.reference, pairs, models.tok.pad_token_id, 3)
-    assert scores["policy_chosen"].shape == (len(pairs),)
+    cfg = Config()
+    cfg.eval.batch_size = 3
+    scores = ev.score_pairs(CPU, (models.policy, models.reference), pairs, models.tok.pad_token_id, cfg)
+    assert scores.policy_chosen.shape == (len(pairs),)
     for i, (p, c, r) in enumerate(pairs):
-        assert scores["policy_chosen"][i].item() == pytest.approx(response_logp(models.policy, p, c), abs=1e-4)
-        assert scores["ref_rejected"][i].item() == pytest.approx(response_logp(models.reference, p, r), abs=1e-4)
+        assert scores.policy_chosen[i].item() == pytest.approx(response_logp(models.policy, p, c), abs=1e-4)
+        assert scores.ref_rejected[i].item() == pytest.approx(response_logp(models.reference, p, r), abs=1e-4)
     got, want = ev.preference_metrics(scores), expected_preference(models, pairs)
     assert 0 < want["pref_accuracy"] < 1  # the two random models disagree on some pairs: the check has teeth
     assert got["pref_accuracy"] == want["pref_accuracy"]
@@ -112,14 +115,14 @@ def test_pair_scores_match_independent_loop(models):
 # --------------------------------------------------------------------------------------------------------
 # Reference KL
 # --------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("temperature", [1.0, 0.5])
-def test_kl_matches_direct_computation(models, temperature):
+@pytest.mark.parametrize("temperature, logps", [(1.0, "fused"), (0.5, "plain")])  # k1 from either log-prob path
+def test_kl_matches_direct_computation(models, temperature, logps):
     tok = models.tok
     prompts = [p for p, _ in tokenize(tok, ["sort 3141: ", "sort 27182818: "], ["", ""], 64, 32)]
     torch.manual_seed(0)
     samples = [(p, y) for p in prompts for y in generate(models.policy, [p] * 3, 6, temperature, tok.eos_token_id, tok.pad_token_id)]
     batch = collate(samples, tok.pad_token_id)  # right-padded: prompts and responses of different lengths
-    got = ev.sequence_kl(models.policy, models.reference, batch, temperature)
+    got = ev.sequence_kl(models.policy, models.reference, batch, temperature, logps)
     for b, (p, y) in enumerate(samples):
         with torch.no_grad():
             lp = (models.policy(torch.tensor([p + y])).logits[0].double() / temperature).log_softmax(-1)
@@ -130,7 +133,7 @@ def test_kl_matches_direct_computation(models, temperature):
         assert kl > 0
         assert got["kl"][b].item() == pytest.approx(kl, rel=1e-4, abs=1e-6)
         assert got["k1"][b].item() == pytest.approx(k1, rel=1e-4, abs=1e-5)
-    same = ev.sequence_kl(models.reference, models.reference, batch, temperature)
+    same = ev.sequence_kl(models.reference, models.reference, batch, temperature, logps)
     assert same["kl"].tolist() == [0.0] * len(samples) and same["k1"].tolist() == [0.0] * len(samples)
 
 

@@ -13,11 +13,20 @@ import torch.nn.functional as F
 
 import plumbing.fused_head as fused_head
 from betadpo import sequence_logps
-from plumbing import fast_logps
 
 
-def plain_sequence_logps(model, batch, prompt_rows=0):  # betadpo.FAST_LOGPS = False
-    return sequence_logps(model, batch, prompt_rows, fast=False)
+def plain_sequence_logps(model, batch, prompt_rows=0):  # train.logps: plain
+    return sequence_logps(model, batch, "plain", prompt_rows)
+
+
+def fused_sequence_logps(model, batch, prompt_rows=0):  # train.logps: fused
+    return sequence_logps(model, batch, "fused", prompt_rows)
+
+
+def count_fused_calls(monkeypatch, calls: list):
+    """Append 1 to `calls` each time the fused LM head computes log-probs (once per forward that takes it)."""
+    kernel = fused_head.fused_logps
+    monkeypatch.setattr(fused_head, "fused_logps", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
 from conftest import ROOT, _free_port, run_command
 from plumbing.data import collate_pairs, tokenize_pairs
 from plumbing.fused_head import TILE_COLS, TILE_ROWS, fused_head_applies, fused_logps
@@ -150,7 +159,7 @@ def test_sequence_logps_through_the_fused_head_equal_the_plain_path(monkeypatch,
     monkeypatch.setattr(fused_head, "TILE_ROWS", 5)
     monkeypatch.setattr(fused_head, "TILE_COLS", 7)
     calls = []
-    monkeypatch.setattr(fast_logps, "fused_logps_at", lambda *a, **kw: calls.append(1) or fused_head.fused_logps_at(*a, **kw))
+    count_fused_calls(monkeypatch, calls)
 
     def run(logps):
         torch.manual_seed(0)
@@ -163,7 +172,7 @@ def test_sequence_logps_through_the_fused_head_equal_the_plain_path(monkeypatch,
 
     m, plain, plain_grads = run(plain_sequence_logps)
     assert fused_head_applies(m) and not calls
-    _, ours, grads = run(sequence_logps)
+    _, ours, grads = run(fused_sequence_logps)
     assert calls == [1]
     for k in ("sum", "avg", "prompt"):
         assert torch.allclose(ours[k], plain[k], rtol=0, atol=tol), k
@@ -184,7 +193,7 @@ def test_lora_wrapped_models_take_the_fused_head_with_the_plain_paths_numbers(mo
     monkeypatch.setattr(fused_head, "TILE_ROWS", 5)
     monkeypatch.setattr(fused_head, "TILE_COLS", 7)
     calls = []
-    monkeypatch.setattr(fast_logps, "fused_logps_at", lambda *a, **kw: calls.append(1) or fused_head.fused_logps_at(*a, **kw))
+    count_fused_calls(monkeypatch, calls)
     policy = lora.add_adapters(tiny_llama(len(tok), True, torch.float64), ModelArgs(lora_r=4, lora_alpha=8), "base")
     with torch.no_grad():
         for name, p in policy.named_parameters():
@@ -202,7 +211,7 @@ def test_lora_wrapped_models_take_the_fused_head_with_the_plain_paths_numbers(mo
 
     for model, fused_calls in ((policy, [1]), (reference, [1, 1])):
         plain, plain_grads = run(plain_sequence_logps, model)
-        ours, grads = run(sequence_logps, model)
+        ours, grads = run(fused_sequence_logps, model)
         assert calls == fused_calls
         for k in ("sum", "avg", "prompt"):
             assert torch.allclose(ours[k], plain[k], rtol=0, atol=1e-12), k
@@ -211,20 +220,20 @@ def test_lora_wrapped_models_take_the_fused_head_with_the_plain_paths_numbers(mo
             for name, g in grads.items():
                 assert ((g - plain_grads[name]).abs().max() / plain_grads[name].abs().max()).item() <= 1e-12, name
     with torch.no_grad():  # the adapters really move the policy: on ≠ off
-        assert (sequence_logps(policy, batch)["sum"] - sequence_logps(reference, batch)["sum"]).abs().max() > 1e-3
+        assert (fused_sequence_logps(policy, batch)["sum"] - fused_sequence_logps(reference, batch)["sum"]).abs().max() > 1e-3
 
 
 def test_the_switch_and_other_architectures_keep_the_logits_path(monkeypatch):
     tok, batch = pairs_batch()
     calls = []
-    monkeypatch.setattr(fast_logps, "fused_logps_at", lambda *a, **kw: calls.append(1) or fused_head.fused_logps_at(*a, **kw))
+    count_fused_calls(monkeypatch, calls)
     m = tiny_llama(len(tok), True, torch.float32)
-    monkeypatch.setattr(fast_logps, "FUSED_HEAD", False)
-    sequence_logps(m, batch)
+    for logps in ("plain", "fast"):  # train.logps without the fused head
+        sequence_logps(m, batch, logps)
     assert not calls
-    monkeypatch.setattr(fast_logps, "FUSED_HEAD", True)
-    sequence_logps(m, batch)
+    sequence_logps(m, batch, "fused")
     assert calls == [1]
+    assert not any(h for h in (m.lm_head._forward_hooks, m.lm_head._forward_pre_hooks))  # installed for that forward only
     from transformers import Qwen2Config, Qwen2ForCausalLM  # not in FUSED_HEAD_MODEL_TYPES: never fused
 
     assert not fused_head_applies(Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32,

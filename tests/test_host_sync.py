@@ -8,7 +8,7 @@ import betadpo
 from plumbing import fast_logps
 from plumbing.config import DataArgs
 from plumbing.data import collate_pairs, load_pairs, tokenize_pairs
-from plumbing.fused_head import fused_logps_at
+from plumbing.fused_head import LMHeadGivesLogps
 from plumbing.host_sync import host_syncs, on_host
 
 # The one sync left, inside transformers (5.x), once per packed forward: masking_utils.find_packed_sequence_indices
@@ -33,15 +33,14 @@ def test_the_detector_sees_each_kind_of_sync_forward_and_backward():
     assert all(where.startswith("tests/test_host_sync.py") for _, where in found)
 
 
-@pytest.mark.parametrize("fused_head", [True, False])
-def test_a_training_micro_batch_has_no_host_syncs_in_our_code(tiny_model, monkeypatch, fused_head):
+@pytest.mark.parametrize("logps", ["fused", "fast"])
+def test_a_training_micro_batch_has_no_host_syncs_in_our_code(tiny_model, monkeypatch, logps):
     """As betadpo.py's loop runs it: the collated batch copied by fast_logps.to_device, policy and reference
     log-probs with β(x)'s prompt perplexity (packed; through the fused LM head or the logits path), the β-DPO loss
     with its filter, backward (the fused head's included). Fails on the code before: tolist() of the lengths,
     boolean-mask indexing in the packing, `logits_to_keep` and the fused head's backward, nonzero() there."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    monkeypatch.setattr(fast_logps, "FUSED_HEAD", fused_head)
     tok = AutoTokenizer.from_pretrained(tiny_model)
     pairs = tokenize_pairs(tok, load_pairs(DataArgs(eval_size=0, num_train=4), "train", tok), 64, 32)
     policy = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).train()
@@ -50,12 +49,13 @@ def test_a_training_micro_batch_has_no_host_syncs_in_our_code(tiny_model, monkey
     state = betadpo.BetaDPOState(cfg, 0, "cpu")
     batch = fast_logps.to_device(collate_pairs(pairs, tok.pad_token_id), "cpu")
     calls = []
-    monkeypatch.setattr(fast_logps, "fused_logps_at", lambda *a, **kw: calls.append(1) or fused_logps_at(*a, **kw))
+    give_logps = LMHeadGivesLogps.give_logps
+    monkeypatch.setattr(LMHeadGivesLogps, "give_logps", lambda self, *a: calls.append(1) or give_logps(self, *a))
     with host_syncs() as found:
-        stats = betadpo.pair_logps(policy, reference, batch, with_ppl=True)
-        loss, _ = betadpo.betadpo_loss(stats, {k: v.detach() for k, v in stats.items()}, state, cfg, 0, 1, train=True)
-        loss.backward()
-    assert len(calls) == (2 if fused_head else 0) and state.kept.sum() == 3  # the paths meant, the filter on
+        stats = betadpo.pair_logps(policy, reference, batch, logps, with_ppl=True)
+        losses, kept, _ = betadpo.betadpo_loss(stats, state, cfg, True)  # one process: its pairs are the batch
+        betadpo.process_share(losses, kept, 0, 1).backward()
+    assert len(calls) == (2 if logps == "fused" else 0) and kept.sum() == 3  # the paths meant, the filter on
     ours = [f for f in found if TRANSFORMERS_PACKED_CHECK not in f[1]]
     assert not ours, ours
     assert len(found) <= 2  # transformers' check: once per forward (policy, reference)

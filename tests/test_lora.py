@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from betadpo import pair_logps, sequence_logps
 from conftest import read_metrics, run_script
 from plumbing import fast_logps, lora
+from plumbing.fused_head import fused_head_applies
 from plumbing.config import ModelArgs
 from plumbing.data import collate_pairs, tokenize_pairs
 from plumbing.models import load_model
@@ -39,16 +40,16 @@ def test_adapters_off_reference_is_the_base_model_exactly_and_merging_folds_the_
     assert trained and all("lora_" in n for n, p in policy.named_parameters() if p.requires_grad)
     optimizer = torch.optim.SGD(trained, lr=0.5)
     for _ in range(3):
-        out = pair_logps(policy, None, batch)
-        (out["policy_rejected"] - out["policy_chosen"]).sum().backward()
+        out = pair_logps(policy, None, batch, "fused")
+        (out.policy_rejected - out.policy_chosen).sum().backward()
         optimizer.step()
         optimizer.zero_grad()
     reference = lora.AdaptersOff(policy)
     assert fast_logps.packs(reference) and fast_logps.packs(policy)  # the transformers model inside is found
-    assert all(fast_logps.fused_head_applies(m) for m in (reference, base, policy))  # the same kernel for all three
+    assert all(fused_head_applies(m) for m in (reference, base, policy))  # the same kernel for all three
     with torch.no_grad():
-        off, plain, on = (sequence_logps(m, batch, prompt_rows=3) for m in (reference, base, policy))
-        off_unpacked = sequence_logps(reference, batch, prompt_rows=3, fast=False)
+        off, plain, on = (sequence_logps(m, batch, "fused", prompt_rows=3) for m in (reference, base, policy))
+        off_unpacked = sequence_logps(reference, batch, "plain", prompt_rows=3)
     for k in ("sum", "avg", "prompt"):
         assert torch.equal(off[k], plain[k]), k
         assert torch.allclose(off_unpacked[k], plain[k], rtol=0, atol=1e-5), k
@@ -65,7 +66,7 @@ def test_adapters_off_reference_is_the_base_model_exactly_and_merging_folds_the_
     assert torch.allclose(merged["model.layers.0.self_attn.q_proj.weight"], by_hand, atol=1e-6)
     base.load_state_dict(merged)
     with torch.no_grad():
-        folded = sequence_logps(base, batch)
+        folded = sequence_logps(base, batch, "fused")
     assert torch.allclose(folded["sum"], on["sum"], atol=1e-4)
 
 
@@ -105,9 +106,9 @@ def test_lora_betadpo_resumes_exactly_and_saves_adapter_and_merged_model(tmp_pat
     assert type(merged).__name__ == "LlamaForCausalLM" and merged.dtype == torch.float64
     batch = batch_of(build_tokenizer())
     with torch.no_grad():
-        a = sequence_logps(merged, batch)["sum"]
-        b = sequence_logps(lora.load_trained(str(final), "float64", False, "final"), batch)["sum"]  # peft's merge
-        c = sequence_logps(load_model(str(tiny_model), "float64"), batch)["sum"]
+        a = sequence_logps(merged, batch, "fused")["sum"]
+        b = sequence_logps(lora.load_trained(str(final), "float64", False, "final"), batch, "fused")["sum"]  # peft's merge
+        c = sequence_logps(load_model(str(tiny_model), "float64"), batch, "fused")["sum"]
     assert torch.allclose(a, b, rtol=0, atol=1e-10) and (a - c).abs().max() > 1e-3
 
 

@@ -16,12 +16,12 @@ from plumbing.sort_task import build_tokenizer
 from test_betadpo_train import flags
 
 
-def plain_sequence_logps(model, batch, prompt_rows=0):  # betadpo.FAST_LOGPS = False
-    return sequence_logps(model, batch, prompt_rows, fast=False)
+def plain_sequence_logps(model, batch, prompt_rows=0):  # train.logps: plain
+    return sequence_logps(model, batch, "plain", prompt_rows)
 
 
-def fast_sequence_logps(model, batch, prompt_rows=0):  # betadpo.FAST_LOGPS = True
-    return sequence_logps(model, batch, prompt_rows, fast=True)
+def fast_sequence_logps(model, batch, prompt_rows=0):  # train.logps: fused (the default; fast where it does not apply)
+    return sequence_logps(model, batch, "fused", prompt_rows)
 
 
 def naive_token_logps(logits, targets):
@@ -109,12 +109,13 @@ def test_results_do_not_depend_on_padding_length(tiny_model):
     tok, model = build_tokenizer(), load_model(str(tiny_model))
     rows = [{"prompt": "sort 312: ", "chosen": "123", "rejected": "321"}, {"prompt": "sort 9: ", "chosen": "9", "rejected": "99"}]
     pairs = tokenize_pairs(tok, rows, 64, 32)
-    together = pair_logps(model, model, collate_pairs(pairs, tok.pad_token_id))
-    alone = pair_logps(model, model, collate_pairs(pairs[1:], tok.pad_token_id))  # shorter batch: less padding
+    together = pair_logps(model, model, collate_pairs(pairs, tok.pad_token_id), "fused")
+    alone = pair_logps(model, model, collate_pairs(pairs[1:], tok.pad_token_id), "fused")  # shorter batch: less padding
     padded = collate_pairs(pairs, tok.pad_token_id)
     extra = {k: F.pad(v, (0, 7), value=tok.pad_token_id if k == "input_ids" else -100 if k == "labels" else 0)
              for k, v in padded.items() if v.dim() == 2}
-    wider = pair_logps(model, model, {**padded, **extra})  # 7 more padding columns
+    wider = pair_logps(model, model, {**padded, **extra}, "fused")  # 7 more padding columns
+    together, alone, wider = together.tensors(), alone.tensors(), wider.tensors()
     for k in together:
         assert torch.allclose(together[k][1], alone[k][0], atol=1e-5), k
         assert torch.allclose(together[k], wider[k], atol=1e-5), k
@@ -140,10 +141,10 @@ def test_fast_sequence_logps_equal_the_plain_ones_with_and_without_position_mask
     rows = [{"prompt": "sort 3120: ", "chosen": "0123", "rejected": "3210"}, {"prompt": "sort 9: ", "chosen": "9", "rejected": "99"}]
     batch = collate_pairs(tokenize_pairs(tok, rows, 64, 32), tok.pad_token_id)
 
-    def run(logps, wrap=lambda m: m):
+    def run(score, wrap=lambda m: m):
         model = load_model(str(tiny_model)).to(dtype)
         wrapped = wrap(model)
-        out = logps(wrapped, batch, prompt_rows=2)
+        out = score(wrapped, batch, prompt_rows=2)
         (out["sum"].sum() + out["avg"].sum() + out["prompt"].sum()).backward()
         return out, _takes_position_mask(wrapped), {n: p.grad for n, p in model.named_parameters()}
 
@@ -223,9 +224,9 @@ def test_packed_sequences_give_the_padded_log_probs_and_gradients(tiny_model, ar
         return m.to(dtype).eval()  # eval(): a KV cache would be on by default, which packing must turn off
 
     runs = {}
-    for name, logps in (("plain", plain_sequence_logps), ("packed", fast_sequence_logps)):
+    for name, score in (("plain", plain_sequence_logps), ("packed", fast_sequence_logps)):
         m = model()
-        out = logps(m, batch, prompt_rows=len(rows))
+        out = score(m, batch, prompt_rows=len(rows))
         (out["sum"].sum() + out["avg"].sum() + out["prompt"].sum()).backward()
         runs[name] = out, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
     assert _packs(m) and m.config.model_type in PACKED_MODEL_TYPES
@@ -278,14 +279,14 @@ def test_prompt_rows_reach_the_lm_head_only_when_beta_x_needs_the_perplexity(tin
     batch = collate_pairs(tokenize_pairs(tok, rows, 64, 32), tok.pad_token_id)
     seen = []
     hook = model.get_output_embeddings().register_forward_hook(lambda mod, args, out: seen.append(out.shape[0]))
-    without, with_ppl = pair_logps(model, None, batch), pair_logps(model, None, batch, with_ppl=True)
+    without, with_ppl = pair_logps(model, None, batch, "fused"), pair_logps(model, None, batch, "fused", with_ppl=True)
     hook.remove()
     response = int((batch["labels"] != -100).sum())
     prompt = int(batch["prompt_lens"][:2].sum()) - 2  # chosen rows' prompt tokens after the first
     assert seen == [response, response + prompt]
-    assert "log_ppl" not in without and without["policy_chosen"].tolist() == pytest.approx(with_ppl["policy_chosen"].tolist(), abs=1e-5)
+    assert without.log_ppl is None and without.policy_chosen.tolist() == pytest.approx(with_ppl.policy_chosen.tolist(), abs=1e-5)
     plain = plain_sequence_logps(model, batch, prompt_rows=2)
-    assert with_ppl["log_ppl"].tolist() == pytest.approx((-plain["prompt"][:2]).tolist(), abs=1e-5)
+    assert with_ppl.log_ppl.tolist() == pytest.approx((-plain["prompt"][:2]).tolist(), abs=1e-5)
 
 
 def test_group_by_length_covers_every_pair_once_and_pads_less():
@@ -330,7 +331,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
-        out = pair_logps(model, None, batch)
-        (out["policy_chosen"] - out["policy_rejected"]).sum().backward()
+        out = pair_logps(model, None, batch, "fused")
+        (out.policy_chosen - out.policy_rejected).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)

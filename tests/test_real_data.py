@@ -81,13 +81,13 @@ def test_split_model_scores_like_the_whole_model(tmp_path):
     assert top.config.num_hidden_layers == 1 and not top.get_input_embeddings().weight.requires_grad
     batch = collate_pairs(pairs, tok.pad_token_id)
     with torch.no_grad():
-        expected = betadpo.sequence_logps(full, batch, fast=False)["sum"]
-        for fast in (False, True):  # padded, and packed (fast path)
-            assert betadpo.sequence_logps(top, batch, fast=fast)["sum"] == pytest.approx(expected.tolist(), abs=1e-5)
+        expected = betadpo.sequence_logps(full, batch, "plain")["sum"]
+        for logps in ("plain", "fused"):  # padded, and packed (the fused head)
+            assert betadpo.sequence_logps(top, batch, logps)["sum"] == pytest.approx(expected.tolist(), abs=1e-5)
     top.save_pretrained(tmp_path / "again")
     again = load_model(str(tmp_path / "again"), trust_remote_code=True)
     with torch.no_grad():
-        assert betadpo.sequence_logps(again, batch)["sum"] == pytest.approx(expected.tolist(), abs=1e-5)
+        assert betadpo.sequence_logps(again, batch, "fused")["sum"] == pytest.approx(expected.tolist(), abs=1e-5)
     with pytest.raises(UserError, match="not in the cached"):
         top(input_ids=torch.tensor([[5, 6, 7]]))
     # experiments/real.py's held-out scoring: the same sums; KL(π‖π) = 0; the reference's sums cached per data set

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from betadpo import BetaDPOState, LossArgs, filter_mask
+from betadpo import BetaDPOState, LossArgs, filter_log_weights, filter_mask
 from conftest import ROOT, _free_port, run_command
 
 TINY = ["--config", "configs/sort.yaml", "--data.num_train", 32, "--data.eval_size", 4, "--eval.batch_size", 2,
@@ -60,7 +60,7 @@ def test_the_filter_generator_is_on_the_cpu_whatever_the_device():
         state = BetaDPOState(cfg, 7, device)
         assert state.generator.device.type == "cpu"
     M = torch.tensor([0.3, -1.0, 2.0, 0.1, 0.0, 1.5])
-    a = filter_mask(M, torch.tensor(0.2), torch.tensor(1.0), 0.5, BetaDPOState(cfg, 7, "meta").generator)
+    a = filter_mask(filter_log_weights(M, torch.tensor(0.2), torch.tensor(1.0)), 0.5, BetaDPOState(cfg, 7, "meta").generator)
     u = torch.rand(6, generator=torch.Generator().manual_seed(7))
     gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1 - 1e-7)))
     expected = (-((M - 0.2) ** 2) / 2 + gumbel).topk(3).indices

@@ -199,10 +199,8 @@ def check_fits(cfg, accelerator):
 
     if not cfg.train.memory_check:
         return
-    from plumbing import lower_cache
-
-    name = cfg.model.name_or_path
-    config = None if lower_cache.is_split(name) else known_config(name)  # a split model trains its top blocks only
+    # (a study's split model, experiments/lower_cache.py, is a Llama config of its top blocks: counted as such)
+    config = known_config(cfg.model.name_or_path)
     if config is None:
         return
     try:

@@ -202,7 +202,7 @@ def measure(model, what: str, reference, batch, device: str, peak_tflops, repeat
               if cuda else f"peak RSS of this process {peak_bytes() / 2**30:.2f} GiB")
     tokens = batch["attention_mask"].sum().item()
     print(f"0. {what}: {dt:.3f} s per micro-batch ({tokens} tokens), {tokens / dt:,.0f} tokens/s, model {tflops:.3g} TFLOP/s, "
-          f"MFU {mfu}; {memory}; log-prob sums {stats['policy_chosen'].dtype}", flush=True)
+          f"MFU {mfu}; {memory}; log-prob sums {stats.policy_chosen.dtype}", flush=True)
 
 
 def sync_check(model, reference, batch):

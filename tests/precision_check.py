@@ -100,8 +100,8 @@ def gc_losses(accelerator, model, batch: dict, checkpointing: bool) -> list[floa
     for _ in range(3):
         with accelerator.autocast():
             stats = betadpo.pair_logps(model, None, batch, "fused")
-            losses, kept, _ = betadpo.betadpo_loss(stats, state, cfg, True)
-            loss = betadpo.process_share(losses, kept, 0, 1)
+            per_pair, kept, _ = betadpo.betadpo_loss(stats, state, cfg, True)  # ℓ_i (N,), kept (N,)
+            loss = betadpo.process_share(per_pair, kept, 0, 1)
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
@@ -168,7 +168,7 @@ def main():
                 print(json.dumps({"cell": f"gc/{'on' if on else 'off'}", "losses": losses}), flush=True)
     if run:
         reset_accelerate(fsdp=True)
-        betadpo.train(parse_config(betadpo.Config, run))  # ends with end_processes
+        betadpo.train_policy(parse_config(betadpo.Config, run))  # ends with end_processes
         return
     PartialState().wait_for_everyone()
     settle_collectives()

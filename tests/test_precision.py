@@ -73,7 +73,7 @@ def test_log_prob_sums_are_fp32_and_bf16_within_budget_on_every_launch(tmp_path,
     assert found["gc/on"]["losses"] == found["gc/off"]["losses"] and len(set(found["gc/on"]["losses"])) == 3
     # 3 bf16 steps under FSDP2 × 2 (with checkpointing) against one process: the same run to bf16 precision.
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
-    betadpo.train(parse_config(betadpo.Config, run_flags(tiny_model, one_run)))
+    betadpo.train_policy(parse_config(betadpo.Config, run_flags(tiny_model, one_run)))
     one, fsdp = read_metrics(one_run), read_metrics(fsdp_run)
     assert [r["step"] for r in one] == [r["step"] for r in fsdp] == [1, 2, 3] and one[-1]["sigma"] > 0
     for a, b in zip(one, fsdp):

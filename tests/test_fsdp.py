@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from plumbing.fast_logps import token_logps
 from conftest import ROOT, _free_port, read_metrics, run_command, run_script
+from test_betadpo_train import train_in_process
 
 COMPARED = ["loss", "beta", "beta_mean", "beta_scale", "kept", "M0", "sigma", "margin_mean", "rewards/accuracies", "grad_norm"]
 EVAL_COMPARED = ["loss", "margin_mean", "rewards/accuracies", "logps/chosen"]
@@ -79,7 +80,7 @@ def test_betadpo_fsdp2_shards_checkpoints_resumes_and_matches_one_process(tmp_pa
 
     monkeypatch.setenv("_TEST_FINAL_FILE_BYTES", "20000")
     one, two = tmp_path / "one", tmp_path / "fsdp"
-    run_script("betadpo.py", *flags(tiny_model, one, "--train.max_steps", 3))
+    train_in_process(*flags(tiny_model, one, "--train.max_steps", 3))  # the same train_policy as `python betadpo.py`
     first = launch("betadpo.py", *flags(tiny_model, two, "--train.max_steps", 2))
     # Policy and reference both sharded: every parameter a DTensor, on both ranks.
     prepared = [m.groups() for m in SHARDED.finditer(first.stdout)]

@@ -26,7 +26,9 @@ with save_pretrained, and the built-in sort task's tokenizer and data (token ids
 4. train.precompute_ref: step 1 must agree with the plain run's (same reference numbers, cached).
 5. eval.py on the FSDP run's final/ against the starting model.
 Each prints its peak memory (GPU: torch.cuda.max_memory_allocated; CPU: peak RSS) and time per step. Any
-disagreement beyond the tolerance stops with exit code 1.
+disagreement beyond the tolerance stops with exit code 1. --cpu runs the one-process stages 2, 4 and 5 in its own
+process (run_here: the same scripts' __main__, without an interpreter's start-up per stage); only the FSDP2
+launches of 3 start processes.
 
 Model FLOPs of one micro-batch (what the math needs, not what the kernels execute): a forward costs 2 FLOPs per
 matmul weight per token (the LM head on the scored response positions only) plus causal attention, 2·L·h·T² per
@@ -323,6 +325,39 @@ def run(cmd, what: str, cpu: bool, env_extra=None):
     return result
 
 
+def run_here(argv, what: str):
+    """--cpu: a one-process stage (`python SCRIPT ARGS`) in this process, through runpy as the probe runs it: no
+    interpreter start-up and imports (~4 CPU-seconds of torch and transformers per stage, most of a tiny run).
+    The stage's own output is kept and shown only if it fails; accelerate's process-wide state is reset after it,
+    so that the next stage builds its own Accelerator. The GPU keeps `run` (a fresh process: its own peak memory)."""
+    import contextlib
+    import io
+    import runpy
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    argv = list(map(str, argv))
+    saved_argv, saved_env = list(sys.argv), dict(os.environ)
+    os.environ.update({"TQDM_DISABLE": "1", "ACCELERATE_USE_CPU": "true"})
+    sys.argv, output, code = argv, io.StringIO(), 0
+    t0 = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+            runpy.run_path(str(ROOT / argv[0]), run_name="__main__")
+    except SystemExit as stopped:  # main_guard's exit codes
+        code = stopped.code if isinstance(stopped.code, int) else 1
+    finally:
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    if code != 0:
+        raise SystemExit(f"{what} failed ({code}): {' '.join(argv)}\n{output.getvalue()[-3000:]}")
+    print(f"{what}: {time.perf_counter() - t0:.0f} s wall, in this process "
+          f"(peak RSS so far {peak_bytes() / 2**30:.2f} GiB)", flush=True)
+
+
 def train_rows(out: Path) -> list[dict]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [r for r in rows if r.get("split", "train") == "train"]
@@ -367,8 +402,10 @@ def main():
               "--data.max_length", 64 if cpu else 1024, "--data.max_prompt_length", 32 if cpu else 512,
               "--model.dtype", "float64" if cpu else "float32"]  # CPU: float64, so that agreement is exact
     common = list(map(str, common))
+    one_process = run_here if cpu else (lambda argv, what: run([*me, *argv], what, cpu))  # stages 2, 4 and 5
     plain = work / "plain"
-    run([*me, "betadpo.py", *common, "--train.output_dir", str(plain), "--train.max_steps", "2"], "2. plain run, 2 steps", cpu)
+    one_process(["betadpo.py", *common, "--train.output_dir", str(plain), "--train.max_steps", "2"],
+                "2. plain run, 2 steps")
     fsdp = work / "fsdp"
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/fsdp.yaml",
                 "--num_processes", "2" if cpu else "1", "--main_process_port", str(29500 + os.getpid() % 500)]
@@ -383,16 +420,15 @@ def main():
     agree(a[0], b[0], "3. step 1, plain vs FSDP2", rel)
     agree(a[1], b[1], "3. step 2 (after resume), plain vs FSDP2", rel)
     pre = work / "precompute"
-    run([*me, "betadpo.py", *common, "--train.output_dir", str(pre), "--train.max_steps", "1", "--train.precompute_ref", "true"],
-        "4. precompute_ref, step 1", cpu)
+    one_process(["betadpo.py", *common, "--train.output_dir", str(pre), "--train.max_steps", "1",
+                 "--train.precompute_ref", "true"], "4. precompute_ref, step 1")
     agree(a[0], train_rows(pre)[0], "4. step 1, live vs precomputed reference", rel)
-    evaluated = run([*me, "eval.py", *common, "--eval.policy", str(fsdp / "final"), "--eval.reference", str(model_dir),
-                     "--eval.output_dir", str(work / "eval"), "--eval.num_prompts", 4, "--eval.samples_per_prompt", 2,
-                     "--eval.max_new_tokens", 8], "5. eval.py", cpu)
+    one_process(["eval.py", *common, "--eval.policy", str(fsdp / "final"), "--eval.reference", str(model_dir),
+                 "--eval.output_dir", str(work / "eval"), "--eval.num_prompts", 4, "--eval.samples_per_prompt", 2,
+                 "--eval.max_new_tokens", 8], "5. eval.py")
     metrics = json.loads((work / "eval" / "eval.json").read_text())["metrics"]
     print(f"5. eval.py: pref_accuracy {metrics['pref_accuracy']:.3f}, kl_seq {metrics['kl_seq']:.4f}")
     print(f"all checks passed ({work})")
-    del evaluated
 
 
 if __name__ == "__main__":

@@ -70,7 +70,8 @@ def test_the_filter_generator_is_on_the_cpu_whatever_the_device():
 def test_the_gpu_check_script_passes_in_its_cpu_mode(tmp_path):
     """benchmarks/gpu_check.sh --cpu: the GPU check's logic (the measured micro-batches plain and FSDP2, bf16 vs
     fp32 log-probs, fast vs plain log-probs, plain vs FSDP2 with resume, precomputed reference, eval.py), tiny, on
-    CPU processes; it exits 1 on any disagreement."""
+    CPU processes (the one-process stages in gpu_check's own, the FSDP2 ones launched); it exits 1 on any
+    disagreement."""
     result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu", "--workdir", str(tmp_path)], cwd=ROOT,
                             capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from plumbing.fast_logps import token_logps
-from conftest import ROOT, _free_port, read_metrics, run_command, run_script
+from conftest import ROOT, _free_port, read_metrics, run_command, run_main
 from test_betadpo_train import train_in_process
 
 COMPARED = ["loss", "beta", "beta_mean", "beta_scale", "kept", "M0", "sigma", "margin_mean", "rewards/accuracies", "grad_norm"]
@@ -126,14 +126,15 @@ def test_betadpo_fsdp2_shards_checkpoints_resumes_and_matches_one_process(tmp_pa
     assert "pref_accuracy" in json.loads((tmp_path / "eval" / "eval.json").read_text())["metrics"]
 
 
-def test_sft_fsdp2_bf16_matches_one_process(tmp_path, tiny_model):
+def test_sft_fsdp2_bf16_matches_one_process(tmp_path, tiny_model, capsys):
     """sft.py under FSDP2 with bf16 (the headline's setting), from a saved model as at scale (only the main process
     reads the weights), against one process with bf16 autocast."""
     from transformers import AutoModelForCausalLM
 
     args = ["--config", "configs/sort_sft.yaml", "--model.name_or_path", tiny_model, "--train.max_steps", 3, "--data.num_sft", 256,
             "--data.eval_size", 4, "--train.batch_size", 16, "--train.lr", 1e-2, "--train.mixed_precision", "bf16"]
-    run_script("sft.py", *args, "--train.output_dir", tmp_path / "one")
+    code, _, stderr = run_main("sft.py", *args, "--train.output_dir", tmp_path / "one", capsys=capsys)  # in this process
+    assert code == 0, stderr[-3000:]
     result = launch("sft.py", *args, "--train.output_dir", tmp_path / "fsdp")
     assert len([m for m in SHARDED.finditer(result.stdout)]) == 2  # one model, both ranks
     assert sorted(LOADED.findall(result.stdout)) == [("0", "cpu"), ("1", "meta")]

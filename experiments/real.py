@@ -54,7 +54,10 @@ GRID = {f"β-DPO ρ {r:g}, α {a:g}": {**BETA_DPO, "loss.filter_ratio": r, "loss
 PLAN = [("hh", PRIMARY, SEEDS), ("uf", PRIMARY, SEEDS), ("uf", {k: v for k, v in CONTROLS.items() if "uniform" in k}, SEEDS),
         ("hh", CONTROLS, SEEDS), ("hh", GRID, (0,))]
 PLANS = {"all": PLAN, "primary": PLAN[:3]}
+# The smoke's runs take one thread: its tiny model gains nothing from a second, whose OpenMP spin-waiting only adds CPU
+# time (the study's runs, sequential, take the machine's 2 cores).
 SMOKE = {"sizes": {"hh": (8, 8), "uf": (8, 8)}, "kl_pairs": 4, "train": ["--train.batch_size", "4", "--train.max_steps", "2"],
+         "threads": 1,
          "plan": [("hh", {"DPO β₀ 0.1": FRONTIER["DPO β₀ 0.1"], "β-DPO": BETA_DPO}, (0,)), ("uf", {"β-DPO": BETA_DPO}, (0,))]}
 
 
@@ -115,7 +118,8 @@ def build_split(out: Path, dataset: str, files: dict, model_name: str, top_layer
 
 
 # ---- training: an ordinary betadpo.py run --------------------------------------------------------------------
-def train(out: Path, dataset: str, overrides: dict, seed: int, files: dict, split: Path, extra: list[str], run, commit) -> Path:
+def train(out: Path, dataset: str, overrides: dict, seed: int, files: dict, split: Path, extra: list[str], run, commit,
+          threads: int = 2) -> Path:
     d = run_dir(out, dataset, overrides, seed)
     if (d / "final" / "finished.json").exists():
         return d
@@ -132,7 +136,7 @@ def train(out: Path, dataset: str, overrides: dict, seed: int, files: dict, spli
     run([sys.executable, "betadpo.py", "--model.name_or_path", str(split), "--model.trust_remote_code", "true",  # lower_cache.py
          "--data.dataset", str(files["train"]), *DATA_FLAGS,
          *TRAIN_FLAGS, *extra, "--train.seed", str(seed), "--train.output_dir", str(d), "--train.ref_cache_dir", str(out / "ref_cache"),
-         *flags(overrides), *replay], d / "train.log", threads=2)
+         *flags(overrides), *replay], d / "train.log", threads=threads)
     return d
 
 
@@ -203,7 +207,7 @@ def main(out: Path, smoke: bool, run, commit, model_name: str = MODEL, top_layer
     from plumbing.models import load_model, load_tokenizer
 
     sizes, kl_pairs, plan = (SMOKE["sizes"], SMOKE["kl_pairs"], SMOKE["plan"]) if smoke else (SIZES, KL_PAIRS, PLANS[plan])
-    extra = SMOKE["train"] if smoke else []
+    extra, threads = (SMOKE["train"], SMOKE["threads"]) if smoke else ([], 2)
     out.mkdir(parents=True, exist_ok=True)
     t0, loaded, data, splits = time.perf_counter(), {}, {}, {}
     for dataset in dict.fromkeys(d for d, _, _ in plan):
@@ -217,7 +221,7 @@ def main(out: Path, smoke: bool, run, commit, model_name: str = MODEL, top_layer
     for k, (dataset, name, items, seed) in enumerate(todo, 1):
         overrides = dict(items)
         started = time.perf_counter()
-        d = train(out, dataset, overrides, seed, data[dataset]["files"], splits[dataset], extra, run, commit)
+        d = train(out, dataset, overrides, seed, data[dataset]["files"], splits[dataset], extra, run, commit, threads)
         if dataset not in refs:
             tok = load_tokenizer(str(splits[dataset]))
             reference, pairs = load_model(str(splits[dataset]), trust_remote_code=True).eval(), tokenized(tok, data[dataset]["files"]["heldout"])

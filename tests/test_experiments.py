@@ -5,7 +5,6 @@ tables → figure)."""
 import json
 import math
 import platform
-import subprocess
 import sys
 
 import pytest
@@ -211,12 +210,22 @@ def test_cpu_kernels_are_pinned_for_every_child_run(capsys):
 
 
 # ---- the pipeline --------------------------------------------------------------------------------------------
-def test_smoke_controls_and_frontier(tmp_path):
+def run_in_process(argv: list[str], capsys) -> str:
+    """`python experiments/run.py ARGV` as run.main in this process → its stdout. The scripts it runs are still
+    launched one process each (run.run); only run.py's own start-up (~6 CPU-s of imports) is saved. A failed run
+    exits with its log's tail, which fails the test with it."""
+    try:
+        experiments.main(argv)
+    finally:
+        experiments.KERNEL_ENV.clear()  # main pins the children's CPU kernels in this module: leave it as found
+    return capsys.readouterr().out
+
+
+def test_smoke_controls_and_frontier(tmp_path, capsys):
     """The control that replays β-DPO's βs runs after β-DPO, with the shuffled sequence; the CSV and the
     tables come out; re-running trains nothing."""
-    cmd = [sys.executable, str(ROOT / "experiments" / "run.py"), "controls", "--smoke", "--out", str(tmp_path)]
-    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    argv = ["controls", "--smoke", "--out", str(tmp_path)]
+    first = run_in_process(argv, capsys)
     rows = experiments.read_csv(tmp_path / "runs.csv")
     assert {r["study"] for r in rows} == {"start", "frontier", "controls"}
     assert (tmp_path / "tables.md").read_text() == experiments.report(rows)
@@ -227,5 +236,5 @@ def test_smoke_controls_and_frontier(tmp_path):
     replayed = json.loads((replay_dir / "beta_sequence.json").read_text())
     trained = [r["beta"] for r in experiments.read_metrics(replay_dir / "metrics.jsonl") if r.get("split") != "eval"]
     assert sorted(replayed) == sorted(source) and trained == pytest.approx(replayed, rel=1e-6)
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("done earlier") == first.stdout.count("] runs/")
+    again = run_in_process(argv, capsys)
+    assert again.count("done earlier") == first.count("] runs/") == 4  # 2 frontier, β-DPO, its replay

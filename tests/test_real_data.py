@@ -6,7 +6,6 @@ import hashlib
 import json
 import math
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -19,6 +18,7 @@ import real  # noqa: E402
 import real_data  # noqa: E402
 import real_report  # noqa: E402
 import run as experiments  # noqa: E402
+from test_experiments import run_in_process  # noqa: E402
 
 
 # ---- data ------------------------------------------------------------------------------------------------------
@@ -150,14 +150,14 @@ def test_heldout_numbers_by_hand():
 
 
 # ---- the pipeline ---------------------------------------------------------------------------------------------------
-def test_real_smoke(tmp_path):
+def test_real_smoke(tmp_path, capsys):
     """`run.py real --smoke` on 8 + 8 real rows of each data set, a tiny model: split models, betadpo.py runs,
-    held-out scoring, the kept-pair log, the CSV; tables.md is exactly report(CSV)."""
+    held-out scoring, the kept-pair log, the CSV; tables.md is exactly report(CSV). run.py's main runs in this
+    process (its betadpo.py runs are still launched, one process each)."""
     model = save_tiny_model(tmp_path / "tiny", hidden=32, layers=2)
-    cmd = [sys.executable, str(ROOT / "experiments" / "run.py"), "real", "--smoke", "--out", str(tmp_path / "out"),
-           "--real_model", str(model), "--real_top_layers", "1"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    stdout = run_in_process(["real", "--smoke", "--out", str(tmp_path / "out"), "--real_model", str(model),
+                             "--real_top_layers", "1"], capsys)
+    assert "[3/3] uf β-DPO seed 0" in stdout
     out = tmp_path / "out" / "real"
     rows = experiments.read_csv(out / "runs.csv")
     assert [(r["dataset"], r["variant"]) for r in rows] == [("hh", "DPO β₀ 0.1"), ("hh", "β-DPO"), ("uf", "β-DPO")]

@@ -3,6 +3,7 @@ supports: peak memory and time per step, side by side.
 
     python benchmarks/bench_lora.py                       # both tables: ≈10 minutes on 2 idle CPU cores
     python benchmarks/bench_lora.py --only lora --steps 6 --batch-size 8
+    python benchmarks/bench_lora.py --only lora --gradient-checkpointing    # both runs without stored activations
     python benchmarks/bench_lora.py --only packing
     python benchmarks/bench_lora.py --only gguf --repo OLDER_CHECKOUT      # the GGUF load peak, before/after
 
@@ -53,11 +54,13 @@ def lora_table(a, workdir: Path) -> list[str]:
               "--data.dataset", str(train), "--data.eval_dataset", str(held_out), "--data.chat_template", "off",
               "--data.max_length", "256", "--data.max_prompt_length", "128", "--train.batch_size", str(a.batch_size),
               "--train.max_steps", str(a.steps), "--train.save_every", str(a.steps), "--train.eval_every", "0",
-              "--train.warmup_steps", "0", "--model.lora_merge_final", "false"]
+              "--train.warmup_steps", "0", "--model.lora_merge_final", "false",
+              "--train.gradient_checkpointing", str(a.gradient_checkpointing).lower()]
     variants = {"full fine-tuning": ["--model.lora_r", "0", "--train.lr", "1e-6"],
                 "LoRA r=16, all linear": ["--model.lora_r", "16"]}
     lines = [f"SmolLM2-135M ({meta['params'] / 1e6:.0f}M parameters), β-DPO, fp32, batch {a.batch_size} pairs, "
-             f"{a.steps} steps ({a.threads} threads)", "",
+             f"{a.steps} steps ({a.threads} threads)"
+             f"{', gradient checkpointing in both runs' if a.gradient_checkpointing else ''}", "",
              "| | trainable parameters | peak RSS (MiB) | loading | training | time per step (s, median of steps 2…) | reference |",
              "|---|---:|---:|---:|---:|---:|---|"]
     for name, extra in variants.items():
@@ -201,6 +204,9 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", choices=["copy", "gguf"], default="copy",
                    help="LoRA table: SmolLM2 from a plain save_pretrained copy (no GGUF read measured), or from its GGUF file as users load it")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="LoRA table: both runs recompute each layer's activations in the backward pass "
+                        "(train.gradient_checkpointing): what is left of either peak without them")
     p.add_argument("--workdir", default="runs/bench/lora")
     a = p.parse_args()
     workdir = Path(a.workdir)

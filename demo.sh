@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 # torch's AVX2 and AVX-512 CPU kernels round differently, and this tiny SFT amplifies it (82.8% vs 93.4% held-out
-# exact match on one machine): on x86, use AVX2, which every recent x86 CPU has, so the README's numbers come out.
+# exact match on one machine): on x86, use AVX2, which every recent x86 CPU has. Even so an AMD and an Intel CPU gave
+# different SFT starts (README, The built-in task): the README's table is from the CPU it names.
 if [ "$(uname -m)" = x86_64 ]; then export ATEN_CPU_CAPABILITY="${ATEN_CPU_CAPABILITY:-avx2}"; fi
 # Always from scratch: betadpo.py would otherwise resume, i.e. reuse, a finished run whose SFT start has since changed.
 rm -rf runs/sort_sft runs/sort_dpo runs/sort_betadpo runs/eval runs/eval_sort_*.log runs/curves.png

@@ -400,7 +400,6 @@ def _tokenized_splits(data_cfg, tokenizer, k: int, directory, report: dict) -> d
     """{split: TokenizedRows} of the training and (for pairs) held-out data, rendered and tokenized once each,
     written into `directory` (a cache entry under construction), or kept in memory (None). `k`: 3 parts
     (prompt, chosen, rejected) for betadpo.py, 2 (prompt, response) for sft.py."""
-    global _JOB
     stores = {}
 
     def render(normalised, template, raw, source):  # data_shapes.to_pairs's render: into a store of its own

@@ -395,7 +395,7 @@ def plain_logps_at(model, batch: dict, needed) -> torch.Tensor:
     return logp * needed
 
 
-def logps_at(model, batch: dict, needed, logps: str) -> torch.Tensor:
+def logps_at(model, batch: dict, needed, logps: str, prefix_sharing: bool = False) -> torch.Tensor:
     """THE SWITCH, the config's train.logps (also sft.py's and eval.py's): plain_logps_at above, or the same numbers
     and gradients (tests/test_perf.py, tests/test_fused_head.py) with far less work and memory → (B, T−1).
 
@@ -406,13 +406,15 @@ def logps_at(model, batch: dict, needed, logps: str) -> torch.Tensor:
     The fused head is a pair of hooks on the LM head, installed here for this one forward, not an explicit call on
     the final hidden states: under FSDP2 the LM head's weight shards are gathered only inside its own forward, and
     DDP readies its gradient reduction only in the whole model's (LMHeadGivesLogps says more).
+    prefix_sharing (fast, fused; train.prefix_sharing): rows i and B/2 + i are a pair, and its prompt goes through the
+    model once (fast_logps.pair_sequences); plain always runs the padded rows as they are.
     """
     if logps == "plain":
         return plain_logps_at(model, batch, needed)
     if logps == "fused" and fast_logps.packs(model) and fused_head_applies(model):
         with LMHeadGivesLogps(model) as head:
-            return fast_logps.logps_at(model, batch, needed, head)
-    return fast_logps.logps_at(model, batch, needed)
+            return fast_logps.logps_at(model, batch, needed, head, prefix_sharing)
+    return fast_logps.logps_at(model, batch, needed, prefix_sharing=prefix_sharing)
 
 
 def position_masks(batch: dict, prompt_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -426,19 +428,20 @@ def position_masks(batch: dict, prompt_rows: int) -> tuple[torch.Tensor, torch.T
     return response, in_prompt
 
 
-def sequence_logps(model, batch: dict, logps: str, prompt_rows: int = 0) -> dict:
+def sequence_logps(model, batch: dict, logps: str, prompt_rows: int = 0, prefix_sharing: bool = False) -> dict:
     """One forward pass → per-row response log-prob sums/means, and the prompt's mean log-prob for rows
     [0, prompt_rows).
 
     batch: as `collate_pairs` makes it: input_ids, attention_mask, labels (-100 on prompt and padding), prompt_lens.
-    logps: train.logps (logps_at). Returns (B,) tensors: `sum` = Σ_t log π(y_t|x,y_<t) over response tokens,
+    logps, prefix_sharing: train.logps and train.prefix_sharing (logps_at). Returns (B,) tensors:
+    `sum` = Σ_t log π(y_t|x,y_<t) over response tokens,
     `avg` = sum / #response tokens, `prompt` = mean_t log π(x_t|x_<t) over prompt tokens 1…|x|−1 (token 0 has no
     context; 0 for rows ≥ prompt_rows).
     """
     response, in_prompt = position_masks(batch, prompt_rows)  # (B, T−1) each
     if "host" in batch:  # fast_logps.to_device kept the batch on the host: the same masks there, to plan packing
         batch = {**batch, "needed_host": torch.logical_or(*position_masks(batch["host"], prompt_rows))}
-    logp = logps_at(model, batch, response | in_prompt, logps)  # (B, T−1)
+    logp = logps_at(model, batch, response | in_prompt, logps, prefix_sharing)  # (B, T−1)
     total = (logp * response).sum(-1)
     return {"sum": total, "avg": total / response.sum(-1).clamp(min=1),
             "prompt": (logp * in_prompt).sum(-1) / in_prompt.sum(-1).clamp(min=1)}
@@ -447,16 +450,18 @@ def sequence_logps(model, batch: dict, logps: str, prompt_rows: int = 0) -> dict
 REF_FIELDS = ("ref_chosen", "ref_rejected", "ref_chosen_avg", "ref_rejected_avg")
 
 
-def pair_logps(policy, reference, batch: dict, logps: str, with_ppl: bool = False) -> PairLogps:
+def pair_logps(policy, reference, batch: dict, logps: str, with_ppl: bool = False,
+               prefix_sharing: bool = True) -> PairLogps:
     """Chosen rows [0, B) and rejected rows [B, 2B) of one concatenated batch → per-pair (B,) log-probs.
 
     The reference's are None when reference is None (SimPO and ORPO need none), and taken from the batch when
     precomputed (train.precompute_ref). With `with_ppl` (β(x) needs it: loss.ppl_scale) log_ppl = log PPL_θ(x) =
     −mean log π_θ(x_t|x_<t) of the prompt, detached (see pair_scale); from the chosen rows, no extra forward.
-    logps: train.logps (logps_at).
+    logps, prefix_sharing: train.logps and train.prefix_sharing (logps_at); with prefix sharing the prompt's
+    log-probs of log_ppl come from the pair's one shared prompt.
     """
     B = batch["input_ids"].shape[0] // 2
-    pol = sequence_logps(policy, batch, logps, prompt_rows=B if with_ppl else 0)  # chosen, rejected share the prompt
+    pol = sequence_logps(policy, batch, logps, B if with_ppl else 0, prefix_sharing)  # chosen, rejected: one prompt
     out = PairLogps(
         policy_chosen=pol["sum"][:B], policy_rejected=pol["sum"][B:],
         policy_chosen_avg=pol["avg"][:B], policy_rejected_avg=pol["avg"][B:],
@@ -467,7 +472,7 @@ def pair_logps(policy, reference, batch: dict, logps: str, with_ppl: bool = Fals
         return replace(out, **{k: batch[k] for k in REF_FIELDS})
     if reference is not None:
         with torch.no_grad():
-            ref = sequence_logps(reference, batch, logps)
+            ref = sequence_logps(reference, batch, logps, prefix_sharing=prefix_sharing)
         out = replace(out, ref_chosen=ref["sum"][:B], ref_rejected=ref["sum"][B:],
                       ref_chosen_avg=ref["avg"][:B], ref_rejected_avg=ref["avg"][B:])
     return out
@@ -508,7 +513,8 @@ def score_pairs(accelerator, models: tuple, pairs, pad_id: int, cfg: Config, wit
     per forward → (num_pairs,) tensors in order, the same on any process count. ref_values: precomputed reference
     log-probs, {ref_*: (num_pairs,)}, or None."""
     policy, reference = models
-    score = lambda batch: pair_logps(policy, reference, batch, cfg.train.logps, with_ppl).tensors()  # noqa: E731
+    score = lambda batch: pair_logps(policy, reference, batch, cfg.train.logps, with_ppl,  # noqa: E731
+                                     cfg.train.prefix_sharing).tensors()
     return PairLogps(**score_in_chunks(accelerator, policy, score, pairs, pad_id, cfg.eval.batch_size, ref_values))
 
 
@@ -649,7 +655,8 @@ def train_policy(cfg: Config):
             batch.update({key: v[my_pairs] for key, v in (ref_train or {}).items()})
             batch = fast_logps.to_device(batch, accelerator.device)  # pinned, non_blocking; the host copy kept
             with no_sync_unless_last(accelerator, policy, k, cfg.train.grad_accum), accelerator.autocast():
-                mine = pair_logps(policy, reference, batch, cfg.train.logps, cfg.loss.ppl_scale)  # (B,) each
+                mine = pair_logps(policy, reference, batch, cfg.train.logps, cfg.loss.ppl_scale,  # (B,) each
+                                  cfg.train.prefix_sharing)
                 losses, kept, summary = betadpo_loss(gather_pairs(accelerator, mine), state, cfg.loss,  # (N,)
                                                      True, replayed[state.step] if replayed else None)
                 loss = process_share(losses, kept, rank, P)

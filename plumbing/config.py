@@ -107,6 +107,9 @@ class TrainArgs:
     # plain: the textbook full fp32 log-softmax; fast: plumbing/fast_logps.py (LM head where used, chunked kernel,
     # packing); fused: fast with the fused LM head (Llama, GPT-NeoX; other models: fast). Same numbers to ~1e-6.
     logps: Literal["fused", "fast", "plain"] = "fused"
+    # fast and fused, on models that pack: each pair's prompt goes through the model once, followed by both responses
+    # behind a mask that keeps them apart (plumbing/fast_logps.py, 4). Same numbers; false: a row per response.
+    prefix_sharing: bool = True
     gradient_checkpointing: bool = False  # recompute activations in backward: far less memory, ~1/3 more compute
     precompute_ref: bool = False  # one no-grad reference pass over all pairs before training, then free the reference
     ref_cache_dir: str = "runs/ref_cache"  # precomputed reference log-probs, keyed by reference model and data

@@ -16,6 +16,10 @@ vocabulary are 24 GiB as one fp32 log-softmax. Three savings, each in one place:
      installs it around the forward (fused_head.LMHeadGivesLogps) and hands it to `logps_at` here.
   3. Packing (`pack_plan`): no compute on padding in the model body either. Plain equivalent: the padded
      (B, T) batch with its attention mask.
+  4. Prefix sharing (train.prefix_sharing, with packing): a pair's prompt goes through the body once, not once in
+     its chosen row and once in its rejected row: one sequence prompt + chosen + rejected, and an attention mask
+     that keeps the two responses apart (`pair_sequences`, `prefix_sharing_mask`). Plain equivalent: the same
+     padded batch.
 `token_logps` is also sft.py's SFT loss and eval.py's k1 KL (`plain_token_logps` with train.logps: plain).
 """
 
@@ -161,10 +165,12 @@ def _copy(t: torch.Tensor, device) -> torch.Tensor:
     return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
 
 
-def pack_plan(model, host: dict, needed: torch.Tensor) -> dict:
-    """OPTIMISATION 3, packing, planned on the host: which tokens go where, and where the log-probs come from.
+def pack_plan(model, host: dict, needed: torch.Tensor, prefix_sharing: bool = False) -> dict:
+    """OPTIMISATION 3, packing (and 4, prefix sharing), planned on the host: which tokens go where, and where the
+    log-probs come from.
 
-    host: the collated batch's input_ids and attention_mask (B, T) on the host; needed (B, T−1) bool on the host.
+    host: the collated batch's input_ids and attention_mask (B, T) on the host (and prompt_lens (B,) for prefix
+    sharing); needed (B, T−1) bool on the host.
     Packing (when `packs(model)`): the batch's sequences laid end to end in as few rows as fit (pack_layout), each
     with its own position ids 0…L−1 and no attention mask: transformers (5.x) then builds a block-diagonal causal
     mask from the position ids (`masking_utils.find_packed_sequence_indices`), so no token sees another
@@ -172,50 +178,150 @@ def pack_plan(model, host: dict, needed: torch.Tensor) -> dict:
     little padding instead of 2B rows padded to the longest. Rows are up to PACK_ROW_WIDTH = 2 × the longest
     sequence: wider rows leave less padding but cost attention over more (masked) positions (docs/PERFORMANCE.md
     has the measurements behind the choice of 2). (Flash attention: one row of every sequence: row_width.)
+    prefix_sharing (rows i and B/2 + i are a pair, as collate_pairs makes them, and `shares_prefixes(model)`):
+    each pair is ONE sequence, prompt + chosen + rejected (pair_sequences), and the mask that keeps the branches
+    apart is explicit: `shared` below, turned into the model's attention mask by prefix_sharing_mask.
     Otherwise the padded rows as they are, with their attention mask.
     → CPU tensors: the model's inputs (input_ids (R, W), position_ids or attention_mask), and for the n needed
-    positions, row-major in the (R, W) grid: `keep` (R, m) their columns per row (padded by repeating a column:
-    transformers' integer `logits_to_keep`), `rows` (n,) each one's place in the R·m kept positions, `flat` (n,)
-    its place in the R·W grid, `index` (n,) its flat index into `needed` (B·(T−1)), `targets` (n,) the token it
-    predicts. Every size is known here, so the device never has to report one (no boolean-mask indexing there)."""
+    predictions: `keep` (R, m) the columns per row of the positions whose hidden states reach the LM head (padded by
+    repeating a column: transformers' integer `logits_to_keep`), `rows` (n,) each prediction's place in the R·m
+    kept positions (a shared prompt's last position appears twice: it predicts both responses' first tokens),
+    `flat` (n,) its place in the R·W grid, `index` (n,) its flat index into `needed` (B·(T−1)), `targets` (n,) the
+    token it predicts; `shared`: None, or (sequence, branch) (R, W) for prefix_sharing_mask. Every size is known
+    here, so the device never has to report one (no boolean-mask indexing there)."""
     ids, mask = host["input_ids"], host["attention_mask"]  # (B, T)
     assert ids.device.type == mask.device.type == needed.device.type == "cpu", "pack_plan works on host tensors"
     B, T = ids.shape
     lengths = mask.sum(-1).tolist()  # right padding: sequence i is ids[i, :L_i]
+    shared = None
     if packs(model):
-        place = pack_layout(lengths, row_width(model, T, lengths))
+        sharing = prefix_sharing and shares_prefixes(model)
+        sequences = (pair_sequences(ids, lengths, host["prompt_lens"]) if sharing
+                     else [_alone(ids, b, L) for b, L in enumerate(lengths)])
+        sizes = [len(s[0]) for s in sequences]
+        place = pack_layout(sizes, row_width(model, T, sizes))
         R = 1 + max(r for r, _ in place)
-        W = max(o + L for (_, o), L in zip(place, lengths))  # the fullest row's length: no all-padding columns
+        W = max(o + L for (_, o), L in zip(place, sizes))  # the fullest row's length: no all-padding columns
         grid = torch.zeros((R, W), dtype=ids.dtype)  # (R, W); trailing slots: token 0, position 0
         positions = torch.zeros_like(grid)  # (R, W); each trailing slot is then its own one-token "sequence"
-        target = torch.full_like(grid, -1)  # (R, W): flat index b·(T−1) + t of the prediction at that slot, −1 if none
-        for i, ((r, o), L) in enumerate(zip(place, lengths)):
-            grid[r, o : o + L] = ids[i, :L]
-            positions[r, o : o + L] = torch.arange(L)
-            target[r, o : o + L - 1] = i * (T - 1) + torch.arange(L - 1)  # the last token predicts nothing
+        sequence = -1 - torch.arange(R * W).view(R, W)  # (R, W): which sequence a slot holds; trailing slots: own ids
+        branch = torch.zeros_like(grid)  # (R, W): 0 prompt (or a whole unshared sequence), 1 chosen, 2 rejected
+        flat, index = [], []  # per prediction: its slot in the (R, W) grid; its flat index b·(T−1) + t in `needed`
+        for k, ((tokens, pos, br, members), (r, o)) in enumerate(zip(sequences, place)):
+            L = len(tokens)
+            grid[r, o : o + L], positions[r, o : o + L], branch[r, o : o + L] = tokens, pos, br
+            sequence[r, o : o + L] = k
+            for b, slots in members:  # batch row b's token t sits at slot slots[t]; t predicts t+1 (the last: nothing)
+                flat.append(r * W + o + slots[:-1])
+                index.append(b * (T - 1) + torch.arange(len(slots) - 1))
+        flat, index = torch.cat(flat), torch.cat(index)  # (n_all,) each
         # use_cache=False: transformers looks for packed sequences only when there is no KV cache (and no mask).
         inputs = {"input_ids": grid, "position_ids": positions, "use_cache": False}
+        shared = (sequence, branch) if sharing else None
     else:
         grid, W = ids, T
-        target = torch.cat([torch.arange(B * (T - 1)).view(B, T - 1), torch.full((B, 1), -1)], 1)  # (B, T)
+        flat = (torch.arange(B)[:, None] * T + torch.arange(T - 1)).reshape(-1)  # (B·(T−1),): t predicts t+1
+        index = torch.arange(B * (T - 1))
         inputs = {"input_ids": ids, "attention_mask": mask}
-    keep = target >= 0
-    keep[keep.clone()] = needed.reshape(-1)[target[keep]]  # (R, W): slots whose log-prob is used
-    row, col = keep.nonzero(as_tuple=True)  # (n,) each, row-major
-    counts = keep.sum(-1)  # (R,)
-    m = max(1, int(counts.max()))
-    slot = torch.arange(row.numel()) - (counts.cumsum(0) - counts)[row]  # (n,): k-th kept slot of its row
+    used = needed.reshape(-1)[index]
+    flat, index = flat[used], index[used]  # (n,): the predictions whose log-prob is used
+    keep = torch.zeros(grid.numel(), dtype=torch.bool)
+    keep[flat] = True
+    keep = keep.view(grid.shape)  # (R, W): slots whose hidden state reaches the LM head (once, even if it predicts twice)
+    rank = keep.cumsum(-1) - 1  # (R, W): a kept slot's number within its row
+    m = max(1, int(keep.sum(-1).max()))
+    row, col = keep.nonzero(as_tuple=True)
     kept = torch.zeros((grid.shape[0], m), dtype=torch.long)  # (R, m); padding repeats column 0 (computed, unused)
-    kept[row, slot] = col
-    index = target[row, col]  # (n,)
-    return {"inputs": inputs, "keep": kept, "rows": row * m + slot, "flat": row * W + col, "index": index,
-            "targets": ids[:, 1:].reshape(-1)[index]}
+    kept[row, rank[row, col]] = col
+    return {"inputs": inputs, "keep": kept, "rows": (flat // W) * m + rank.reshape(-1)[flat], "flat": flat,
+            "index": index, "targets": ids[:, 1:].reshape(-1)[index], "shared": shared}
 
 
-def logps_at(model, batch: dict, needed: torch.Tensor, fused_head=None) -> torch.Tensor:
+# ---- 4. prefix sharing: each pair's prompt through the model once -----------------------------------------
+# The layer types whose masks prefix_sharing_mask builds (a config's `layer_types`; none: one kind for all layers).
+SHARED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def shares_prefixes(model) -> bool:
+    """Can a pair run as one sequence, prompt + chosen + rejected? Position ids cannot keep the rejected branch
+    from seeing the chosen one, so it takes an explicit attention mask: a model that packs, with sdpa or eager
+    attention (flash attention takes no mask: it runs packed, unshared), whose layers are of SHARED_LAYER_TYPES."""
+    config = core_model(model).config
+    attention = getattr(config, "_attn_implementation", None) or "sdpa"
+    types = set(getattr(config, "layer_types", None) or ())
+    return packs(model) and PACKED_ROWS.get(attention) == "rows" and types <= set(SHARED_LAYER_TYPES)
+
+
+def _alone(ids, b: int, L: int) -> tuple:
+    """Row b as a sequence of its own: (tokens (L,), positions 0…L−1, branch 0, members [(b, slots 0…L−1)])."""
+    return ids[b, :L], torch.arange(L), torch.zeros(L, dtype=ids.dtype), [(b, torch.arange(L))]
+
+
+def pair_sequences(ids, lengths: list[int], prompt_lens) -> list[tuple]:
+    """The sequences the model body runs with prefix sharing. Rows i (chosen) and B/2 + i (rejected) of a
+    collate_pairs batch, both starting with the same p prompt tokens x, become one sequence of Lc + Lr − p tokens:
+
+        tokens     x_0 … x_{p−1}   y^w_p … y^w_{Lc−1}   y^l_p … y^l_{Lr−1}
+        positions  0 … p−1         p … Lc−1             p … Lr−1          (the rejected branch restarts at p)
+        branch     0 (prompt)      1 (chosen)           2 (rejected)
+
+    Each token sits at the position it has in its own row, so rotary embeddings see the padded rows' positions,
+    and prefix_sharing_mask lets a token see exactly what it sees there: its prompt, and earlier tokens of its
+    own branch. → [(tokens, positions, branch, members)], members [(batch row, (L_row,) slot of each of its
+    tokens)]: the prompt's slots belong to both rows, so x_{p−1}'s slot predicts y^w_p AND y^l_p. A pair whose
+    rows do not start with the same prompt (never from collate_pairs; a caller's own batch), or with no prompt,
+    stays two sequences (_alone)."""
+    half = len(lengths) // 2 if len(lengths) % 2 == 0 else 0
+    out = []
+    for i in range(half):
+        j, p, Lc, Lr = half + i, int(prompt_lens[i]), lengths[i], lengths[half + i]
+        if not (1 <= p <= min(Lc, Lr) and int(prompt_lens[j]) == p and torch.equal(ids[i, :p], ids[j, :p])):
+            out += [_alone(ids, i, Lc), _alone(ids, j, Lr)]
+            continue
+        tokens = torch.cat([ids[i, :Lc], ids[j, p:Lr]])  # (Lc + Lr − p,)
+        positions = torch.cat([torch.arange(Lc), torch.arange(p, Lr)])
+        branch = torch.cat([torch.zeros(p), torch.ones(Lc - p), torch.full((Lr - p,), 2)]).to(ids.dtype)
+        out.append((tokens, positions, branch, [(i, torch.arange(Lc)), (j, torch.cat([torch.arange(p), Lc + torch.arange(Lr - p)]))]))
+    return out + [_alone(ids, b, lengths[b]) for b in range(2 * half, len(lengths))]
+
+
+def prefix_sharing_mask(model, positions, sequence, branch):
+    """The attention mask of prefix-shared rows (pack_plan's `shared`), built on the device from (R, W) tensors:
+    query q sees key k iff they hold the same sequence, pos_k ≤ pos_q, and k is in the prompt or in q's branch
+    (so a rejected token never sees a chosen one); under a sliding window w also pos_q − pos_k < w. Positions, not
+    columns: the rejected branch's first token sits Lc − p columns after the prompt's last, one position after.
+    This is the block-diagonal of per-pair masks that transformers would build for packed sequences, with each
+    pair's rejected branch cut from its chosen one (docs/ALGORITHM.md draws it).
+    → (R, 1, W, W), True/0 where q sees k: bool for sdpa, additive (0 / the dtype's minimum) for eager attention,
+    which adds the mask to its scores. Models with per-layer `layer_types` (Qwen2, Gemma 2) get a dict
+    {layer type: mask}, which their forward takes as it is; the others one mask, which masking_utils hands to
+    every layer unchanged (a 4D mask is "already prepared"), so a model-wide sliding window (Mistral, Phi-3) is
+    applied here. Position ids then serve the rotary embeddings only."""
+    config = core_model(model).config
+    pos_q, pos_k = positions[:, :, None], positions[:, None, :]  # (R, W, 1), (R, 1, W)
+    sees = ((sequence[:, :, None] == sequence[:, None, :]) & (pos_k <= pos_q)
+            & ((branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])))  # (R, W, W): [q, k]
+    window = getattr(config, "sliding_window", None)
+    eager = getattr(config, "_attn_implementation", None) == "eager"
+    dtype = core_model(model).get_input_embeddings().weight.dtype
+
+    def form(allowed):  # (R, W, W) bool → (R, 1, W, W) in the attention implementation's form
+        allowed = allowed[:, None]
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min) if eager else allowed
+
+    windowed = (lambda: sees & (pos_q - pos_k < window)) if window else (lambda: sees)
+    types = getattr(config, "layer_types", None)
+    if types:
+        return {t: form(windowed() if t == "sliding_attention" else sees) for t in set(types)}
+    return form(windowed())
+
+
+def logps_at(model, batch: dict, needed: torch.Tensor, fused_head=None, prefix_sharing: bool = False) -> torch.Tensor:
     """betadpo.plain_logps_at with the work cut to where it is needed: log π(token t+1 | tokens ≤ t) at the True
     positions of `needed` (B, T−1), 0 elsewhere → (B, T−1) fp32 (fp64 for fp64 models). fused_head: 2b, a
-    fused_head.LMHeadGivesLogps installed on the model by the caller; only for models that pack.
+    fused_head.LMHeadGivesLogps installed on the model by the caller; only for models that pack. prefix_sharing:
+    rows i and B/2 + i are a pair of one prompt (collate_pairs), run as one sequence where the model allows it
+    (4, pack_plan); the same numbers and gradients (tests/test_prefix_sharing.py).
 
     No host↔device sync (plumbing/host_sync.py): the layout is planned from the batch's host copy (batch["host"],
     `to_device`, with batch["needed_host"], the same `needed` computed there); a batch without one (held-out
@@ -225,11 +331,14 @@ def logps_at(model, batch: dict, needed: torch.Tensor, fused_head=None) -> torch
     host, needed_host = batch.get("host"), batch.get("needed_host")
     with on_host():
         if host is None or needed_host is None:
-            host, needed_host = {k: batch[k].cpu() for k in ("input_ids", "attention_mask")}, needed.cpu()
-        plan = pack_plan(model, host, needed_host)
+            host = {k: batch[k].cpu() for k in ("input_ids", "attention_mask", "prompt_lens") if k in batch}
+            needed_host = needed.cpu()
+        plan = pack_plan(model, host, needed_host, prefix_sharing)
     device = needed.device
     inputs = {k: _copy(v, device) if isinstance(v, torch.Tensor) else v for k, v in plan["inputs"].items()}
     keep, rows, flat, index, targets = (_copy(plan[k], device) for k in ("keep", "rows", "flat", "index", "targets"))
+    if plan["shared"] is not None:  # 4. the pairs' branches kept apart by an explicit mask, built on the device
+        inputs["attention_mask"] = prefix_sharing_mask(model, inputs["position_ids"], *(_copy(t, device) for t in plan["shared"]))
     if fused_head is not None:  # 2b: the LM head returns log p(target) at the kept positions, (n,): no logits
         fused_head.targets, fused_head.rows = targets, rows
         picked = model(**inputs, logits_to_keep=keep).logits  # (n,)

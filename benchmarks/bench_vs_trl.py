@@ -4,6 +4,8 @@ and a naive PyTorch loop, on a small random Llama or on a real checkpoint.
     pip install -r requirements-bench.txt                           # requirements.txt + TRL (benchmark-only)
     python benchmarks/bench_vs_trl.py                               # small Llama, vocab 16k: ≈15 minutes on 2 idle CPU cores
     python benchmarks/bench_vs_trl.py --model smollm2-135m          # SmolLM2-135M's shapes and tokenizer, HH-format text: ≈30 min
+    python benchmarks/bench_vs_trl.py --model smollm2-135m --data experiments/data/hh-harmless-base-test.jsonl.gz \
+        --columns ours,ours_unshared,trlfast --settings live       # real HH rows (max_length 512), prefix sharing on/off
     python benchmarks/bench_vs_trl.py --memory                      # peak memory over sequence length × vocabulary: ≈15 min
     python benchmarks/bench_vs_trl.py --memory --memory-vocabs 92544 --memory-lengths 256   # one row: ≈3 min
     python benchmarks/bench_vs_trl.py --model smollm2-135m --batch-size 8 --profile   # where our step's time goes: ≈2 min
@@ -27,6 +29,8 @@ What it does, top to bottom:
    logits kernel / TRL / TRL (fast path) / naive with the reference model live, the same five with reference
    log-probs precomputed, and (small model) ours with the β-DPO machinery switched on. `--repeats` rounds;
    medians reported. `--columns` and `--settings` run a subset.
+   Ours (no prefix sharing): betadpo.py with `--train.prefix_sharing false`: each pair's prompt in its chosen and
+   in its rejected row, packed; ours (the default) runs each pair as one sequence, prompt + chosen + rejected.
    Ours (logits kernel): betadpo.py with `--train.logps fast`, i.e. the LM head's logits and then token_logps, as before
    the fused LM head (plumbing/fused_head.py, `--train.logps fused`, the default); everything else the same.
    TRL (fast path): TRL 1.16 restricts its LM head to the completion positions only where its Triton kernels run
@@ -254,6 +258,53 @@ def make_hh_pairs(n: int, seed: int) -> list[dict]:
         prompt += f"\n\nHuman: {text(rng.randint(1, 4))}\n\nAssistant:"
         rows.append({"prompt": prompt, "chosen": " " + text(rng.randint(1, 6)), "rejected": " " + text(rng.randint(1, 6))})
     return rows
+
+
+def read_pair_rows(path: Path) -> list[dict]:
+    """--data: real rows, .jsonl or .jsonl.gz, as prompt/chosen/rejected strings in file order. Rows with a
+    `prompt` are taken as they are; Anthropic HH rows ({"chosen", "rejected"}: whole dialogues) are split at their
+    last "\n\nAssistant:" (plumbing.data_shapes.split_hh) into the whole dialogue before it, in HH's raw format, and
+    the two last responses; rows whose two dialogues differ before it, or with an empty response, are skipped (as
+    the loader does). The responses keep their leading space, so that prompt + response split where the prompt ends
+    (make_pairs says why that matters to TRL)."""
+    import gzip
+
+    sys.path.insert(0, str(REPO))
+    from plumbing.data_shapes import split_hh
+
+    with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")) as f:
+        raw = [json.loads(line) for line in f if line.strip()]
+    rows = []
+    for r in raw:
+        if "prompt" in r:
+            rows.append({k: r[k] for k in ("prompt", "chosen", "rejected")})
+            continue
+        (prompt, chosen), (other, rejected) = split_hh(r["chosen"]), split_hh(r["rejected"])
+        if prompt == other and chosen.strip() and rejected.strip():
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def real_pairs(path: Path, tokenizer, n: int, max_length: int) -> tuple[list[dict], dict]:
+    """The first n rows of --data whose pair fits in max_length tokens (prompt + the longer response + EOS), in file
+    order: no row is cut (every implementation then scores the same tokens), and the ones that would be are
+    counted. → (rows, their statistics over the whole file)."""
+    import hashlib
+
+    sys.path.insert(0, str(REPO))
+    from plumbing.data import tokenize_pairs
+
+    rows = read_pair_rows(path)
+    ids = tokenize_pairs(tokenizer, rows, 10**6, 10**6 - 1)
+    fits = [len(p) + max(len(c), len(r)) <= max_length for p, c, r in ids]
+    if sum(fits) < n:
+        raise SystemExit(f"benchmark: --data {path} has {sum(fits)} pairs within {max_length} tokens, the run needs {n}")
+    chosen = [r for r, ok in zip(rows, fits) if ok][:n]
+    k = len(ids)
+    stats = {"file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "pairs": k,
+             "too_long": k - sum(fits), "prompt": sum(len(p) for p, _, _ in ids) / k,
+             "chosen": sum(len(c) for _, c, _ in ids) / k, "rejected": sum(len(r) for _, _, r in ids) / k}
+    return chosen, stats
 
 
 def make_pairs(n: int, preset: Preset, seed: int) -> list[dict]:
@@ -536,13 +587,17 @@ def failure_reason(log: Path) -> str:
 # ========================================================================================================
 def step_shape(step_ids: list[tuple], pack_layout, row_width: int) -> dict:
     """One step's batch as each implementation lays it out: 2B sequences (chosen rows, then rejected) padded to
-    the longest, T; ours packs them into `packed_rows` rows of `packed_width` ≤ row_width·T, exactly as
-    plumbing.fast_logps.pack_plan does (pack_layout, PACK_ROW_WIDTH)."""
+    the longest, T; ours without prefix sharing packs them into `packed_rows` rows of `packed_width` ≤ row_width·T,
+    and ours (prefix sharing, the default) packs B sequences prompt + chosen + rejected into `shared_rows` rows of
+    `shared_width`, exactly as plumbing.fast_logps.pack_plan does (pack_layout, PACK_ROW_WIDTH, pair_sequences)."""
     lengths = [len(p) + len(c) for p, c, _ in step_ids] + [len(p) + len(r) for p, _, r in step_ids]
+    shared = [len(p) + len(c) + len(r) for p, c, r in step_ids]  # each prompt once
     T = max(lengths)
-    place = pack_layout(lengths, row_width * T)
+    place, shared_place = pack_layout(lengths, row_width * T), pack_layout(shared, row_width * T)
     return {"lengths": lengths, "T": T, "rows": len(lengths), "packed_rows": 1 + max(r for r, _ in place),
-            "packed_width": max(o + L for (_, o), L in zip(place, lengths)),
+            "packed_width": max(o + L for (_, o), L in zip(place, lengths)), "shared_lengths": shared,
+            "shared_rows": 1 + max(r for r, _ in shared_place),
+            "shared_width": max(o + L for (_, o), L in zip(shared_place, shared)),
             "response": sum(len(c) + len(r) for _, c, r in step_ids),  # positions predicting a response token (EOS incl.)
             "prompt": sum(len(p) - 1 for p, _, _ in step_ids)}  # chosen rows' prompt tokens after the first
 
@@ -561,17 +616,19 @@ def counted_step_flops(shape: dict, meta: dict, live_ref: bool) -> float:
 def executed_step_flops(impl: str, shape: dict, meta: dict, live_ref: bool, ppl: bool = False) -> float:
     """What an implementation's matmuls actually run in a step, padding and LM-head rows included:
     - the model body over every position it is given: rows × width (attention over width² per row: padded
-      rows of T, or our packed rows, whose attention mask keeps sequences apart but is not skipped);
+      rows of T, or our packed rows, each pair's prompt once with prefix sharing (ours, ours_logits; not
+      ours_unshared), whose attention mask keeps sequences apart but is not skipped);
     - the LM head (V·d weights) over the positions it scores: ours and TRL's fast path the response
       positions only (+ the chosen prompts for ours with ppl_scale); stock TRL and naive every position.
     Backward = 2× forward for each, except the LM heads that recompute their logits in backward: ours (fused
     head, plumbing/fused_head.py) and both TRL columns (TRL's chunked LM head), 3× forward for the policy's LM
     head (ours_logits keeps the softmax instead). Elementwise work (log-softmax, entropy, …) is not counted."""
     d, L, head = meta["hidden"], meta["layers"], meta["vocab"] * meta["hidden"]
-    rows, width = (shape["packed_rows"], shape["packed_width"]) if impl.startswith("ours") else (shape["rows"], shape["T"])
+    rows, width = ((shape["packed_rows"], shape["packed_width"]) if impl == "ours_unshared" else
+                   (shape["shared_rows"], shape["shared_width"]) if impl.startswith("ours") else (shape["rows"], shape["T"]))
     body = rows * width * 2 * (meta["matmul_params"] - head) + rows * 4 * L * d * width**2
-    scored = shape["response"] if impl in ("ours", "ours_logits", "trlfast") else shape["rows"] * shape["T"]
-    head_passes = 4 if impl in ("ours", "trl", "trlfast") else 3  # forward + (recompute) + the two gradient matmuls
+    scored = shape["response"] if impl in ("ours", "ours_unshared", "ours_logits", "trlfast") else shape["rows"] * shape["T"]
+    head_passes = 4 if impl in ("ours", "ours_unshared", "trl", "trlfast") else 3  # forward + (recompute) + the two gradient matmuls
     policy = 3 * body + head_passes * 2 * head * (scored + (shape["prompt"] if ppl else 0))
     return policy + (body + 2 * head * scored if live_ref else 0)
 
@@ -654,8 +711,10 @@ def import_floors(threads: int, workdir: Path) -> dict:
 # ========================================================================================================
 # 4. MAIN: assets → alternating rounds → tables
 # ========================================================================================================
-IMPLS = ("ours", "ours_logits", "trl", "trlfast", "naive")
-LABELS = {"ours": "ours", "ours_logits": "ours (logits kernel)", "trl": "TRL", "trlfast": "TRL (fast path)", "naive": "naive"}
+IMPLS = ("ours", "ours_unshared", "ours_logits", "trl", "trlfast", "naive")
+LABELS = {"ours": "ours", "ours_unshared": "ours (no prefix sharing)", "ours_logits": "ours (logits kernel)", "trl": "TRL",
+          "trlfast": "TRL (fast path)", "naive": "naive"}
+UNSHARED_FLAGS = ["--train.prefix_sharing", "false"]  # ours_unshared: each pair's prompt in both of its rows
 BETADPO_FLAGS = ["--loss.alpha", "0.6", "--loss.filter_ratio", "0.2"]
 SCALE_FLAGS = BETADPO_FLAGS + ["--loss.learn_scale", "true", "--loss.ppl_scale", "true"]
 
@@ -665,7 +724,8 @@ def run_variant(name: str, impl: str, live: bool, extra: list, bench: dict, work
     out = workdir / "out" / tag
     shutil.rmtree(out, ignore_errors=True)  # a fresh output dir: our loop would otherwise resume
     if impl.startswith("ours"):
-        run = launch(ours_command(bench, out, not live, extra or [], fused=impl == "ours"), workdir / f"{tag}.log", threads)
+        extra = [*(extra or []), *(UNSHARED_FLAGS if impl == "ours_unshared" else [])]
+        run = launch(ours_command(bench, out, not live, extra, fused=impl != "ours_logits"), workdir / f"{tag}.log", threads)
         if run["rc"] == 0:
             run.update(read_ours(out))
             shutil.copy(out / "metrics.jsonl", workdir / f"{tag}.metrics.jsonl")
@@ -683,7 +743,18 @@ def prepare(a, workdir: Path, preset: Preset, steps: int, B: int) -> tuple[dict,
     from plumbing.fast_logps import PACK_ROW_WIDTH, pack_layout
     from plumbing.models import load_tokenizer
 
-    if a.model:
+    if a.model and a.data:
+        meta = build_real_model_dir(a.model, workdir / "model")
+        tokenizer = load_tokenizer(str(workdir / "model"))
+        rows, stats = real_pairs(Path(a.data).resolve(), tokenizer, (steps + 1) * B, a.max_length)
+        pairs, eval_pairs = rows[: steps * B], rows[steps * B :]
+        max_length, max_prompt = a.max_length, a.max_length - 1  # every pair fits (real_pairs): nothing is cut
+        meta = {**meta, "data": f"the first {(steps + 1) * B} pairs of `{Path(a.data).name}` (SHA-256 {stats['sha256'][:12]}…) "
+                                f"within max_length {a.max_length}, raw HH text (no chat template); over all its "
+                                f"{stats['pairs']} pairs: prompts {stats['prompt']:.0f}, chosen {stats['chosen']:.0f}, "
+                                f"rejected {stats['rejected']:.0f} tokens on average, {stats['too_long']} longer than "
+                                f"{a.max_length}"}
+    elif a.model:
         meta = build_real_model_dir(a.model, workdir / "model")
         tokenizer = load_tokenizer(str(workdir / "model"))
         pairs, eval_pairs = make_hh_pairs(steps * B, seed=1), make_hh_pairs(B, seed=2)
@@ -717,12 +788,18 @@ def prepare(a, workdir: Path, preset: Preset, steps: int, B: int) -> tuple[dict,
              "max_length": max_length, "max_prompt_length": max_prompt, "order": order, "shapes": shapes,
              "expected_ids": [[list(p), list(c), list(r)] for p, c, r in ours_ids]}
     tokens = sum(sum(s["lengths"]) for s in shapes)
+    shared = sum(sum(s["shared_lengths"]) for s in shapes)
     positions = sum(s["rows"] * s["T"] for s in shapes)
     packed = sum(s["packed_rows"] * s["packed_width"] for s in shapes)
+    shared_packed = sum(s["shared_rows"] * s["shared_width"] for s in shapes)
+    n = steps * B
     what = (f"Model: {meta['name']}, {meta['params'] / 1e6:.1f}M parameters (hidden {meta['hidden']}, {meta['layers']} layers, "
-            f"vocab {meta['vocab']}), fp32. Data: {meta['data']}; {steps} steps × {B} pairs, {tokens / (steps * B):.0f} "
-            f"non-padding tokens per pair; padded batches are {100 * (1 - tokens / positions):.0f}% padding, "
-            f"our packed ones {100 * (1 - tokens / packed):.0f}%.")
+            f"vocab {meta['vocab']}), fp32. Data: {meta['data']}; {steps} steps × {B} pairs, {tokens / n:.0f} "
+            f"non-padding tokens per pair ({shared / n:.0f} with the prompt once); padded batches are "
+            f"{100 * (1 - tokens / positions):.0f}% padding, our packed ones {100 * (1 - tokens / packed):.0f}%, our "
+            f"prefix-shared ones {100 * (1 - shared / shared_packed):.0f}%. Tokens through the model body per pair "
+            f"(positions, padding included): padded (TRL, naive) {positions / n:.0f}, ours without prefix sharing "
+            f"{packed / n:.0f}, ours {shared_packed / n:.0f} ({packed / shared_packed:.2f}× fewer).")
     return bench, meta, what
 
 
@@ -732,6 +809,8 @@ def speed(a, preset: Preset):
     if steps - warmup_steps(steps) < 2 or repeats < 1 or B < 1 or a.threads < 1:
         raise SystemExit("benchmark: --steps must leave ≥ 2 timed steps (≥ 3), --repeats, --batch-size and --threads ≥ 1")
     impls = [i for i in IMPLS if i in a.columns.split(",")]
+    if a.data and not a.model:
+        raise SystemExit("benchmark: --data needs --model (its tokenizer and shapes)")
     settings = [s for s in ("live", "pre") if s in a.settings.split(",")]
     if not impls or not settings or not set(a.columns.split(",")) <= set(IMPLS):
         raise SystemExit(f"benchmark: --columns takes some of {','.join(IMPLS)}, --settings some of live,pre")
@@ -789,7 +868,7 @@ def speed(a, preset: Preset):
     for setting in settings:
         runs = {impl: results[f"{impl}/{setting}"] for impl in impls if results[f"{impl}/{setting}"]}
         for x, y in (("ours", "trl"), ("trlfast", "trl"), ("naive", "trl"), ("ours", "naive"), ("ours", "ours_logits"),
-                     ("ours", "trlfast")):
+                     ("ours", "trlfast"), ("ours", "ours_unshared"), ("ours_unshared", "trlfast")):
             if x in runs and y in runs:
                 loss = worst_diff(runs[x], runs[y], ("loss",), K, relative=False)
                 logp = worst_diff(runs[x], runs[y], ("logps_chosen", "logps_rejected"), K, relative=True)
@@ -838,7 +917,8 @@ def speed(a, preset: Preset):
         names = {impl: f"{impl}/{setting}" for impl in IMPLS}
         trls = [names[i] for i in ("trl", "trlfast") if names[i] in med]
         best = max(trls, key=lambda n: med[n]["pairs_s"]) if trls else names["trlfast"]
-        ratios = [("ours", best), ("ours", names["ours_logits"]), ("naive", best)]
+        ratios = [(x, y) for x, y in (("ours", best), ("ours", names["ours_unshared"]), ("ours_unshared", best),
+                                      ("ours", names["ours_logits"]), ("naive", best)) if x in impls and y.split("/")[0] in impls]
         print(f"### {titles[setting]}\n")
         print("| | " + " | ".join(LABELS[i] for i in impls) + " | " + " | ".join(
             f"{LABELS[x]} / {LABELS[y.split('/')[0]]}" for x, y in ratios) + " |\n" + "|---" * (1 + len(impls) + len(ratios)) + "|")
@@ -1140,6 +1220,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="tiny smoke configuration, ≈2 minutes")
     parser.add_argument("--model", default="", help="a real checkpoint (a local dir, a .gguf file, or smollm2-135m) and "
                         "HH-format text in its tokenizer, instead of the random small Llama")
+    parser.add_argument("--data", default="", help="with --model: real preference rows (.jsonl or .jsonl.gz: prompt/chosen/"
+                        "rejected, or HH dialogues), e.g. experiments/data/hh-harmless-base-test.jsonl.gz: the first pairs "
+                        "that fit --max-length, in file order, instead of generated HH-format text")
+    parser.add_argument("--max-length", type=int, default=512, help="--data: pairs longer than this many tokens are left out "
+                        "(default 512)")
     parser.add_argument("--memory", action="store_true", help="the memory-scaling table instead (sequence length × vocabulary)")
     parser.add_argument("--memory-tokens", type=int, default=4096, help="--memory: tokens per step (default 4096)")
     parser.add_argument("--memory-vocabs", default="16384,49152,92544", help="--memory: vocabularies (default 16384,49152,92544)")

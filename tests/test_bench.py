@@ -22,6 +22,8 @@ def test_step_shape_is_the_padded_and_the_packed_layout():
     assert (shape["T"], shape["rows"]) == (8, 4)
     # rows of up to 2 × 8 = 16 tokens, first fit, longest first: row 0 holds 8 + 5 + 3 = 16, row 1 the last 3
     assert (shape["packed_rows"], shape["packed_width"]) == (2, 16)
+    # prefix sharing: one sequence per pair, 3 + 2 + 5 = 10 and 2 + 1 + 1 = 4 tokens, both in one row of 14
+    assert shape["shared_lengths"] == [10, 4] and (shape["shared_rows"], shape["shared_width"]) == (1, 14)
     assert shape["response"] == 2 + 5 + 1 + 1 and shape["prompt"] == 2 + 1
 
 
@@ -38,9 +40,10 @@ def test_counted_and_executed_flops_by_hand():
         head = 2 * 40 * (scored + ppl)
         return 3 * (body + head) + (head if recompute else 0) + (body + 2 * 40 * scored if live else 0)
 
-    assert bench.executed_step_flops("ours", shape, META, True) == by_hand(2, 16, 9, True, recompute=True)
-    assert bench.executed_step_flops("ours", shape, META, True, ppl=True) == by_hand(2, 16, 9, True, ppl=3, recompute=True)
-    assert bench.executed_step_flops("ours_logits", shape, META, True) == by_hand(2, 16, 9, True)  # keeps the softmax
+    assert bench.executed_step_flops("ours_unshared", shape, META, True) == by_hand(2, 16, 9, True, recompute=True)
+    assert bench.executed_step_flops("ours", shape, META, True) == by_hand(1, 14, 9, True, recompute=True)  # shared
+    assert bench.executed_step_flops("ours", shape, META, True, ppl=True) == by_hand(1, 14, 9, True, ppl=3, recompute=True)
+    assert bench.executed_step_flops("ours_logits", shape, META, True) == by_hand(1, 14, 9, True)  # keeps the softmax
     assert bench.executed_step_flops("trlfast", shape, META, False) == by_hand(4, 8, 9, False, recompute=True)
     assert bench.executed_step_flops("trl", shape, META, True) == by_hand(4, 8, 32, True, recompute=True)  # the LM head on all 4 × 8
     assert bench.executed_step_flops("naive", shape, META, True) == by_hand(4, 8, 32, True)

@@ -246,3 +246,21 @@ def test_betadpo_trains_alike_with_and_without_prefix_sharing(tmp_path, tiny_mod
         for k, v in unshared.items():
             assert v.shape == (256 if split == "train" else 8,) and (v < 0).all(), (split, k)
             assert torch.allclose(shared[k], v, rtol=0, atol=1e-5), (split, k)
+
+
+def test_a_prefix_shared_micro_batch_has_no_host_sync_at_all(tiny_model):
+    """Packing without sharing leaves one host sync per forward inside transformers (test_host_sync: its
+    find_packed_sequence_indices reads whether rows hold several sequences). With the explicit mask transformers
+    takes the mask as prepared and looks for nothing: policy and reference forward, loss and backward, no sync."""
+    from plumbing.host_sync import host_syncs
+
+    tok = build_tokenizer()
+    batch = fast_logps.to_device(collate_pairs(mixed_pairs(tok), tok.pad_token_id), "cpu")
+    policy, reference = load_model(str(tiny_model)).train(), load_model(str(tiny_model)).eval().requires_grad_(False)
+    found = {}
+    for sharing in (False, True):
+        with host_syncs() as found[sharing]:
+            s = pair_logps(policy, reference, batch, "fused", with_ppl=True, prefix_sharing=sharing)
+            ((s.policy_chosen - s.ref_chosen) - (s.policy_rejected - s.ref_rejected)).sum().backward()
+    assert len(found[False]) == 2 and all("transformers/masking_utils.py" in where for _, where in found[False])
+    assert found[True] == []

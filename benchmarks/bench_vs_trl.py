@@ -12,6 +12,7 @@ and a naive PyTorch loop, on a small random Llama or on a real checkpoint.
     python benchmarks/bench_vs_trl.py --model smollm2-135m --batch-size 4 --steps 3 --settings live --columns ours,ours_logits,trlfast,naive
     python benchmarks/bench_vs_trl.py --model smollm2-135m --batch-size 8 --profile --cpu_kernels avx2   # on torch's AVX2 kernels
     python benchmarks/bench_vs_trl.py --model smollm2-135m --batch-size 8 --kernel-ab 6 --threads 1   # fused LM head vs logits kernel
+    python benchmarks/bench_vs_trl.py --model smollm2-135m --data experiments/data/hh-harmless-base-test.jsonl.gz --batch-size 4 --sharing-ab 6 --threads 1
     python benchmarks/bench_vs_trl.py --ab 8                        # β-DPO machinery vs plain DPO: 8 ABBA pairs, then alone: ≈9 min
     python benchmarks/bench_vs_trl.py --quick                       # smoke test, ≈2 minutes
     python benchmarks/bench_vs_trl.py --steps 20 --repeats 5 --batch-size 8 --threads 2
@@ -1156,11 +1157,24 @@ def profile_step(a, preset: Preset):
 
 
 def kernel_ab(a, preset: Preset):
-    """--kernel-ab N: the fused LM head against the logits kernel in one process, N rounds in ABBA order, on the
-    same model and batches (a training step each: pair_logps of policy and live reference, DPO loss, backward,
-    fused AdamW). Each step's wall and CPU time (this process's, all threads); on a shared machine the CPU time of
-    a one-thread run (--threads 1) is the steadier measure. → medians and the mean paired ratio with its 95% t
-    interval."""
+    """--kernel-ab N: the fused LM head against the logits kernel (train.logps fused, fast): step_ab."""
+    step_ab(a, preset, a.kernel_ab, "Fused LM head vs logits kernel",
+            {"fused LM head": {"logps": "fused"}, "logits kernel": {"logps": "fast"}})
+
+
+def sharing_ab(a, preset: Preset):
+    """--sharing-ab N: prefix sharing on against off (train.prefix_sharing), both through the fused LM head: step_ab."""
+    step_ab(a, preset, a.sharing_ab, "Prefix sharing on vs off",
+            {"prefix sharing": {"logps": "fused", "prefix_sharing": True},
+             "no prefix sharing": {"logps": "fused", "prefix_sharing": False}})
+
+
+def step_ab(a, preset: Preset, rounds: int, title: str, arms: dict):
+    """Two ways of computing the log-probs (arms: label → pair_logps' keyword arguments) in one process, `rounds`
+    rounds in ABBA order, on the same model and batch (a training step each: pair_logps of policy and live
+    reference, DPO loss, backward, fused AdamW). Each step's wall and CPU time (this process's, all threads); on a
+    shared machine the CPU time of a one-thread run (--threads 1) is the steadier measure. → medians and the mean
+    paired ratio with its 95% t interval."""
     import torch
     import torch.nn.functional as F
 
@@ -1177,28 +1191,29 @@ def kernel_ab(a, preset: Preset):
     reference = load_model(bench["model_dir"]).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=LR, weight_decay=0.0, fused=True)
     batch = collate_pairs([tuple(x) for x in bench["expected_ids"][:B]], 0)
+    first, second = arms
 
-    def step(fused: bool) -> tuple[float, float]:
+    def step(arm: str) -> tuple[float, float]:
         t0, c0 = time.perf_counter(), time.process_time()
-        s = pair_logps(policy, reference, batch, "fused" if fused else "fast")  # train.logps
+        s = pair_logps(policy, reference, batch, **arms[arm])
         loss = -F.logsigmoid(BETA * ((s.policy_chosen - s.ref_chosen) - (s.policy_rejected - s.ref_rejected))).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - t0, time.process_time() - c0
 
-    step(True), step(False)  # warm-up
-    times = {True: [], False: []}
-    for r in range(a.kernel_ab):
-        for fused in ((True, False) if r % 2 == 0 else (False, True)):
-            times[fused].append(step(fused))
-    print(f"\n### Fused LM head vs logits kernel, one process, {a.kernel_ab} rounds (ABBA)\n\n`python {' '.join(sys.argv)}` "
+    step(first), step(second)  # warm-up
+    times = {first: [], second: []}
+    for r in range(rounds):
+        for arm in ((first, second) if r % 2 == 0 else (second, first)):
+            times[arm].append(step(arm))
+    print(f"\n### {title}, one process, {rounds} rounds (ABBA)\n\n`python {' '.join(sys.argv)}` "
           f"(commit {git_commit()})  \n{machine()}, {a.threads} thread(s); load average {os.getloadavg()[0]:.2f} at the end  \n{what}\n")
-    print("| one training step | fused LM head (median) | logits kernel (median) | fused / logits: mean ± 95% CI (range) |\n|---|---|---|---|")
+    print(f"| one training step | {first} (median) | {second} (median) | {first} / {second}: mean ± 95% CI (range) |\n|---|---|---|---|")
     for k, label in ((0, "wall (s)"), (1, "CPU time (s)")):
-        ratios = [f[k] / g[k] for f, g in zip(times[True], times[False])]
+        ratios = [f[k] / g[k] for f, g in zip(times[first], times[second])]
         m, half = mean_ci95(ratios)
-        print(f"| {label} | {statistics.median(t[k] for t in times[True]):.3f} | {statistics.median(t[k] for t in times[False]):.3f} | "
+        print(f"| {label} | {statistics.median(t[k] for t in times[first]):.3f} | {statistics.median(t[k] for t in times[second]):.3f} | "
               f"{m:.3f} ± {half:.3f} ({min(ratios):.3f}–{max(ratios):.3f}) |")
 
 
@@ -1237,6 +1252,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "runs (plain DPO, β-DPO), small model")
     parser.add_argument("--kernel-ab", type=int, default=0, help="the fused LM head against the logits kernel instead: "
                         "N rounds of one training step each, in one process (--model's or the small model's shapes)")
+    parser.add_argument("--sharing-ab", type=int, default=0, help="prefix sharing on against off instead: N rounds of one "
+                        "training step each, in one process (--model's or the small model's shapes; --data's rows)")
     parser.add_argument("--profile", action="store_true", help="where one of our steps spends its time (torch.profiler), "
                         "on --model's or the small model's first --batch-size pairs")
     parser.add_argument("--workdir", default="runs/bench", help="model, data, logs and run outputs (default runs/bench)")
@@ -1255,6 +1272,8 @@ def main():
         profile_step(a, REAL if a.model else QUICK if a.quick else DEFAULT)
     elif a.kernel_ab:
         kernel_ab(a, REAL if a.model else QUICK if a.quick else DEFAULT)
+    elif a.sharing_ab:
+        sharing_ab(a, REAL if a.model else QUICK if a.quick else DEFAULT)
     else:
         speed(a, REAL if a.model else QUICK if a.quick else DEFAULT)
 

@@ -13,6 +13,7 @@ and a naive PyTorch loop, on a small random Llama or on a real checkpoint.
     python benchmarks/bench_vs_trl.py --model smollm2-135m --batch-size 8 --profile --cpu_kernels avx2   # on torch's AVX2 kernels
     python benchmarks/bench_vs_trl.py --model smollm2-135m --batch-size 8 --kernel-ab 6 --threads 1   # fused LM head vs logits kernel
     python benchmarks/bench_vs_trl.py --model smollm2-135m --data experiments/data/hh-harmless-base-test.jsonl.gz --batch-size 4 --sharing-ab 6 --threads 1
+    python benchmarks/bench_vs_trl.py --model smollm2-135m --data experiments/data/hh-harmless-base-test.jsonl.gz --work 2,4,8
     python benchmarks/bench_vs_trl.py --ab 8                        # β-DPO machinery vs plain DPO: 8 ABBA pairs, then alone: ≈9 min
     python benchmarks/bench_vs_trl.py --quick                       # smoke test, ≈2 minutes
     python benchmarks/bench_vs_trl.py --steps 20 --repeats 5 --batch-size 8 --threads 2
@@ -1217,6 +1218,42 @@ def step_ab(a, preset: Preset, rounds: int, title: str, arms: dict):
               f"{m:.3f} ± {half:.3f} ({min(ratios):.3f}–{max(ratios):.3f}) |")
 
 
+def work_accounting(a):
+    """--work B1,B2,…: no runs, the work each implementation is given, over every pair of --data within --max-length
+    (in file order, in batches of B): tokens per pair (separate rows, and with each prompt once), positions through
+    the model body per pair (padded rows; ours packed; ours prefix-shared), and executed TFLOP with a live reference
+    (executed_step_flops) with their ratios. At equal executed-FLOP rates these ratios are the speed ratios; a
+    measured ratio below one means the faster column ran its FLOPs more slowly."""
+    if not (a.model and a.data):
+        raise SystemExit("benchmark: --work needs --model and --data")
+    sys.path.insert(0, str(REPO))
+    from plumbing.data import tokenize_pairs
+    from plumbing.fast_logps import PACK_ROW_WIDTH, pack_layout
+    from plumbing.models import load_tokenizer
+
+    workdir = (REPO / a.workdir / "real").resolve()
+    meta = build_real_model_dir(a.model, workdir / "model")
+    tokenizer = load_tokenizer(str(workdir / "model"))
+    ids = [x for x in tokenize_pairs(tokenizer, read_pair_rows(Path(a.data)), 10**6, 10**6 - 1)
+           if len(x[0]) + max(len(x[1]), len(x[2])) <= a.max_length]
+    impls = ("ours", "ours_unshared", "trlfast", "trl")
+    print(f"`python {' '.join(sys.argv)}` (commit {git_commit()}): {len(ids)} pairs of `{Path(a.data).name}` within "
+          f"{a.max_length} tokens, {meta['name']}\n")
+    print("| pairs per step | tokens per pair (prompt once) | body positions per pair: padded / packed / prefix-shared | "
+          "executed TFLOP: " + " / ".join(LABELS[i] for i in impls) + " | TRL (fast path) / ours | "
+          "ours (no prefix sharing) / ours | TRL (fast path) / ours (no prefix sharing) |\n|---|---|---|---|---|---|---|")
+    for B in (int(b) for b in a.work.split(",")):
+        shapes = [step_shape(ids[j : j + B], pack_layout, PACK_ROW_WIDTH) for j in range(0, len(ids) - B + 1, B)]
+        n = len(shapes) * B
+        flops = {i: sum(executed_step_flops(i, s, meta, True) for s in shapes) for i in impls}
+        body = [sum(s[r] * s[w] for s in shapes) / n for r, w in
+                (("rows", "T"), ("packed_rows", "packed_width"), ("shared_rows", "shared_width"))]
+        print(f"| {B} | {sum(sum(s['lengths']) for s in shapes) / n:.0f} ({sum(sum(s['shared_lengths']) for s in shapes) / n:.0f}) | "
+              + " / ".join(f"{x:.0f}" for x in body) + " | " + " / ".join(f"{flops[i] / 1e12:.0f}" for i in impls)
+              + f" | {flops['trlfast'] / flops['ours']:.2f} | {flops['ours_unshared'] / flops['ours']:.2f} | "
+              f"{flops['trlfast'] / flops['ours_unshared']:.2f} |")
+
+
 def trl_status() -> tuple:
     try:
         import trl
@@ -1254,6 +1291,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "N rounds of one training step each, in one process (--model's or the small model's shapes)")
     parser.add_argument("--sharing-ab", type=int, default=0, help="prefix sharing on against off instead: N rounds of one "
                         "training step each, in one process (--model's or the small model's shapes; --data's rows)")
+    parser.add_argument("--work", default="", help="with --model and --data: the work accounting instead (no runs): "
+                        "positions and executed FLOPs per implementation over the whole file, for these batch sizes, e.g. 2,4,8")
     parser.add_argument("--profile", action="store_true", help="where one of our steps spends its time (torch.profiler), "
                         "on --model's or the small model's first --batch-size pairs")
     parser.add_argument("--workdir", default="runs/bench", help="model, data, logs and run outputs (default runs/bench)")
@@ -1272,6 +1311,8 @@ def main():
         profile_step(a, REAL if a.model else QUICK if a.quick else DEFAULT)
     elif a.kernel_ab:
         kernel_ab(a, REAL if a.model else QUICK if a.quick else DEFAULT)
+    elif a.work:
+        work_accounting(a)
     elif a.sharing_ab:
         sharing_ab(a, REAL if a.model else QUICK if a.quick else DEFAULT)
     else:

@@ -152,6 +152,9 @@ def main():
             save_checkpoint(accelerator, out, progress.step, model.parameters())
     report.close()
     # ---- save -----------------------------------------------------------------------------------------
+    # final/ gathers the model on the main process: first free the optimizer state (the last checkpoint holds it),
+    # to lower that host peak, as betadpo.py does (SCALING.md)
+    optimizer.state.clear()
     save_final(accelerator, model, tokenizer, out, progress.step,
                merge_lora=cfg.model.lora_merge_final)  # LoRA: the adapter
     if accelerator.is_main_process:

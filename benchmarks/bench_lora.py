@@ -6,6 +6,7 @@ supports: peak memory and time per step, side by side.
     python benchmarks/bench_lora.py --only lora --gradient-checkpointing    # both runs without stored activations
     python benchmarks/bench_lora.py --only packing
     python benchmarks/bench_lora.py --only gguf --repo OLDER_CHECKOUT      # the GGUF load peak, before/after
+    python benchmarks/bench_lora.py --only stored                          # what one LoRA step stores for backward
 
 1. LORA. SmolLM2-135M-Instruct (`smollm2-135m`, dequantised once into a plain save_pretrained copy under
    --workdir, so that no measured run pays for the GGUF read), β-DPO as configs/smollm2_hh_lora.yaml runs it
@@ -22,6 +23,11 @@ supports: peak memory and time per step, side by side.
    packing switched off (the fast path otherwise), median of --repeats after one warm-up, in this process.
 3. GGUF. One process loads SmolLM2's GGUF file twice with plumbing.models.load_model, dropping the first model
    before the second: peak RSS after each, and CPU seconds; in --repo (e.g. an older commit's checkout) and here.
+4. STORED. What autograd stores for backward in one LoRA step of table 1's first batch (SmolLM2, r = 16, all
+   linear, packed, the adapters-off reference pass included), in this process: distinct storages caught by a
+   saved-tensor hook, the parameters' own left out, summed by the module that stored them; once with
+   transformers' own modules (repeat_kv, autograd's SwiGLU) and once as load_model builds the model
+   (plumbing/models.py's store_less_for_backward); and whether the two give the same log-probs.
 The machine may be shared with other work: the table prints the load average before and after, and the CPU model and
 torch's kernel set (ATEN_CPU_CAPABILITY) with every number.
 """
@@ -136,6 +142,67 @@ def gguf_table(a) -> list[str]:
     return lines
 
 
+def stored_table(a, workdir: Path) -> list[str]:
+    """Table 4: bytes autograd stores for backward in one LoRA step, by module, without and with
+    store_less_for_backward, and the log-probs of both (the same numbers, or the table says they differ)."""
+    import collections
+
+    import torch
+
+    torch.set_num_threads(a.threads)
+    import betadpo
+    from plumbing import lora, models
+    from plumbing.config import ModelArgs
+    from plumbing.data import collate_pairs, tokenize_pairs
+
+    bench.build_real_model_dir("smollm2-135m", workdir / "model")
+    tok = models.load_tokenizer(str(workdir / "model"))
+    rows = bench.make_hh_pairs(a.batch_size * (a.steps + 1) + 8, seed=0)[8 : 8 + a.batch_size]
+    batch = collate_pairs(tokenize_pairs(tok, rows, 256, 128), tok.pad_token_id)
+    lora_cfg = ModelArgs(name_or_path=str(workdir / "model"), lora_r=16, lora_alpha=32.0)
+    store_less = models.store_less_for_backward
+    results = {}
+    for name in ("transformers' modules", "store_less_for_backward"):
+        models.store_less_for_backward = store_less if "less" in name else (lambda model: None)
+        os.environ.pop("TRANSFORMERS_SDPA_FORCE_GQA", None)  # store_less_for_backward sets it (no CUDA)
+        torch.manual_seed(0)
+        policy = lora.add_adapters(models.load_model(str(workdir / "model")), lora_cfg, "bench").train()
+        params = {p.untyped_storage().data_ptr() for p in policy.parameters()}
+        where, stored = [], {}
+        hooks = [m.register_forward_pre_hook(lambda m, args, n=n: where.append(n)) for n, m in policy.named_modules()]
+        hooks += [m.register_forward_hook(lambda m, args, out: where.pop() and None) for m in policy.modules()]  # None: output kept
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params and ptr not in stored:
+                kind = next((k for k in ("lora_", "layernorm", "self_attn", "mlp") if where and k in where[-1]), "other")
+                stored[ptr] = (kind, t.untyped_storage().nbytes())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logps = betadpo.pair_logps(policy, lora.AdaptersOff(policy), batch, "fused")
+        (logps.policy_chosen - logps.policy_rejected).sum().backward()
+        for h in hooks:
+            h.remove()
+        by_kind = collections.Counter()
+        for kind, nbytes in stored.values():
+            by_kind[kind] += nbytes / 2**20
+        results[name] = (by_kind, logps.policy_chosen.detach(), logps.ref_chosen)
+        print(f"[stored] {name}: {sum(by_kind.values()):.0f} MiB", flush=True)
+        del policy, logps
+    models.store_less_for_backward = store_less
+    (old, old_lp, old_ref), (new, new_lp, new_ref) = results.values()
+    same = "bit for bit the same" if torch.equal(old_lp, new_lp) and torch.equal(old_ref, new_ref) else \
+        f"DIFFERENT (max |Δ| {(old_lp - new_lp).abs().max().item():.2e})"
+    kinds = ("lora_", "layernorm", "self_attn", "mlp", "other")  # the innermost module; lora_: an adapted Linear's input
+    lines = [f"One LoRA step of {a.batch_size} pairs (SmolLM2, r = 16, all linear, packed, fp32, {a.threads} threads): "
+             f"MiB stored for backward, by the module that stored it; log-probs {same}", "",
+             "| modules | " + " | ".join(kinds) + " | total |", "|---|" + "---:|" * (len(kinds) + 1)]
+    for name, (by_kind, _, _) in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{by_kind[k]:.0f}" for k in kinds) + f" | {sum(by_kind.values()):.0f} |")
+    return lines
+
+
 def random_model(arch: str, vocab: int):
     import torch
     import transformers
@@ -196,7 +263,7 @@ def packing_table(a) -> list[str]:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["lora", "packing", "gguf"], default=None)
+    p.add_argument("--only", choices=["lora", "packing", "gguf", "stored"], default=None)
     p.add_argument("--repo", default=str(REPO), help="gguf table: another checkout to load the file with as well (before/after)")
     p.add_argument("--steps", type=int, default=4, help="LoRA table: optimizer steps per run (the first is not timed)")
     p.add_argument("--batch-size", type=int, default=4, help="LoRA table: pairs per step")
@@ -225,6 +292,8 @@ def main():
         body += packing_table(a) + [""]
     if a.only in (None, "gguf"):
         body += gguf_table(a) + [""]
+    if a.only in (None, "stored"):
+        body += stored_table(a, workdir) + [""]
     report = "\n".join(head + body + [f"load average after: {os.getloadavg()[0]:.1f}"])
     print("\n" + report)
     (workdir / "report.md").write_text(report + "\n")

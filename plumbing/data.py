@@ -58,7 +58,6 @@ from plumbing import sort_task, token_cache
 from plumbing.errors import UserError
 from plumbing.data_shapes import DataError, hh_messages, split_hh, to_pairs  # noqa: F401 (hh_messages, split_hh, to_pairs: data's API)
 from plumbing.data_shapes import render_rows, warn_once
-from plumbing.data_shapes import to_pairs as _to_pairs
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name
 FILE_SUFFIXES = (".jsonl", ".json", ".gz", ".parquet", ".csv", ".txt", ".arrow")  # a path, not a Hub id, when missing
@@ -92,7 +91,7 @@ def _held_out_tail(D) -> bool:
 
 def _load_split(data_cfg, split: str, tokenizer, report: dict | None, render) -> list[dict]:
     D, report = data_cfg, {} if report is None else report
-    to_pairs = functools.partial(_to_pairs, render=render)
+    rendered_pairs = functools.partial(to_pairs, render=render)  # to_pairs with the cache's render, if any
     if D.dataset == "sort":
         n = D.num_train if split == "train" else D.eval_size
         flip = D.flip_ratio if split == "train" else 0.0  # held-out labels stay clean
@@ -100,14 +99,14 @@ def _load_split(data_cfg, split: str, tokenizer, report: dict | None, render) ->
         return sort_task.preference_pairs(n, D.seed, D.high_gap_ratio, flip, D.sort_min_len, D.sort_max_len, split)
     if D.dataset == "hh":
         rows = _hub_rows(*_hh_args(D, "train" if split == "train" else "test"))
-        rows = to_pairs(rows, "Anthropic/hh-rlhf", D, tokenizer, report)
+        rows = rendered_pairs(rows, "Anthropic/hh-rlhf", D, tokenizer, report)
         return rows if split == "train" or not D.eval_size else rows[: D.eval_size]
     if split == "eval" and D.eval_dataset:
-        return _source_pairs(D.eval_dataset, "data.eval_dataset", *_split(D, D.eval_split), D, tokenizer, report, to_pairs)
+        return _source_pairs(D.eval_dataset, "data.eval_dataset", *_split(D, D.eval_split), D, tokenizer, report, rendered_pairs)
     if split == "eval" and D.eval_split:
-        rows = _source_pairs(D.dataset, "data.dataset", D.eval_split, "data.eval_split", D, tokenizer, report, to_pairs)
+        rows = _source_pairs(D.dataset, "data.dataset", D.eval_split, "data.eval_split", D, tokenizer, report, rendered_pairs)
         return rows[: D.eval_size] if D.eval_size else rows
-    rows = _source_pairs(D.dataset, "data.dataset", D.split, "data.split", D, tokenizer, report, to_pairs)
+    rows = _source_pairs(D.dataset, "data.dataset", D.split, "data.split", D, tokenizer, report, rendered_pairs)
     if D.eval_dataset or D.eval_split:
         return rows
     # No separate held-out data: the last `eval_size` rows are held out and never trained on.
@@ -133,16 +132,16 @@ def _split(D, eval_split: str) -> tuple[str, str]:
     return (eval_split, "data.eval_split") if eval_split else (D.split, "data.split")
 
 
-def _source_pairs(spec: str, key: str, split: str, split_key: str, data_cfg, tokenizer, report: dict, to_pairs) -> list[dict]:
+def _source_pairs(spec: str, key: str, split: str, split_key: str, data_cfg, tokenizer, report: dict, rendered_pairs) -> list[dict]:
     """One source (a Hub id, a save_to_disk directory or a file) → pairs; `split` (named `split_key` in the config)
     is the split of a Hub dataset or a saved DatasetDict."""
     path = Path(spec)
     if path.is_dir():
-        return to_pairs(_disk_rows(spec, key, split, split_key), f"{spec} (split {split})", data_cfg, tokenizer, report)
+        return rendered_pairs(_disk_rows(spec, key, split, split_key), f"{spec} (split {split})", data_cfg, tokenizer, report)
     if not path.exists() and HUB_ID.fullmatch(spec) and not spec.lower().endswith(FILE_SUFFIXES):
         rows = _hub_rows(*_hub_args(spec, key, split, data_cfg))
-        return to_pairs(rows, f"{spec} (split {split})", data_cfg, tokenizer, report)
-    return to_pairs(_read_rows(spec), spec, data_cfg, tokenizer, report)
+        return rendered_pairs(rows, f"{spec} (split {split})", data_cfg, tokenizer, report)
+    return rendered_pairs(_read_rows(spec), spec, data_cfg, tokenizer, report)
 
 
 def _hh_args(D, split: str) -> tuple:

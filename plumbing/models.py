@@ -208,6 +208,7 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
         model = _load(AutoModelForCausalLM, name, "model", key, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     set_attn_implementation(model, attn_implementation, key)
     disable_dropout(model)
+    store_less_for_backward(model)
     return model
 
 
@@ -308,6 +309,59 @@ def disable_dropout(model: torch.nn.Module):
         for attr, value in vars(module).items():
             if "dropout" in attr and isinstance(value, float):
                 setattr(module, attr, 0.0)
+
+
+# ---- activations stored for the backward pass --------------------------------------------------------------
+# A training step holds, until its backward pass, what autograd saves in the forward: for SmolLM2's shapes ≈10k
+# fp32 values per token per layer, the largest part of a CPU step's peak (docs/PERFORMANCE.md#lora-memory). Two
+# of them are copies that give nothing: SiLU's output in the MLP (recomputed here from its input, which is saved
+# anyway) and the key/value heads repeated for grouped-query attention. Both fixes change no forward number.
+class _SiluTimesUp(torch.autograd.Function):
+    """silu(gate) * up, the SwiGLU MLP's product, saving only gate and up.
+
+    Autograd's version saves gate (for SiLU's derivative), silu(gate) and up (for the product's), i.e. three
+    (N, intermediate) tensors; silu(gate) is recomputed in backward from gate instead, one elementwise pass. The
+    gradients are computed by the same kernels as autograd's (mul, aten's silu_backward), so they are bit for bit
+    equal (tests/test_lora_memory.py)."""
+
+    @staticmethod
+    def forward(ctx, gate, up):  # (…, I) each
+        ctx.save_for_backward(gate, up)
+        return torch.nn.functional.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):  # ∂/∂up = g · silu(gate);  ∂/∂gate = silu'(gate) · (g · up)
+        gate, up = ctx.saved_tensors
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        grad_up = grad * torch.nn.functional.silu(gate) if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
+
+
+def _swiglu_mlp_forward(mlp, x):
+    """transformers' Llama-style MLP, down(silu(gate(x)) * up(x)), with the product from _SiluTimesUp."""
+    return mlp.down_proj(_SiluTimesUp.apply(mlp.gate_proj(x), mlp.up_proj(x)))
+
+
+def store_less_for_backward(model: torch.nn.Module):
+    """In place, before any wrapper (peft's LoRA layers replace gate_proj etc. inside; the MLP's forward calls them):
+    (1) every MLP computing down(silu(gate(x)) * up(x)) (Llama, Mistral, Qwen2, InternLM2) stores gate and up but
+    not silu(gate) for backward: 1,536 of SmolLM2's ≈10k values per token per layer;
+    (2) with no CUDA device, SDPA takes the key/value heads as they are (enable_gqa) instead of transformers'
+    repeat_kv copies (SmolLM2: 3 key/value heads for 9 query heads, 768 values per token per layer stored fewer).
+    transformers passes enable_gqa only without an attention mask, because CUDA's kernels fall back to the slow
+    math kernel with both; torch's CPU flash kernel takes both (packed rows always carry a mask), and its output
+    is bit for bit the repeated one's, its key/value gradients the repeated ones' summed in another order
+    (rounding, tests/test_lora_memory.py). The switch is transformers' TRANSFORMERS_SDPA_FORCE_GQA, read at each
+    call; a value the user set is kept."""
+    from transformers.activations import SiLUActivation
+
+    for module in model.modules():
+        if (all(isinstance(getattr(module, f, None), torch.nn.Linear) for f in ("gate_proj", "up_proj", "down_proj"))
+                and isinstance(getattr(module, "act_fn", None), (SiLUActivation, torch.nn.SiLU))
+                and type(module).forward.__qualname__.endswith("MLP.forward")):
+            module.forward = functools.partial(_swiglu_mlp_forward, module)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
 
 
 # ---- generation ----------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """Shared fixtures: a tiny tokenizer + Llama saved like a hub checkpoint, and a way to launch the scripts."""
 
+import contextlib
+import io
 import os
 import runpy
 import signal
@@ -62,20 +64,46 @@ def run_script(script: str, *args, processes: int = 1, check: bool = True, env: 
 
 def run_main(script: str, *args, capsys) -> tuple[int, str, str]:
     """`python SCRIPT ARGS` in this process: the script's `__main__` through runpy → (exit code, stdout, stderr).
-    For checks that stop before any work (a bad flag, file or model; data.preview): a launch would add seconds of
-    imports per case.
+    For checks that stop before any work (a bad flag, file or model; data.preview), and for whole one-process runs
+    where the launch is not what is tested (resume from disk, the metrics): a launch would add seconds of
+    interpreter start-up and imports per run.
     An exception the script does not turn into an exit fails the test with its traceback."""
+    code = run_in_this_process(script, *args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def run_here(script: str, *args, check: bool = True) -> subprocess.CompletedProcess:
+    """run_script's one-process case, `python SCRIPT ARGS`, in this process (run_in_this_process), its stdout and
+    stderr captured → the same CompletedProcess. For runs whose launch is not what is tested: a new interpreter
+    would add seconds of start-up and imports per run. (Output of loggers that hold the real stderr is not caught.)"""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = run_in_this_process(script, *args)
+    result = subprocess.CompletedProcess([script, *map(str, args)], code, stdout.getvalue(), stderr.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"{script} {' '.join(result.args[1:])} failed ({code}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-5000:]}")
+    return result
+
+
+def run_in_this_process(script: str, *args) -> int:
+    """runpy of `script`'s `__main__` with sys.argv = [script, *args] → its exit code (0 if it returns). accelerate's
+    process-wide state is reset after every run, so that the next run (or test) builds its own Accelerator, as a new
+    process would; each run sets its own seeds."""
+    from accelerate.state import AcceleratorState, GradientState
+
     saved = list(sys.argv)
     sys.argv = [script, *map(str, args)]
     try:
         runpy.run_path(str(ROOT / script), run_name="__main__")
-        code = 0
+        return 0
     except SystemExit as stopped:
-        code = stopped.code if isinstance(stopped.code, int) else 1
+        return stopped.code if isinstance(stopped.code, int) else 1
     finally:
         sys.argv = saved
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
 
 def _descendants(pid: int) -> list[int]:

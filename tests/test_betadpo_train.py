@@ -67,8 +67,8 @@ def test_metrics_and_final_model(tmp_path, tiny_model):
 
 def test_fixed_scale_never_changes(tmp_path, tiny_model):
     out = tmp_path / "run"
-    run_script("betadpo.py", *flags(tiny_model, out, "--train.max_steps", 2, "--loss.learn_scale", "false",
-                                    "--loss.beta_scale_init", 0.7))
+    train_in_process(*flags(tiny_model, out, "--train.max_steps", 2, "--loss.learn_scale", "false",
+                            "--loss.beta_scale_init", 0.7))
     assert [r["beta_scale"] for r in read_metrics(out)] == pytest.approx([0.7, 0.7])
     assert json.loads((out / "final" / "beta_scale.json").read_text())["beta_scale"] == pytest.approx(0.7)
 
@@ -79,9 +79,10 @@ def test_two_processes_match_one(tmp_path, tiny_model):
     In float64, so that a logic error (a per-rank normalisation, an unsynchronised mask) cannot hide in float
     noise: in fp32 the two runs sum gradients in a different order (one GEMM vs two halves + all-reduce), and
     Adam's g/√v turns that ~1e-7 into weight differences of ~2e-5 after 4 steps at lr 1e-2. In float64 the
-    weights agree to ~1e-14; the metrics to ~1e-7 (M₀, σ and c are kept in fp32)."""
+    weights agree to ~1e-14; the metrics to ~1e-7 (M₀, σ and c are kept in fp32). The one-process run is
+    train_policy in this process, the same function `python betadpo.py` runs (the launch under test is the 2's)."""
     run = ["--train.max_steps", 4, "--model.dtype", "float64"]
-    run_script("betadpo.py", *flags(tiny_model, tmp_path / "p1", *run))
+    train_in_process(*flags(tiny_model, tmp_path / "p1", *run))
     run_script("betadpo.py", *flags(tiny_model, tmp_path / "p2", *run), processes=2)
     one, two = read_metrics(tmp_path / "p1"), read_metrics(tmp_path / "p2")
     assert one[-1]["sigma"] > 0 and any(r["beta"] != 0.1 for r in one)  # the mechanisms really ran
@@ -90,22 +91,26 @@ def test_two_processes_match_one(tmp_path, tiny_model):
     assert_same_weights(final_weights(tmp_path / "p1"), final_weights(tmp_path / "p2"), rel=1e-10)
 
 
-def test_resume_is_exact(tmp_path, tiny_model):
+def test_resume_is_exact(tmp_path, tiny_model, capsys):
+    """Every run is `python betadpo.py` in this process (conftest.run_main): what carries over from one run to the
+    next is only what is on disk, as after a crash (accelerate's state is reset between runs; seeds are set by each
+    run). Resume in new processes: tests/test_reliability.py (damaged checkpoint, full disk, Ctrl-C) and the FSDP2
+    launches of tests/test_fsdp.py."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    run_script("betadpo.py", *flags(tiny_model, full, "--train.max_steps", 6))
+    assert run_main("betadpo.py", *flags(tiny_model, full, "--train.max_steps", 6), capsys=capsys)[0] == 0
     # A run that stopped after its step-4 checkpoint, having logged a step 5 it never saved ("killed").
-    run_script("betadpo.py", *flags(tiny_model, resumed, "--train.max_steps", 4))
+    assert run_main("betadpo.py", *flags(tiny_model, resumed, "--train.max_steps", 4), capsys=capsys)[0] == 0
     with (resumed / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"step": 5, "loss": 123.0}) + "\n")
     shutil.rmtree(resumed / "final")
-    result = run_script("betadpo.py", *flags(tiny_model, resumed, "--train.max_steps", 6))
-    assert "resumed from" in result.stdout and "step 4" in result.stdout
+    code, stdout, stderr = run_main("betadpo.py", *flags(tiny_model, resumed, "--train.max_steps", 6), capsys=capsys)
+    assert code == 0 and "resumed from" in stdout and "step 4" in stdout, stderr[-2000:]
     assert_close_rows(read_metrics(full), read_metrics(resumed), rel=1e-6)
     assert_same_weights(final_weights(full), final_weights(resumed), rel=1e-6)
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]  # the two newest
     # The same command again: a finished run is not retrained.
-    again = run_script("betadpo.py", *flags(tiny_model, resumed, "--train.max_steps", 6))
-    assert "already finished" in again.stdout and len(read_metrics(resumed)) == 6
+    code, stdout, _ = run_main("betadpo.py", *flags(tiny_model, resumed, "--train.max_steps", 6), capsys=capsys)
+    assert code == 0 and "already finished" in stdout and len(read_metrics(resumed)) == 6
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import pytest
 from plumbing.config import DataArgs
 from plumbing.errors import UserError
 from plumbing.models import load_tokenizer
-from conftest import read_metrics, run_main, run_script
+from conftest import read_metrics, run_main, run_here, run_script
 from plumbing.data import data_summary, hh_messages, load_pairs, to_pairs, tokenize_pairs
 from plumbing.sort_task import build_tokenizer
 
@@ -132,8 +132,8 @@ def test_ultrafeedback_rows_train_with_the_prompt_only_in_the_prompt(tmp_path, t
     (p, c, _), = tokenize_pairs(tok, pairs[:1], 512, 256)
     assert tok.decode(c) == (UF[0]["chosen"] + "\n<eos>") and tok.decode(p) == pairs[0]["prompt"]
     out = tmp_path / "run"
-    result = run_script("betadpo.py", "--model.name_or_path", tiny_model, "--data.dataset", path, "--data.eval_size", 2,
-                        "--train.batch_size", 2, "--train.max_steps", 2, "--train.output_dir", out)
+    result = run_here("betadpo.py", "--model.name_or_path", tiny_model, "--data.dataset", path, "--data.eval_size", 2,
+                      "--train.batch_size", 2, "--train.max_steps", 2, "--train.output_dir", out)  # in this process
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
     summary = [line for line in result.stdout.splitlines() if line.startswith("data: ")]
     assert len(summary) == 1 and "6 training pairs, 2 held out" in summary[0] and "(d) prompt string" in summary[0]

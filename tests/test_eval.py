@@ -193,15 +193,18 @@ def test_policy_against_itself(dirs):
     assert [g["policy"] for g in result["generations"]] == [g["reference"] for g in result["generations"]]
 
 
-def test_one_and_two_processes_agree(dirs, models, tmp_path):
+def test_one_and_two_processes_agree(dirs, models, tmp_path, capsys):
+    """The one-process runs are eval.py's __main__ in this process (conftest.run_main); the 2-process one is
+    launched (what is tested: the launch and its split of the work)."""
     args = TINY + ["--eval.policy", dirs.policy, "--eval.reference", dirs.reference]
-    one = run(args + ["--eval.output_dir", str(tmp_path / "one")])
-    assert one.returncode == 0, one.stderr
+    code, one_stdout, stderr = run_main("eval.py", *args, "--eval.output_dir", tmp_path / "one", capsys=capsys)
+    assert code == 0, stderr
     cache = ["--eval.cache_reference", "true", "--train.ref_cache_dir", str(tmp_path / "cache")]
     two = run(args + cache + ["--eval.output_dir", str(tmp_path / "two")], processes=2)  # draws and caches the reference's
     assert two.returncode == 0, two.stderr
-    again = run(args + cache + ["--eval.output_dir", str(tmp_path / "again")])  # takes them from the cache
-    assert again.returncode == 0 and "(drawn, then cached)" in two.stdout and "(cached)" in again.stdout, again.stderr
+    code, again_stdout, stderr = run_main("eval.py", *args, *cache, "--eval.output_dir", tmp_path / "again",
+                                          capsys=capsys)  # takes them from the cache
+    assert code == 0 and "(drawn, then cached)" in two.stdout and "(cached)" in again_stdout, stderr
     assert json.loads((tmp_path / "again" / "eval.json").read_text())["metrics"] == json.loads((tmp_path / "one" / "eval.json").read_text())["metrics"]
     a, b = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("one", "two"))
     assert (a["num_processes"], b["num_processes"]) == (1, 2)
@@ -219,7 +222,7 @@ def test_one_and_two_processes_agree(dirs, models, tmp_path):
     assert {"gold_reward@t0", "gold_reward@t1", "exact_match@t0", "win_rate_vs_chosen@t1", "win_rate_vs_ref@t1"} <= a["metrics"].keys()
     assert a["policy"] == dirs.policy and a["reference"] == dirs.reference
     assert a["seeds"] == {"eval.seed": 0, "data.seed": 0} and a["config"]["eval"]["samples_per_prompt"] == 2
-    assert "pref_accuracy" in one.stdout and "kl_seq" in one.stdout
+    assert "pref_accuracy" in one_stdout and "kl_seq" in one_stdout
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "tokenizer", "vocab"])

@@ -6,11 +6,12 @@ import json
 import math
 import platform
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, run_here
 
 sys.path.insert(0, str(ROOT / "experiments"))
 import run as experiments  # noqa: E402
@@ -210,22 +211,37 @@ def test_cpu_kernels_are_pinned_for_every_child_run(capsys):
 
 
 # ---- the pipeline --------------------------------------------------------------------------------------------
-def run_in_process(argv: list[str], capsys) -> str:
-    """`python experiments/run.py ARGV` as run.main in this process → its stdout. The scripts it runs are still
-    launched one process each (run.run); only run.py's own start-up (~6 CPU-s of imports) is saved. A failed run
-    exits with its log's tail, which fails the test with it."""
+def run_in_process(argv: list[str], capsys, monkeypatch) -> str:
+    """`python experiments/run.py ARGV --jobs 1` as run.main in this process → its stdout. The scripts it runs
+    (sft.py, betadpo.py, eval.py) run in this process too (run_script_here): what is tested is the pipeline (which
+    run, from which start, with which flags, in which phase, into which CSV and tables), not how a script is
+    launched; each launch would cost seconds of interpreter start-up and imports. One job at a time (--jobs 1):
+    two runs in one process at once would share sys.argv, sys.stdout and accelerate's state. A failed run fails
+    the test with its output."""
+    monkeypatch.setattr(experiments, "run", run_script_here)  # (real.py gets run.py's `run` passed in: the same stand-in)
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # as run.run sets it for a launched script
     try:
-        experiments.main(argv)
+        experiments.main([*argv, "--jobs", "1"])
     finally:
         experiments.KERNEL_ENV.clear()  # main pins the children's CPU kernels in this module: leave it as found
     return capsys.readouterr().out
 
 
-def test_smoke_controls_and_frontier(tmp_path, capsys):
+def run_script_here(cmd: list[str], log, threads: int = 1):
+    """Stands in for run.run(cmd = [python, script, *flags], log): conftest.run_here (the script's __main__ in this
+    process; a failure fails the test with its output), the output written to the log. `threads` is left as it
+    is: this process has 1 (conftest). The CPU kernels run.py pins for its children (KERNEL_ENV) are this
+    machine's own here; test_cpu_kernels_are_pinned_for_every_child_run checks the pinning."""
+    _python, script, *flags = cmd
+    result = run_here(script, *flags)
+    Path(log).write_text(result.stdout + result.stderr)
+
+
+def test_smoke_controls_and_frontier(tmp_path, capsys, monkeypatch):
     """The control that replays β-DPO's βs runs after β-DPO, with the shuffled sequence; the CSV and the
     tables come out; re-running trains nothing."""
     argv = ["controls", "--smoke", "--out", str(tmp_path)]
-    first = run_in_process(argv, capsys)
+    first = run_in_process(argv, capsys, monkeypatch)
     rows = experiments.read_csv(tmp_path / "runs.csv")
     assert {r["study"] for r in rows} == {"start", "frontier", "controls"}
     assert (tmp_path / "tables.md").read_text() == experiments.report(rows)
@@ -236,5 +252,5 @@ def test_smoke_controls_and_frontier(tmp_path, capsys):
     replayed = json.loads((replay_dir / "beta_sequence.json").read_text())
     trained = [r["beta"] for r in experiments.read_metrics(replay_dir / "metrics.jsonl") if r.get("split") != "eval"]
     assert sorted(replayed) == sorted(source) and trained == pytest.approx(replayed, rel=1e-6)
-    again = run_in_process(argv, capsys)
+    again = run_in_process(argv, capsys, monkeypatch)
     assert again.count("done earlier") == first.count("] runs/") == 4  # 2 frontier, β-DPO, its replay

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from plumbing.models import load_model, load_tokenizer
-from conftest import read_metrics, run_script
+from conftest import read_metrics, run_here, run_script
 
 SPECIAL = ["<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>", "<|im_end|>", "<|im_start|>"]
 CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
@@ -184,12 +184,12 @@ def test_betadpo_trains_and_eval_generates(checkpoint, tmp_path):
     out = tmp_path / "run"
     tiny = ["--data.dataset", data, "--data.eval_size", 2, "--data.max_length", 48, "--data.max_prompt_length", 24,
             "--train.output_dir", out, "--train.batch_size", 2, "--train.grad_accum", 1, "--train.max_steps", 2, "--train.warmup_steps", 0]
-    run_script("betadpo.py", "--config", "configs/internlm2.yaml", "--model.name_or_path", path, *tiny)
+    run_here("betadpo.py", "--config", "configs/internlm2.yaml", "--model.name_or_path", path, *tiny)  # in this process
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
     assert json.loads((out / "final" / "config.json").read_text())["model_type"] == "llama"
-    result = run_script("eval.py", "--config", "configs/internlm2.yaml", "--model.name_or_path", path, *tiny,
-                        "--eval.num_prompts", 2, "--eval.samples_per_prompt", 2, "--eval.max_new_tokens", 4,
-                        "--eval.output_dir", tmp_path / "eval")
+    result = run_here("eval.py", "--config", "configs/internlm2.yaml", "--model.name_or_path", path, *tiny,
+                      "--eval.num_prompts", 2, "--eval.samples_per_prompt", 2, "--eval.max_new_tokens", 4,
+                      "--eval.output_dir", tmp_path / "eval")
     generations = [json.loads(line) for line in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
     assert len(generations) == 2 and all(isinstance(g["policy"], str) for g in generations), result.stdout
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from betadpo import pair_logps, sequence_logps
-from conftest import read_metrics, run_script
+from conftest import read_metrics, run_here, run_script
 from plumbing import fast_logps, lora
 from plumbing.fused_head import fused_head_applies
 from plumbing.config import ModelArgs
@@ -73,9 +73,10 @@ def test_adapters_off_reference_is_the_base_model_exactly_and_merging_folds_the_
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_model):
     """4 steps of β-DPO with LoRA, every mechanism on, float64 (test_fsdp.py's flags), merged final: the run the
-    resumed, DDP and FSDP2 runs below must reproduce."""
+    resumed, DDP and FSDP2 runs below must reproduce. In this process (conftest.run_here), as are the other
+    one-process runs of this file: the launches under test are DDP's and FSDP2's."""
     out = tmp_path_factory.mktemp("lora") / "one"
-    result = run_script("betadpo.py", *fsdp_flags(tiny_model, out, "--train.max_steps", 4, *LORA, "--model.lora_merge_final", "true"))
+    result = run_here("betadpo.py", *fsdp_flags(tiny_model, out, "--train.max_steps", 4, *LORA, "--model.lora_merge_final", "true"))
     return out, result
 
 
@@ -89,8 +90,8 @@ def test_lora_betadpo_resumes_exactly_and_saves_adapter_and_merged_model(tmp_pat
     full, first = lora_run
     assert "LoRA: " in first.stdout and "parameters trainable" in first.stdout
     resumed = tmp_path / "resumed"
-    run_script("betadpo.py", *fsdp_flags(tiny_model, resumed, "--train.max_steps", 2, *LORA, "--model.lora_merge_final", "true"))
-    second = run_script("betadpo.py", *fsdp_flags(tiny_model, resumed, "--train.max_steps", 4, *LORA, "--model.lora_merge_final", "true"))
+    run_here("betadpo.py", *fsdp_flags(tiny_model, resumed, "--train.max_steps", 2, *LORA, "--model.lora_merge_final", "true"))
+    second = run_here("betadpo.py", *fsdp_flags(tiny_model, resumed, "--train.max_steps", 4, *LORA, "--model.lora_merge_final", "true"))
     assert "resumed from" in second.stdout and "(step 2)" in second.stdout
     rows = read_metrics(full)
     assert rows[0]["rewards/margins"] == 0.0 != rows[-1]["rewards/margins"] and rows[-1]["sigma"] > 0  # B = 0 at the start
@@ -116,15 +117,15 @@ def test_eval_takes_an_adapter_and_compares_it_with_its_base_and_sft_trains_adap
     """sft.py with LoRA from the tiny model's directory writes an adapter; eval.py given it as eval.policy loads it
     on its base and, by default, uses that base as the reference (its adapter_config.json names it)."""
     sft = tmp_path / "sft"
-    result = run_script("sft.py", "--config", "configs/sort_sft.yaml", "--model.name_or_path", tiny_model, *LORA,
-                        "--data.num_sft", 64, "--data.eval_size", 4, "--train.batch_size", 16, "--train.max_steps", 2,
-                        "--train.lr", 1e-2, "--train.output_dir", sft)
+    result = run_here("sft.py", "--config", "configs/sort_sft.yaml", "--model.name_or_path", tiny_model, *LORA,
+                      "--data.num_sft", 64, "--data.eval_size", 4, "--train.batch_size", 16, "--train.max_steps", 2,
+                      "--train.lr", 1e-2, "--train.output_dir", sft)
     assert "held-out exact match" in result.stdout and (sft / "final" / "adapter_config.json").is_file()
     assert len(read_metrics(sft)) == 2
     report = tmp_path / "eval"
-    run_script("eval.py", "--model.name_or_path", "not-used-when-the-adapter-names-its-base", "--eval.policy", sft / "final",
-               "--data.eval_size", 4, "--eval.batch_size", 4, "--eval.num_prompts", 2, "--eval.samples_per_prompt", 2,
-               "--eval.max_new_tokens", 4, "--eval.output_dir", report)
+    run_here("eval.py", "--model.name_or_path", "not-used-when-the-adapter-names-its-base", "--eval.policy", sft / "final",
+             "--data.eval_size", 4, "--eval.batch_size", 4, "--eval.num_prompts", 2, "--eval.samples_per_prompt", 2,
+             "--eval.max_new_tokens", 4, "--eval.output_dir", report)
     out = json.loads((report / "eval.json").read_text())
     assert out["reference"] == str(tiny_model) and out["metrics"]["kl_seq"] > 0  # the base; the SFT adapters moved it
 

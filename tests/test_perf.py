@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from betadpo import BetaDPOState, Config, make_scale_optimizer, pair_logps, sequence_logps
-from conftest import read_metrics, run_script
+from conftest import read_metrics, run_main
 from plumbing.data import _epoch_order, collate_pairs, tokenize_pairs
 from plumbing.fast_logps import PACK_ROW_WIDTH, PACKED_MODEL_TYPES, logps_at, pack_layout, token_logps
 from plumbing.fast_logps import packs as _packs
@@ -298,26 +298,31 @@ def test_group_by_length_covers_every_pair_once_and_pads_less():
     assert padding(grouped) < 0.2 * padding(plain)
 
 
-def test_precomputed_reference_gives_the_live_losses(tmp_path, tiny_model):
+def test_precomputed_reference_gives_the_live_losses(tmp_path, tiny_model, capsys):
+    """Every run is `python betadpo.py` in this process (conftest.run_main): the precomputed reference is about what
+    is computed and cached, not how the script is launched."""
+    def betadpo(out, *extra) -> str:  # → the run's stdout
+        code, stdout, stderr = run_main("betadpo.py", *flags(tiny_model, out, *extra), capsys=capsys)
+        assert code == 0, stderr[-3000:]
+        return stdout
+
     cache = tmp_path / "cache"
     live, pre = tmp_path / "live", tmp_path / "pre"
-    run_script("betadpo.py", *flags(tiny_model, live, "--train.max_steps", 4))
-    result = run_script("betadpo.py", *flags(tiny_model, pre, "--train.max_steps", 4, "--train.precompute_ref", "true",
-                                             "--train.ref_cache_dir", cache))
-    assert "one pass over 256 train pairs" in result.stdout and len(list(cache.glob("*.pt"))) == 2
+    betadpo(live, "--train.max_steps", 4)
+    stdout = betadpo(pre, "--train.max_steps", 4, "--train.precompute_ref", "true", "--train.ref_cache_dir", cache)
+    assert "one pass over 256 train pairs" in stdout and len(list(cache.glob("*.pt"))) == 2
     for split, keys in (("train", ("loss", "beta", "kept", "M0", "sigma", "rewards/margins")), ("eval", ("loss", "rewards/margins"))):
         a_rows, b_rows = read_metrics(live, split), read_metrics(pre, split)
         assert len(a_rows) == len(b_rows) > 0
         for a, b in zip(a_rows, b_rows):
             for k in keys:
                 assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (split, a["step"], k)
-    again = run_script("betadpo.py", *flags(tiny_model, tmp_path / "again", "--train.max_steps", 1,
-                                            "--train.precompute_ref", "true", "--train.ref_cache_dir", cache))
-    assert "(cached)" in again.stdout
+    stdout = betadpo(tmp_path / "again", "--train.max_steps", 1, "--train.precompute_ref", "true", "--train.ref_cache_dir", cache)
+    assert "(cached)" in stdout
     # Above, the policy scored itself before step 1; a separately named reference is loaded and scored instead.
     separate = tmp_path / "separate"
-    run_script("betadpo.py", *flags(tiny_model, separate, "--train.max_steps", 2, "--train.precompute_ref", "true",
-                                    "--model.ref_name_or_path", f"{tiny_model}/", "--train.ref_cache_dir", tmp_path / "cache2"))
+    betadpo(separate, "--train.max_steps", 2, "--train.precompute_ref", "true", "--model.ref_name_or_path", f"{tiny_model}/",
+            "--train.ref_cache_dir", tmp_path / "cache2")
     for a, b in zip(read_metrics(live)[:2], read_metrics(separate)):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["M0"] == pytest.approx(b["M0"], rel=1e-5, abs=1e-7)
 

@@ -150,13 +150,13 @@ def test_heldout_numbers_by_hand():
 
 
 # ---- the pipeline ---------------------------------------------------------------------------------------------------
-def test_real_smoke(tmp_path, capsys):
+def test_real_smoke(tmp_path, capsys, monkeypatch):
     """`run.py real --smoke` on 8 + 8 real rows of each data set, a tiny model: split models, betadpo.py runs,
-    held-out scoring, the kept-pair log, the CSV; tables.md is exactly report(CSV). run.py's main runs in this
-    process (its betadpo.py runs are still launched, one process each)."""
+    held-out scoring, the kept-pair log, the CSV; tables.md is exactly report(CSV). run.py's main and its
+    betadpo.py runs run in this process (test_experiments.run_in_process)."""
     model = save_tiny_model(tmp_path / "tiny", hidden=32, layers=2)
     stdout = run_in_process(["real", "--smoke", "--out", str(tmp_path / "out"), "--real_model", str(model),
-                             "--real_top_layers", "1"], capsys)
+                             "--real_top_layers", "1"], capsys, monkeypatch)
     assert "[3/3] uf β-DPO seed 0" in stdout
     out = tmp_path / "out" / "real"
     rows = experiments.read_csv(out / "runs.csv")

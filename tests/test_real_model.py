@@ -253,3 +253,42 @@ def test_lora_betadpo_on_smollm2_trains_adapters_against_smollm2_itself(smollm2_
     assert adapter["base_model_name_or_path"] == str(base) and adapter["r"] == 16
     assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert not (out / "final" / "model.safetensors").exists()
+
+
+
+def test_each_logps_value_trains_smollm2_alike(smollm2_run, tmp_path, hh_file, monkeypatch):
+    """train.logps plain | fast | fused on SmolLM2-135M, 2 steps each (test_each_logps_value_trains_alike does 3 on
+    the built-in task): each takes its own path; fast gives plain's metrics and weights (1e-5), and so does fused at
+    step 1. From the session run's final/ (SmolLM2 after 2 steps, a plain checkpoint: the GGUF file is read once per
+    session), by betadpo.py's train_policy in this process; checkpoints are not written (not what is compared).
+
+    In float64. In fp32 the three agree at step 1 to rounding (log-prob sums: fast 5e-7, fused 8e-6 relative, its
+    kernel sums the 49,152-way softmax in tiles; grad norm 6e-6), but step 1's AdamW update, lr·g/(|g| + ε), is ±lr
+    for every element with |g| ≫ ε whatever its size, so rounding in the gradient moves whole updates: step 2's and
+    the held-out margins (differences of log-probs near 0) differed by up to 1e-4 relative, 2e-5 absolute. In
+    float64 fast equals plain to ~1e-14. fused's log-probs do too, its gradient only to 6e-8 relative (one batch;
+    the kernel alone, at SmolLM2's sizes, gives the plain gradient to 5e-15): transformers' Llama computes its
+    RMSNorms and attention softmax in fp32 even in a float64 model, so the head's gradient, summed over the
+    vocabulary in another order (tiles), rounds there to other fp32 values. AdamW's first update then differs by
+    1.3e-5; after step 1 fused is held to 1e-4."""
+    import betadpo
+    from test_betadpo_train import assert_close_rows, assert_same_weights, final_weights, paths_taken, train_in_process
+
+    monkeypatch.setattr(betadpo, "save_checkpoint", lambda *args, **kwargs: None)
+    base, taken, runs = smollm2_run[0] / "final", paths_taken(monkeypatch), {}
+    for logps in ("plain", "fast", "fused"):
+        taken.clear()
+        runs[logps] = train_in_process("--config", "configs/smollm2_hh.yaml", "--data.dataset", hh_file, *TINY_RUN,
+                                       "--model.name_or_path", base, "--model.dtype", "float64", "--train.logps", logps,
+                                       "--train.output_dir", tmp_path / logps)
+        assert set(taken) == {"plain": {"plain"}, "fast": {"fast"}, "fused": {"fast", "fused"}}[logps]
+    plain = {split: read_metrics(runs["plain"], split) for split in ("train", "eval")}
+    assert [r["step"] for r in plain["train"]] == [1, 2] and plain["train"][1]["rewards/margins"] != 0  # it moved
+    keys = plain["train"][0].keys() - {"step", "split", "pairs_per_s", "tokens_per_s"}
+    held_out = plain["eval"][0].keys() - {"step", "split"}
+    for logps, step_2 in (("fast", 1e-5), ("fused", 1e-4)):
+        train, evals = read_metrics(runs[logps]), read_metrics(runs[logps], "eval")
+        assert_close_rows(plain["train"][:1], train[:1], rel=1e-5, keys=keys)
+        assert_close_rows(plain["train"][1:], train[1:], rel=step_2, keys=keys)
+        assert_close_rows(plain["eval"], evals, rel=step_2, keys=held_out)
+        assert_same_weights(final_weights(runs["plain"]), final_weights(runs[logps]), rel=10 * step_2)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from plumbing.checkpoints import checkpoint_problem
 from plumbing.metrics import read_metrics as read_jsonl
-from conftest import ROOT, read_metrics, run_script
+from conftest import ROOT, read_metrics, run_here, run_script
 from test_betadpo_train import assert_close_rows, assert_same_weights, final_weights, flags
 
 SFT = ["--config", "configs/sort_sft.yaml", "--model.tiny_hidden_size", 32, "--data.num_sft", 512, "--data.eval_size", 4,
@@ -45,7 +45,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_mod
             else [*SFT, "--train.output_dir", out, "--train.lr", 1e20, "--train.max_steps", 10, "--train.save_every", 1])
     # (sft.py: lr 1e4 diverged to NaN on AVX2 kernels but to a saturated, finite network on AVX-512 ones; at 1e20 the
     # first update already overflows the next forward pass, on every kernel set)
-    result = run_script(script, *args, check=False)
+    result = run_here(script, *args, check=False)  # in this process (conftest.run_here): main_guard's exit code
     assert result.returncode == 3 and "Traceback" not in result.stderr
     message = last_line(result)
     step = len(strict_rows(out / "metrics.jsonl")) if script == "sft.py" else len(read_metrics(out))
@@ -62,7 +62,7 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_model)
     """Bytes flipped in the newest checkpoint's weights (same size: only the checksum can tell) and a torn last
     line in metrics.jsonl: the run resumes from the checkpoint before, and ends exactly where it ended before."""
     out = tmp_path / "run"
-    run_script("betadpo.py", *flags(tiny_model, out, "--train.max_steps", 4))
+    run_here("betadpo.py", *flags(tiny_model, out, "--train.max_steps", 4))  # both runs in this process: damage is on disk
     rows, weights = read_metrics(out), final_weights(out)
     shutil.rmtree(out / "final")
     damaged = out / "checkpoints" / "step-00000004" / "model.safetensors"
@@ -72,7 +72,7 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_model)
     torn = len((out / "metrics.jsonl").read_text().splitlines()) + 1
     with (out / "metrics.jsonl").open("a") as f:
         f.write('{"step": 5, "loss": 0.69')  # killed in the middle of a line
-    result = run_script("betadpo.py", *flags(tiny_model, out, "--train.max_steps", 4))
+    result = run_here("betadpo.py", *flags(tiny_model, out, "--train.max_steps", 4))
     assert (f"warning: checkpoint {out}/checkpoints/step-00000004 is damaged (model.safetensors does not match its "
             "checksum); renamed damaged-step-00000004, resuming from the one before") in result.stderr
     assert f"line {torn} is incomplete" in result.stderr and "resumed from" in result.stdout and "(step 2)" in result.stdout
@@ -84,7 +84,7 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_model)
 def test_sft_resume_is_exact_and_honours_optimizer_gradient_checkpointing_and_wandb(tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     common = [*SFT, "--train.optimizer", "rmsprop", "--train.lr", 1e-3, "--train.save_every", 2]
-    run_script("sft.py", *common, "--train.output_dir", full, "--train.max_steps", 4)
+    run_here("sft.py", *common, "--train.output_dir", full, "--train.max_steps", 4)  # in this process; wandb's runs launched
     run_script("sft.py", *common, "--train.output_dir", resumed, "--train.max_steps", 2, "--log.wandb", "true")
     # max_steps and gradient_checkpointing may change on resume; gradient checkpointing changes no number
     result = run_script("sft.py", *common, "--train.output_dir", resumed, "--train.max_steps", 4, "--log.wandb", "true",
@@ -132,14 +132,15 @@ def test_ctrl_c_then_sigkill_in_the_final_save_then_finished(tmp_path):
     assert not (out / "final" / "finished.json").exists()
     rows = read_jsonl(metrics)
     assert [r["step"] for r in rows] == list(range(1, total + 1))
-    # 3. the same command: resumes at the last step, writes final/, trains nothing
-    result = run_script("sft.py", *cmd[2:], "--train.max_steps", total)
+    # 3. the same command: resumes at the last step, writes final/, trains nothing (3 and 4 in this process: what
+    # they read is on disk)
+    result = run_here("sft.py", *cmd[2:], "--train.max_steps", total)
     assert f"(step {total})" in result.stdout and "model:" in result.stdout
     assert json.loads((out / "final" / "finished.json").read_text()) == {"step": total}
     assert read_jsonl(metrics) == rows and not (out / ".final-tmp").exists()
     # 4. finished: nothing to do, even without checkpoints; metrics untouched
     shutil.rmtree(out / "checkpoints")
-    result = run_script("sft.py", *cmd[2:], "--train.max_steps", total)
+    result = run_here("sft.py", *cmd[2:], "--train.max_steps", total)
     assert f"already finished {total} steps" in result.stdout and read_jsonl(metrics) == rows
 
 
@@ -197,7 +198,7 @@ def test_full_disk_in_a_checkpoint_then_the_rerun_resumes_exactly(tmp_path):
                         last_line(result)), last_line(result)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
     faulted = read_jsonl(out / "metrics.jsonl")  # steps 3 and 4 were logged before their checkpoint failed
-    result = run_script("sft.py", *args)
+    result = run_here("sft.py", *args)  # the rerun, in this process (conftest.run_here)
     assert f"resumed from {out}/checkpoints/step-00000002 (step 2)" in result.stdout
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in faulted] == [1, 2, 3, 4] and [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
@@ -255,7 +256,7 @@ def test_a_second_job_on_a_live_directory_is_refused_and_a_killed_jobs_lock_is_t
     try:
         while first.poll() is None and not (out / "metrics.jsonl").exists():
             time.sleep(0.05)
-        result = run_script("sft.py", *cmd[2:], check=False)
+        result = run_here("sft.py", *cmd[2:], check=False)  # the second job, in this process: refused before any work
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert re.fullmatch(rf"error: train\.output_dir: {re.escape(str(out))} is in use by another job \(host "
                             rf"{re.escape(socket.gethostname())}, pid {first.pid}, started .* UTC, last heartbeat less than a minute "

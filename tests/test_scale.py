@@ -9,7 +9,7 @@ import sys
 import torch
 
 from betadpo import BetaDPOState, LossArgs, filter_log_weights, filter_mask
-from conftest import ROOT, _free_port, run_command
+from conftest import ROOT, _free_port, run_command, run_here
 
 TINY = ["--config", "configs/sort.yaml", "--data.num_train", 32, "--data.eval_size", 4, "--eval.batch_size", 2,
         "--train.batch_size", 8, "--train.max_steps", 1, "--train.warmup_steps", 0]
@@ -42,10 +42,7 @@ def test_a_reference_cache_only_rank0_sees_is_used_by_every_process(tmp_path, ti
     rank 1, and rank 1's cache directory stays empty."""
     args = [*TINY, "--model.name_or_path", tiny_model, "--train.precompute_ref", "true"]
     cache, empty = tmp_path / "cache", tmp_path / "empty"
-    first = subprocess.run([sys.executable, "betadpo.py", *map(str, args), "--train.output_dir", tmp_path / "one",
-                            "--train.ref_cache_dir", cache], cwd=ROOT, capture_output=True, text=True, timeout=240,
-                           env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
-    assert first.returncode == 0, first.stderr[-3000:]
+    run_here("betadpo.py", *args, "--train.output_dir", tmp_path / "one", "--train.ref_cache_dir", cache)  # in this process
     assert len(list(cache.glob("*.pt"))) == 2  # train and eval
     result = skewed_launch("--train.ref_cache_dir", cache, empty, *args, "--train.output_dir", tmp_path / "two")
     assert result.returncode == 0, result.stderr[-3000:]

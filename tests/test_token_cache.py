@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import read_jsonl, run_script
+from conftest import read_jsonl, run_here
 from plumbing import data, sort_task, token_cache
 from plumbing.config import DataArgs
 from plumbing.errors import UserError
@@ -159,17 +159,18 @@ def test_a_cache_that_cannot_be_written_stops_with_one_line(tmp_path, monkeypatc
 
 def test_a_run_resumes_exactly_from_cached_data(tmp_path, tiny_model):
     """betadpo.py on a file: 4 steps at once, against 2 steps then a resume to 4 that reads the cache the first
-    launch wrote (not rebuilt); inputs.json pins the lists' token hash."""
+    launch wrote (not rebuilt); inputs.json pins the lists' token hash. Each run is betadpo.py in this process
+    (conftest.run_here): the cache is read from disk either way (its entry's meta.json is not rewritten)."""
     path = write_rows(tmp_path / "pairs.jsonl", ROWS * 2)
     cache = tmp_path / "cache"
     args = ["--model.name_or_path", tiny_model, "--data.dataset", path, "--data.eval_size", 8, "--data.max_length", 24,
             "--data.max_prompt_length", 12, "--data.cache_dir", cache, "--train.batch_size", 8, "--train.lr", 1e-2,
             "--train.warmup_steps", 1, "--train.save_every", 2, "--train.eval_every", 0, "--loss.alpha", 0.6]
-    run_script("betadpo.py", *args, "--train.output_dir", tmp_path / "full", "--train.max_steps", 4)
+    run_here("betadpo.py", *args, "--train.output_dir", tmp_path / "full", "--train.max_steps", 4)
     (entry,) = [p for p in cache.iterdir()]
     stamp = (entry / "meta.json").stat().st_mtime_ns
-    run_script("betadpo.py", *args, "--train.output_dir", tmp_path / "resumed", "--train.max_steps", 2)
-    resumed = run_script("betadpo.py", *args, "--train.output_dir", tmp_path / "resumed", "--train.max_steps", 4)
+    run_here("betadpo.py", *args, "--train.output_dir", tmp_path / "resumed", "--train.max_steps", 2)
+    resumed = run_here("betadpo.py", *args, "--train.output_dir", tmp_path / "resumed", "--train.max_steps", 4)
     assert "resumed from" in resumed.stdout and (entry / "meta.json").stat().st_mtime_ns == stamp
     def logged(run):  # every training step's metrics but the timings (the 2-step launch also evaluated at its end)
         rows = read_jsonl(run / "metrics.jsonl")

@@ -170,7 +170,7 @@ def stored_table(a, workdir: Path) -> list[str]:
         params = {p.untyped_storage().data_ptr() for p in policy.parameters()}
         where, stored = [], {}
         hooks = [m.register_forward_pre_hook(lambda m, args, n=n: where.append(n)) for n, m in policy.named_modules()]
-        hooks += [m.register_forward_hook(lambda m, args, out: where.pop() and None) for m in policy.modules()]  # None: output kept
+        hooks += [m.register_forward_hook(lambda m, args, out: [where.pop(), None][1]) for m in policy.modules()]  # None: output kept
 
         def pack(t):
             ptr = t.untyped_storage().data_ptr()

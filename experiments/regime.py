@@ -75,6 +75,9 @@ ARMS = {
     "SGD: DPO β₀ 0.1": (dpo(0.1), False, "sgd"),
     "SGD: DPO β₀ 1": (dpo(1.0), False, "sgd"),
 }
+# Arms scored on every held-out pair at their last point (the primary endpoint and its frontier); the others on the
+# first PATH_PAIRS only: a scoring pass of 1,000 pairs costs as much as a run's training here (docs/RESULTS.md, Time).
+PRIMARY_ARMS = {"β-DPO", *(f"DPO β₀ {b:g}" for b in FRONTIER_BETAS)}
 # (arms, seeds) in the order they run: the primary comparison first, so that a run cut short still has it
 PLAN = [
     (["β-DPO", "DPO β₀ 0.1", "DPO β₀ 0.3"], range(8)),
@@ -84,7 +87,7 @@ PLAN = [
     (["filter only (α 0)", "dynamic β only (ρ 0)", "uniform drop", "β(x), ppl-scaled"], range(3)),
 ]
 # The pilot: (setting name, lr, steps, path points) × DPO at β₀ 0.03, 0.1, 1 (and the plan's β-DPO at the last)
-PILOT = [("lr 3e-4, 32 steps", 3e-4, 32, (32,)), ("lr 1e-3, 32 steps", 1e-3, 32, (32,))]  # the end point only
+PILOT = [("lr 3e-4, 16 steps", 3e-4, 16, (16,)), ("lr 1e-3, 16 steps", 1e-3, 16, (16,))]  # the end point only
 SMOKE = {"sizes": {"hh": (16, 8)}, "kl_pairs": 4, "setup": {"lr": 1e-3, "steps": 4, "path": (2, 4), "path_pairs": 4}, "threads": 1,
          "plan": [(["DPO β₀ 0.1", "flip: β-DPO"], range(1))]}
 
@@ -164,9 +167,10 @@ def train(out: Path, name: str, seed: int, files: dict, split: Path, setup: dict
 
 
 # ---- evaluation along the path --------------------------------------------------------------------------------
-def evaluate_path(run: Path, reference, pairs, pad_id: int, kl_pairs: int, ref_sums: list, path: tuple, path_pairs: int) -> Path:
+def evaluate_path(run: Path, reference, pairs, pad_id: int, kl_pairs: int, ref_sums: list, path: tuple, path_pairs: int,
+                  last_pairs: int) -> Path:
     """path.jsonl: per path point, the scored held-out pairs (real.score_heldout's rows, one list per point): the
-    first path_pairs at the earlier points, all at the last (a scoring pass costs ~1 s per 25 pairs here)."""
+    first path_pairs at the earlier points, the first last_pairs at the last (scoring costs ~0.1 s a pair here)."""
     from safetensors.torch import load_file
 
     from plumbing.models import load_model
@@ -181,7 +185,7 @@ def evaluate_path(run: Path, reference, pairs, pad_id: int, kl_pairs: int, ref_s
         missing, unexpected = policy.load_state_dict(weights, strict=False)
         if unexpected or any("lm_head" not in k for k in missing):  # the LM head is tied to the embedding
             raise RuntimeError(f"{run}: step {step}'s weights do not fit the model ({missing}, {unexpected})")
-        n = len(pairs) if step == path[-1] else min(path_pairs, len(pairs))  # the last point: every held-out pair
+        n = last_pairs if step == path[-1] else path_pairs  # the last point: every held-out pair (primary arms)
         scored = real.score_heldout(policy, reference, pairs[:n], pad_id, kl_pairs, ref_sums[:n])
         lines.append(json.dumps({"step": step, "pairs": scored}))
     tmp = out.with_suffix(".tmp")
@@ -221,7 +225,8 @@ def run_all(out: Path, todo: list, data: dict, split: Path, setup: dict, kl_pair
         d = train(out, name, seed, data["files"], split, setup, env, commit)
         if refs is None:
             refs = references(split, data["files"]["heldout"])
-        evaluate_path(d, *refs[:3], kl_pairs, refs[3], setup["path"], setup["path_pairs"])
+        last = setup.get("last_pairs") or (len(refs[1]) if name in PRIMARY_ARMS else setup["path_pairs"])
+        evaluate_path(d, *refs[:3], kl_pairs, refs[3], setup["path"], min(setup["path_pairs"], last), last)
         print(f"[{label} {k}/{len(todo)}] {name} seed {seed}: {time.perf_counter() - started:.0f} s "
               f"({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
 
@@ -249,7 +254,7 @@ def pilot(out: Path, kernel_env: dict, commit, model_name: str = MODEL, top_laye
     rows, passed = [], None
     for setting, lr, steps, path in PILOT:
         d = out / "pilot" / setting.replace(" ", "_").replace(",", "")
-        setup = {"lr": lr, "steps": steps, "path": path, "path_pairs": PATH_PAIRS}
+        setup = {"lr": lr, "steps": steps, "path": path, "path_pairs": PATH_PAIRS, "last_pairs": PATH_PAIRS}  # the gate: 250 pairs
         todo = [(f"DPO β₀ {b:g}", 0) for b in (0.03, 0.1, 1.0)]
         run_all(d, todo, data, split, setup, KL_PAIRS, env, commit, f"pilot {setting}")
         mine = [{**r, "setting": setting} for r in regime_report.csv_rows(d, todo, data, run_dir, setup)]
@@ -259,6 +264,6 @@ def pilot(out: Path, kernel_env: dict, commit, model_name: str = MODEL, top_laye
     if passed is not None:
         d, setup, setting = passed
         todo = [("β-DPO", 0), ("β-DPO", 1), ("DPO β₀ 0.1", 1)]
-        run_all(d, todo, data, split, setup, KL_PAIRS, env, commit, f"pilot {setting} seeds")
+        run_all(d, todo, data, split, {**setup, "last_pairs": None}, KL_PAIRS, env, commit, f"pilot {setting} seeds")
         rows += [{**r, "setting": setting} for r in regime_report.csv_rows(d, todo, data, run_dir, setup)]
     return rows

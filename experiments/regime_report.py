@@ -75,10 +75,6 @@ def filter_record(run: Path, flipped: set) -> dict:
 def csv_rows(out: Path, todo: list, data: dict, run_dir, setup: dict) -> list[dict]:
     """One row per (arm, seed): its settings, training summaries, and per path point its held-out numbers."""
     rows = []
-    heldout = [json.loads(line)["pairs"] for line in (run_dir(out, *todo[0]) / "path.jsonl").read_text().splitlines()][0]
-    n = len(heldout)
-    longer = sum(s["len_chosen"] > s["len_rejected"] for s in heldout) / n
-    shorter = sum(s["len_chosen"] < s["len_rejected"] for s in heldout) / n
     flipped = set(data["flipped"])
     for name, seed in todo:
         d = run_dir(out, name, seed)
@@ -88,13 +84,15 @@ def csv_rows(out: Path, todo: list, data: dict, run_dir, setup: dict) -> list[di
         row = {"dataset": "hh", "arm": name, "seed": seed, "optimizer": saved["train"]["optimizer"],
                "flip": len(flipped) / len(data["train"]) if is_flip else 0.0, "commit": (d / "commit.txt").read_text().strip(),
                "beta0": saved["loss"]["beta"], "alpha": saved["loss"]["alpha"], "rho": saved["loss"]["filter_ratio"],
-               "filter": saved["loss"]["filter"], "lr": saved["train"]["lr"], "steps": train[-1]["step"], "pairs": n,
-               "longer_wins": longer, "shorter_wins": shorter,
+               "filter": saved["loss"]["filter"], "lr": saved["train"]["lr"], "steps": train[-1]["step"],
                "beta_mean_train": sum(r["beta"] for r in train) / len(train),
                "kept_rate": sum(r["kept"] for r in train) / sum(r["pairs"] for r in train),
                **(filter_record(d, flipped) if is_flip else {})}
-        for i, line in enumerate((d / "path.jsonl").read_text().splitlines(), 1):
-            point = json.loads(line)
+        path = [json.loads(line) for line in (d / "path.jsonl").read_text().splitlines()]
+        last = path[-1]["pairs"]  # the held-out pairs scored at the last point: the length heuristics on the same pairs
+        row.update(pairs=len(last), longer_wins=sum(s["len_chosen"] > s["len_rejected"] for s in last) / len(last),
+                   shorter_wins=sum(s["len_chosen"] < s["len_rejected"] for s in last) / len(last))
+        for i, point in enumerate(path, 1):
             row[f"step_{i}"] = point["step"]
             row.update({f"{k}_{i}": v for k, v in point_numbers(point["pairs"], row["beta0"]).items()})
         rows.append(row)
@@ -134,7 +132,7 @@ def pair_matrix(rows: list[dict], key: str):
     beyond a point's scored pairs, and which pairs each point scored (the first n_p)."""
     import numpy as np
 
-    n = int(rows[0]["pairs"])
+    n = max(int(r["pairs"]) for r in rows)
     scored = [int(r[f"n_{p}"]) for r in rows for p in points(r)]
     bits = np.array([unpack(r[f"bits_{key}_{p}"], int(r[f"n_{p}"])) + [False] * (n - int(r[f"n_{p}"])) for r in rows for p in points(r)],
                     dtype=np.float64)
@@ -192,7 +190,7 @@ def endpoint(rows: list[dict], name: str, key: str, seed: int = 0) -> dict:
         if not math.isnan(d):
             per_seed.append(d)
     t_mean, t_half, t_p = stats.t_test(per_seed) if len(per_seed) > 1 else (math.nan, math.nan, math.nan)
-    out = {"delta": est, "defined": len(finite) / N_BOOT, "n": n_seeds, "pairs": int(rows[0]["pairs"]),
+    out = {"delta": est, "defined": len(finite) / N_BOOT, "n": n_seeds, "pairs": int(arms[name][0]["pairs"]),
            "t_mean": t_mean, "t_half": t_half, "t_p": t_p, "t_n": len(per_seed), "lo": math.nan, "hi": math.nan, "sd": math.nan, "p": math.nan}
     if len(finite) >= 0.95 * N_BOOT:  # else the arm's KL lies outside every DPO path too often to say
         mean = sum(finite) / len(finite)

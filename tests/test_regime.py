@@ -88,10 +88,12 @@ def test_regime_smoke(tmp_path, capsys):
     assert [(r["arm"], r["flip"], r["optimizer"]) for r in rows] == [("DPO β₀ 0.1", 0.0, "adamw"), ("flip: β-DPO", 0.3125, "adamw")]
     assert f"[regime 2/2] flip: β-DPO seed 0" in stdout
     assert (out / "tables.md").read_text() == regime_report.report(rows)
-    assert [(r["step_1"], r["n_1"], r["step_2"], r["n_2"]) for r in rows] == [(2, 4, 4, 8)] * 2  # path_pairs 4, then all 8
+    # path_pairs 4, then all 8 for the frontier's arm (PRIMARY_ARMS), 4 again for the others
+    assert [(r["step_1"], r["n_1"], r["step_2"], r["n_2"]) for r in rows] == [(2, 4, 4, 8), (2, 4, 4, 4)]
     flip = rows[1]
-    assert flip["flip_dropped"] + flip["flip_kept"] + flip["clean_dropped"] + flip["clean_kept"] == 4 * 4  # 4 steps of 4
-    assert flip["flip_dropped"] + flip["clean_dropped"] == 4  # ⌊4·0.8⌋ = 3 kept of each batch of 4
+    assert flip["flip_dropped"] + flip["flip_kept"] + flip["clean_dropped"] + flip["clean_kept"] == 4 * 16  # 4 steps of 16
+    assert flip["flip_dropped"] + flip["clean_dropped"] == 4 * 4  # ⌊16·0.8⌋ = 12 kept of each batch of 16
+    assert flip["flip_dropped"] + flip["flip_kept"] == 4 * 5  # every step sees all 16 pairs, 5 of them flipped
     lines = (out / "hh" / "train_flipped.jsonl").read_text().splitlines()
     clean = (out / "hh" / "train.jsonl").read_text().splitlines()
     swapped = [i for i, (a, b) in enumerate(zip(lines, clean)) if a != b]

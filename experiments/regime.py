@@ -78,13 +78,15 @@ ARMS = {
 # Arms scored on every held-out pair at their last point (the primary endpoint and its frontier); the others on the
 # first PATH_PAIRS only: a scoring pass of 1,000 pairs costs as much as a run's training here (docs/RESULTS.md, Time).
 PRIMARY_ARMS = {"β-DPO", *(f"DPO β₀ {b:g}" for b in FRONTIER_BETAS)}
-# (arms, seeds) in the order they run: the primary comparison first, so that a run cut short still has it
+# (arms, seeds) in the order they run: the primary comparison first, so that a run cut short still has it. Seeds
+# 0 and 1 of β-DPO and DPO β₀ 0.1, and seed 0 of DPO β₀ 0.03 and 1, are the pilot's runs (adopt_pilot_runs).
+# Fewer seeds than the 8 the issue asks for: on the shared 2-core machine a run with its 1,000-pair scoring takes
+# ~6 min, and the study had ~55 min (docs/RESULTS.md, "Regime", departures).
 PLAN = [
-    (["β-DPO", "DPO β₀ 0.1", "DPO β₀ 0.3"], range(8)),
-    (["DPO β₀ 0.03", "DPO β₀ 1"], range(4)),
-    (["flip: β-DPO", "flip: DPO β₀ 0.1"], range(4)),
-    (["SGD: DPO β₀ 0.1", "SGD: DPO β₀ 1"], range(3)),
-    (["filter only (α 0)", "dynamic β only (ρ 0)", "uniform drop", "β(x), ppl-scaled"], range(3)),
+    (["β-DPO", "DPO β₀ 0.1"], range(3)),
+    (["DPO β₀ 0.03", "DPO β₀ 1", "DPO β₀ 0.3"], range(1)),
+    (["flip: β-DPO", "flip: DPO β₀ 0.1"], range(1)),
+    (["SGD: DPO β₀ 0.1", "SGD: DPO β₀ 1"], range(1)),
 ]
 # The pilot: (setting name, lr, steps, path points) × DPO at β₀ 0.03, 0.1, 1 (and the plan's β-DPO at the last)
 PILOT = [("lr 3e-4, 16 steps", 3e-4, 16, (16,)), ("lr 1e-3, 16 steps", 1e-3, 16, (16,))]  # the end point only
@@ -213,8 +215,35 @@ def references(split: Path, heldout_file: Path):
     tok = load_tokenizer(str(split))
     reference = load_model(str(split), trust_remote_code=True).eval()
     pairs = real.tokenized(tok, heldout_file)
-    _REFERENCES[split] = reference, pairs, tok.pad_token_id, real.reference_sums(reference, pairs, tok.pad_token_id)
+    cache = split.parent / "reference_sums.json"  # kept across processes (pilot, study): ~4 min of scoring
+    key = real_data.sha256(heldout_file) + "-" + real_data.sha256(split / "model.safetensors")
+    saved = json.loads(cache.read_text()) if cache.exists() else {}
+    if saved.get("key") != key:
+        saved = {"key": key, "sums": real.reference_sums(reference, pairs, tok.pad_token_id)}
+        cache.write_text(json.dumps(saved))
+    _REFERENCES[split] = reference, pairs, tok.pad_token_id, [tuple(x) for x in saved["sums"]]
     return _REFERENCES[split]
+
+
+def adopt_pilot_runs(out: Path, todo: list, setup: dict, n_heldout: int):
+    """The pilot's finished runs at the study's setting are the study's runs of the same arm and seed (same code,
+    data, setting and seed: betadpo.py would train them again bit for bit): hard-linked into the study's directory,
+    with pilot.txt naming their origin (the CSV's `pilot` column). A run whose last point scored fewer held-out pairs
+    than the study scores for it (the gate's 250) keeps its weights and is scored again."""
+    import shutil
+
+    pilot_dir = out / "pilot" / setup["pilot"].replace(" ", "_").replace(",", "")
+    for name, seed in todo:
+        src, dst = run_dir(pilot_dir, name, seed), run_dir(out, name, seed)
+        if dst.exists() or not (src / "final" / "finished.json").exists():
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(src, dst, copy_function=os.link)
+        (dst / "pilot.txt").write_text(f"{src}\n")
+        last = n_heldout if name in PRIMARY_ARMS else setup["path_pairs"]
+        path = dst / "path.jsonl"
+        if path.exists() and len(json.loads(path.read_text().splitlines()[-1])["pairs"]) != last:
+            path.unlink()
 
 
 def run_all(out: Path, todo: list, data: dict, split: Path, setup: dict, kl_pairs: int, env: dict, commit, label: str):
@@ -242,6 +271,8 @@ def main(out: Path, smoke: bool, kernel_env: dict, commit, model_name: str = MOD
     out.mkdir(parents=True, exist_ok=True)
     data, split = build(out, sizes, model_name, top_layers)
     todo = [(name, s) for names, seeds in plan for s in seeds for name in names]
+    if setup.get("pilot"):
+        adopt_pilot_runs(out, todo, setup, len(data["heldout"]))
     run_all(out, todo, data, split, setup, kl_pairs, env, commit, "regime")
     return regime_report.csv_rows(out, todo, data, run_dir, setup)
 

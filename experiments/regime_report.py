@@ -11,12 +11,13 @@ Definitions (fixed before the full run; docs/RESULTS.md, "Regime: preregistered"
   path          the run at each path point (steps): KL and accuracies there; the points before the last score the
                 first PATH_PAIRS held-out pairs (experiments/regime.py), the last all of them
   envelope      E(k): each DPO arm's path (its seeds' mean KL and accuracy at each point, joined by straight lines in
-                KL) read at KL k; the highest of the arms whose path spans k; undefined where none does
+                KL) read at KL k; the highest of the arms whose path spans k; undefined where none does. Paths of
+                one point (the study as run): one line through the DPO arms' points, in order of KL
   endpoint      Δ = acc(β-DPO at its last point) − E(its KL). Intervals: (1) a hierarchical bootstrap, 2,000 draws,
                 each resampling seeds (one draw u₁..u_n of the n seeds of the arm compared; an arm with m seeds
                 takes seed u mod m, so equal seeds stay paired) and then held-out pairs (one multinomial draw for all
                 runs: the same pairs); KL is not resampled over pairs; (2) a Student t interval over seeds of the
-                per-seed Δ_s = acc_s − E_s(KL_s), E_s from the DPO runs of seed s alone
+                per-seed Δ_s = acc_s − E_s(KL_s), E_s from the DPO runs of seed s (an arm with m seeds: s mod m)
   MDE           2.8 × the bootstrap SD (80% power, two-sided 5%)
 """
 
@@ -85,6 +86,7 @@ def csv_rows(out: Path, todo: list, data: dict, run_dir, setup: dict) -> list[di
                "flip": len(flipped) / len(data["train"]) if is_flip else 0.0, "commit": (d / "commit.txt").read_text().strip(),
                "beta0": saved["loss"]["beta"], "alpha": saved["loss"]["alpha"], "rho": saved["loss"]["filter_ratio"],
                "filter": saved["loss"]["filter"], "lr": saved["train"]["lr"], "steps": train[-1]["step"],
+               "pilot": int((d / "pilot.txt").exists()),  # trained by the pilot (regime.adopt_pilot_runs)
                "beta_mean_train": sum(r["beta"] for r in train) / len(train),
                "kept_rate": sum(r["kept"] for r in train) / sum(r["pairs"] for r in train),
                **(filter_record(d, flipped) if is_flip else {})}
@@ -161,6 +163,8 @@ def delta(arms: dict, name: str, key: str, draw: list[int], acc: dict | None) ->
     """acc(arm at its last point) − E(its KL), each arm's seeds taken as draw's u mod (its number of seeds)."""
     pick = lambda runs: [runs[u % len(runs)] for u in draw]  # noqa: E731
     curves = [arm_curve(pick(runs), key, acc) for runs in arms.values() if is_frontier(runs[0])]
+    if all(len(c) == 1 for c in curves):  # paths of one point (the end): one curve through the DPO arms' ends
+        curves = [[c[0] for c in curves]]
     kl, a = arm_curve(pick(arms[name]), key, acc)[-1]
     return a - envelope(curves, kl)
 
@@ -183,10 +187,8 @@ def endpoint(rows: list[dict], name: str, key: str, seed: int = 0) -> dict:
     finite = sorted(d for d in draws if not math.isnan(d))
     est = delta(arms, name, key, list(range(n_seeds)), None)
     per_seed = []
-    for s in (r["seed"] for r in arms[name]):  # the t interval: Δ_s from seed s's runs alone
-        same = {a: [r for r in runs if r["seed"] == s] for a, runs in arms.items()}
-        same = {a: runs for a, runs in same.items() if runs}
-        d = delta(same, name, key, [0], None)
+    for i in range(n_seeds):  # the t interval: Δ_s from the i-th seed's runs (an arm with m seeds: its (i mod m)-th)
+        d = delta(arms, name, key, [i], None)
         if not math.isnan(d):
             per_seed.append(d)
     t_mean, t_half, t_p = stats.t_test(per_seed) if len(per_seed) > 1 else (math.nan, math.nan, math.nan)
@@ -209,7 +211,9 @@ def paired(rows: list[dict], a: str, b: str, key: str, point: int | None = None)
         if r["seed"] in other:
             p = point or points(r)[-1]
             diffs.append(r[f"{key}_{p}"] - other[r["seed"]][f"{key}_{p}"])
-    return (*stats.t_test(diffs), len(diffs)) if len(diffs) > 1 else (math.nan, math.nan, math.nan, len(diffs))
+    if len(diffs) == 1:  # one seed: the difference, no interval
+        return diffs[0], math.nan, math.nan, 1
+    return (*stats.t_test(diffs), len(diffs)) if diffs else (math.nan, math.nan, math.nan, 0)
 
 
 def wilson(k: int, n: int) -> tuple[float, float]:
@@ -359,9 +363,9 @@ def report(rows: list[dict]) -> str:
              endpoint_table(main, [n for n in PRIMARY if n in arms])]
     components = [n for n in COMPONENTS if n in arms and len(arms[n]) > 1]
     if components:
-        parts += ["\n## Components and controls − the DPO envelope at their KL (secondary)\n\n", endpoint_table(main, components),
-                  "\n## Paired differences (secondary)\n\n",
-                  paired_table(rows, [("β-DPO", "DPO β₀ 0.1"), ("β-DPO", "DPO β₀ 0.3"), *((n, "β-DPO") for n in components)])]
+        parts += ["\n## Components and controls − the DPO envelope at their KL (secondary)\n\n", endpoint_table(main, components)]
+    parts += ["\n## Paired differences (secondary; ± 95% t over seeds, none with one seed)\n\n",
+              paired_table(rows, [("β-DPO", "DPO β₀ 0.1"), *((n, "β-DPO") for n in components)])]
     if "flip: β-DPO" in arms:
         parts += ["\n## Positive control: 30% of the training labels flipped\n\n",
                   paired_table(rows, [("flip: β-DPO", "flip: DPO β₀ 0.1"), ("flip: DPO β₀ 0.1", "DPO β₀ 0.1"), ("flip: β-DPO", "β-DPO")]),

@@ -12,9 +12,10 @@ The setup, the same for every run (SETUP; why, in docs/RESULTS.md):
     (experiments/lower_cache.py); embeddings / LM head frozen;
   - batch 16 (= β-DPO's calibration batch N), 2 warm-up steps, reference log-probs precomputed, training seeds
     (batch order, filter draws) 0, 1, ...; the learning rate, steps and optimizer of SETUP / an arm;
-  - evaluation along each run's path: the weights at PATH_POINTS steps are scored on the 1,000 held-out pairs
-    (summed log-probs under policy and reference: accuracy, length-normalised accuracy, |β₀·M|) and the
-    full-vocabulary KL(π‖π_ref) on the responses of the first KL_PAIRS of them (teacher-forced).
+  - evaluation at each path point (setup["path"], steps; the study as run: its end only): the weights there are
+    scored on held-out pairs (summed log-probs under policy and reference: accuracy, length-normalised accuracy,
+    |β₀·M|; the primary arms' last point: all 1,000 pairs, else the first PATH_PAIRS) and the full-vocabulary
+    KL(π‖π_ref) on the responses of the first KL_PAIRS of them (teacher-forced).
   - the positive control trains on the same 512 pairs with the labels of 30% swapped (FLIPS, a committed list).
 Each run is an ordinary `python betadpo.py` run; a finished run with its path.jsonl is skipped (resumable).
 """
@@ -27,9 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-import lower_cache
 import real
 import real_data
 import regime_report
@@ -42,9 +40,13 @@ PATH_PAIRS = 250  # held-out pairs scored at the path points before the last (th
 FLIPS = Path(__file__).resolve().parent / "data" / "regime_flips.json"  # training pairs whose labels are swapped
 FLIP_FRACTION = 0.3
 DATA_FLAGS = real.DATA_FLAGS
-# The regime's setting (chosen by the pilot, docs/RESULTS.md "Regime gate"): learning rate, steps, path points
-SETUP = {"lr": 3e-4, "steps": 64, "path": (16, 32, 64), "path_pairs": PATH_PAIRS}
-SGD_LR = 1.0  # SGD's learning rate (mechanism arms): chosen so that SGD at β₀ 1 moves about as far as Adam (pilot)
+# The regime's setting, chosen by the pilot (docs/RESULTS.md, "Regime gate"): the one setting that passed; the
+# study adopts the pilot's runs there. One path point (the end): see PATH_PAIRS and the departures.
+SETUP = {"lr": 1e-3, "steps": 16, "path": (16,), "path_pairs": PATH_PAIRS, "pilot": "lr 1e-3, 16 steps"}
+# SGD's learning rate (mechanism arms), fixed from the pilot before they ran: the gradient norm of DPO at β₀ 1 was
+# 21.5 at step 1 (lr 3e-4 pilot), and Adam's first steps move the 7.1M parameters by about lr·√7.1M = 2.7 at
+# lr 1e-3; 0.05 makes SGD at β₀ 1 step about 1.1 (no clipping), below Adam's, for stability; at β₀ 0.1 a tenth.
+SGD_LR = 0.05
 
 
 def train_flags(lr: float, steps: int, save_every: int) -> list[str]:
@@ -55,7 +57,9 @@ def train_flags(lr: float, steps: int, save_every: int) -> list[str]:
 
 DPO = {"loss.alpha": 0.0, "loss.filter_ratio": 0.0}
 BETA_DPO = {"loss.beta": 0.1, "loss.alpha": 0.6, "loss.filter_ratio": 0.2}  # the reference code's a and ρ
-FRONTIER_BETAS = (0.03, 0.1, 0.3, 1.0)
+# β₀ 0.01 rather than 0.3: in the pilot β-DPO's KL (22.4) lay at DPO β₀ 0.03's (22.4), the frontier's end, where
+# the envelope is undefined; a β₀ below it brackets β-DPO (lower β₀, larger KL)
+FRONTIER_BETAS = (0.01, 0.03, 0.1, 1.0)
 
 
 def dpo(beta: float) -> dict:
@@ -84,7 +88,7 @@ PRIMARY_ARMS = {"β-DPO", *(f"DPO β₀ {b:g}" for b in FRONTIER_BETAS)}
 # ~6 min, and the study had ~55 min (docs/RESULTS.md, "Regime", departures).
 PLAN = [
     (["β-DPO", "DPO β₀ 0.1"], range(3)),
-    (["DPO β₀ 0.03", "DPO β₀ 1", "DPO β₀ 0.3"], range(1)),
+    (["DPO β₀ 0.03", "DPO β₀ 1", "DPO β₀ 0.01"], range(1)),
     (["flip: β-DPO", "flip: DPO β₀ 0.1"], range(1)),
     (["SGD: DPO β₀ 0.1", "SGD: DPO β₀ 1"], range(1)),
 ]

@@ -365,7 +365,7 @@ def report(rows: list[dict]) -> str:
     if components:
         parts += ["\n## Components and controls − the DPO envelope at their KL (secondary)\n\n", endpoint_table(main, components)]
     parts += ["\n## Paired differences (secondary; ± 95% t over seeds, none with one seed)\n\n",
-              paired_table(rows, [("β-DPO", "DPO β₀ 0.1"), *((n, "β-DPO") for n in components)])]
+              paired_table(rows, [("β-DPO", "DPO β₀ 0.1"), ("β-DPO", "DPO β₀ 0.03"), *((n, "β-DPO") for n in components)])]
     if "flip: β-DPO" in arms:
         parts += ["\n## Positive control: 30% of the training labels flipped\n\n",
                   paired_table(rows, [("flip: β-DPO", "flip: DPO β₀ 0.1"), ("flip: DPO β₀ 0.1", "DPO β₀ 0.1"), ("flip: β-DPO", "β-DPO")]),

@@ -43,6 +43,8 @@ import yaml  # noqa: E402
 
 import real  # noqa: E402  the real-data study (experiments/real.py)
 import real_report  # noqa: E402
+import regime  # noqa: E402  the regime study (experiments/regime.py)
+import regime_report  # noqa: E402
 from stats import fmt, fmt_p, holm, mean_ci, t_test  # noqa: E402
 from plumbing import plots  # noqa: E402
 from plumbing.metrics import read_metrics  # noqa: E402
@@ -329,7 +331,7 @@ def write_csv(rows: list[dict], path: Path):
         writer.writerows(rows)
 
 
-TEXT_COLUMNS = ("study", "variant", "run", "commit", "dataset")
+TEXT_COLUMNS = ("study", "variant", "run", "commit", "dataset", "arm", "optimizer", "filter", "setting")
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -337,7 +339,7 @@ def read_csv(path: Path) -> list[dict]:
     def value(k, v):
         if k in ("sft_seed", "train_seed", "seed"):
             return int(v)
-        if k in TEXT_COLUMNS:  # a commit such as 3251958 is text, not a number
+        if k in TEXT_COLUMNS or k.startswith("bits_"):  # a commit such as 3251958 is text; so are per-pair bits (hex)
             return v
         try:
             return float(v) if v != "" else math.nan
@@ -598,9 +600,10 @@ def report(rows: list[dict]) -> str:
 # ========================================================================================================
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("studies", nargs="+", choices=["all", "report", "real", *ALL_STUDIES],
+    parser.add_argument("studies", nargs="+", choices=["all", "report", "real", "regime", *ALL_STUDIES],
                         help="which studies to run (all: the sort-task ones and realtext); real: the real-data study "
-                             "(experiments/real.py, alone); report: tables from --csv")
+                             "(experiments/real.py, alone); regime: the regime study (experiments/regime.py, alone); "
+                             "report: tables from --csv")
     parser.add_argument("--out", default="runs/experiments", help="runs, runs.csv, tables.md and figures go here")
     parser.add_argument("--csv", default="", help="report: the runs.csv to make tables.md from (default: --out's)")
     parser.add_argument("--jobs", type=int, default=2, help="sort-task runs in parallel (one thread each)")
@@ -612,6 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--real_plan", default="all", choices=["all", "primary"], help="real: every run, or the primary "
                         "endpoint and the UltraFeedback score-gap analysis only (experiments/real.py, PLANS)")
     parser.add_argument("--real_top_layers", type=int, default=real.TOP_LAYERS, help="real: blocks trained on top of the cached frozen ones")
+    parser.add_argument("--regime_pilot", action="store_true", help="regime: the pilot (regime gate) only: pilot.csv, pilot.md")
     parser.add_argument("--cpu_kernels", default="avx2", help="x86: torch's CPU kernel set for every run "
                         "(ATEN_CPU_CAPABILITY; 'default': torch picks the best the CPU has). See the note at CPU_KERNELS")
     return parser
@@ -622,7 +626,20 @@ def main(argv=None):
     out = (REPO / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     if args.studies == ["report"]:
         rows = read_csv(Path(args.csv) if args.csv else out / "runs.csv")
-        print(real_report.report(rows) if real.is_real(rows) else report(rows), end="")
+        print(regime_report.report(rows) if "arm" in rows[0] else real_report.report(rows) if real.is_real(rows) else report(rows), end="")
+        return
+    if "regime" in args.studies:  # the regime study: its own directory, CSV and tables
+        if args.studies != ["regime"]:
+            sys.exit("experiments: run `regime` on its own (it writes its own runs.csv)")
+        pin_cpu_kernels(args.cpu_kernels)
+        t0, out = time.perf_counter(), out / "regime"
+        name = "pilot" if args.regime_pilot else "runs"
+        rows = (regime.pilot(out, KERNEL_ENV, commit, args.real_model) if args.regime_pilot
+                else regime.main(out, args.smoke, KERNEL_ENV, commit, args.real_model))
+        write_csv(rows, out / f"{name}.csv")
+        text = regime_report.report(read_csv(out / f"{name}.csv"))  # through the CSV, exactly as `report` makes it
+        (out / ("pilot.md" if args.regime_pilot else "tables.md")).write_text(text)
+        print(f"\n{text}\n{out / f'{name}.csv'} ({(time.perf_counter() - t0) / 60:.1f} min)")
         return
     if "real" in args.studies:  # the real-data study: its own directory, CSV and tables
         if args.studies != ["real"]:

@@ -93,7 +93,8 @@ class TrainArgs:
     batch_size: int = 64  # pairs per optimizer step, over all processes and accumulation steps
     grad_accum: int = 1  # micro-batches per optimizer step; each is its own calibration batch
     lr: float = 5e-4  # peak learning rate
-    optimizer: Literal["adamw", "rmsprop"] = "adamw"  # the original DPO code uses RMSprop
+    # the original DPO code uses RMSprop; sgd (plain, no momentum) has no per-parameter normalisation (a control)
+    optimizer: Literal["adamw", "rmsprop", "sgd"] = "adamw"
     weight_decay: float = 0.0  # decoupled weight decay of the model's parameters (never of c)
     warmup_steps: int = 10  # linear warm-up, then constant (the reference code's schedule)
     max_grad_norm: float = 10.0  # gradient clipping of the model's parameters

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 GB = 1e9
 TILE_BYTES = 48 * 2**20  # plumbing/fused_head.py: one 2048 × 4096 tile of fp32 logits and one of bf16
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
-OPTIMIZER_STATES = {"adamw": 2, "rmsprop": 1}
+OPTIMIZER_STATES = {"adamw": 2, "rmsprop": 1, "sgd": 0}  # fp32 tensors per parameter (sgd: no momentum)
 
 # Models whose configs a guard must know without the Hub: hub id → their config.json's shape (hidden, layers,
 # heads, KV heads, MLP, vocabulary). InternLM2.5 (internlm/internlm2_5-*-chat, untied LM head), as the 7B and

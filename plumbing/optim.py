@@ -20,6 +20,8 @@ def make_optimizer(train_cfg: TrainArgs, params, device, lr: float | None = None
     lr = train_cfg.lr if lr is None else lr
     if train_cfg.optimizer == "rmsprop":  # the original DPO code's optimizer
         return torch.optim.RMSprop([group], lr=lr)
+    if train_cfg.optimizer == "sgd":  # θ ← θ − lr·g: a step ∝ the gradient, so ∝ β where |β·M| is small (Adam's is not)
+        return torch.optim.SGD([group], lr=lr)
     return torch.optim.AdamW([group], lr=lr, fused=torch.device(device).type in ("cpu", "cuda"))
 
 

@@ -8,7 +8,7 @@ lower L−k blocks, for every token sequence the model will be asked to score (k
 
 How betadpo.py loads it without knowing of it: through transformers' own mechanism for a model class it does not
 ship. `make_split` copies this file into the directory and names the class in the config's `auto_map`, so
-`model.trust_remote_code: true` (experiments/real.py passes it) makes `AutoModelForCausalLM` import it from there;
+`model.trust_remote_code: true` (BETADPO_FLAGS below) makes `AutoModelForCausalLM` import it from there;
 `save_pretrained` (final/, checkpoints) copies it on. plumbing/ stays free of study code, and the study's models
 are ordinary model directories.
 
@@ -22,7 +22,9 @@ makes a run's step ~3× cheaper. The embedding matrix (tied to the LM head in Sm
 gradient would cost as much as the top blocks' and move every token's input representation.
 
 What it cannot do: score a sequence that is not in the cache (so no sampling: the study measures KL on held-out
-responses), or run the lower blocks (they are not in the directory).
+responses), or run the lower blocks (they are not in the directory). Nor a pair as one prefix-shared sequence
+(train.prefix_sharing): its rejected branch is not a sequence of the cache, so the studies train with it off
+(BETADPO_FLAGS); the numbers are the same up to rounding (tests/test_prefix_sharing.py).
 """
 
 import json
@@ -34,6 +36,8 @@ from transformers import LlamaForCausalLM
 
 from plumbing.errors import UserError
 
+# betadpo.py's flags for a split model: its class comes from the directory; each response in its own row.
+BETADPO_FLAGS = ["--model.trust_remote_code", "true", "--train.prefix_sharing", "false"]
 CLASS = "LowerCachedLlama"  # the class a split directory's config names (auto_map, architectures)
 
 

@@ -133,7 +133,7 @@ def train(out: Path, dataset: str, overrides: dict, seed: int, files: dict, spli
         random.Random(f"replay-{dataset}-{seed}").shuffle(source)
         (d / "beta_sequence.json").write_text(json.dumps(source))
         replay = ["--loss.beta_sequence", str(d / "beta_sequence.json")]
-    run([sys.executable, "betadpo.py", "--model.name_or_path", str(split), "--model.trust_remote_code", "true",  # lower_cache.py
+    run([sys.executable, "betadpo.py", "--model.name_or_path", str(split), *lower_cache.BETADPO_FLAGS,
          "--data.dataset", str(files["train"]), *DATA_FLAGS,
          *TRAIN_FLAGS, *extra, "--train.seed", str(seed), "--train.output_dir", str(d), "--train.ref_cache_dir", str(out / "ref_cache"),
          *flags(overrides), *replay], d / "train.log", threads=threads)

@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import lower_cache
 import real
 import real_data
 import regime_report
@@ -165,7 +166,7 @@ def train(out: Path, name: str, seed: int, files: dict, split: Path, setup: dict
     path = setup["path"]
     save_every = path[0] if all(p % path[0] == 0 for p in path) else 1
     extra = ["--train.optimizer", optimizer] + (["--train.max_grad_norm", "0"] if optimizer == "sgd" else [])
-    launch([sys.executable, "betadpo.py", "--model.name_or_path", str(split), "--model.trust_remote_code", "true",
+    launch([sys.executable, "betadpo.py", "--model.name_or_path", str(split), *lower_cache.BETADPO_FLAGS,
             "--data.dataset", str(files["train_flipped" if flip else "train"]), *DATA_FLAGS,
             *train_flags(lr, setup["steps"], save_every), *extra, "--train.seed", str(seed), "--train.output_dir", str(d),
             "--train.ref_cache_dir", str(split.parent / "ref_cache"), *real.flags(overrides)], d / "train.log", env, d / "path")

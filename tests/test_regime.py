@@ -87,11 +87,11 @@ def test_flip_list_is_the_committed_one():
     assert flips == sorted(__import__("random").Random("regime-flips-512").sample(range(512), 154))
 
 
-def test_regime_smoke(tmp_path, capsys):
+def test_regime_smoke(tmp_path, capsys, monkeypatch):
     """`run.py regime --smoke`: 16 + 8 real HH rows, a tiny 3-block model: the split, the flipped file, betadpo.py runs
     with their path weights kept, scoring at each point, the CSV; tables.md is exactly report(CSV)."""
     model = save_tiny_model(tmp_path / "tiny", hidden=32, layers=3)
-    stdout = run_in_process(["regime", "--smoke", "--out", str(tmp_path / "out"), "--real_model", str(model)], capsys)
+    stdout = run_in_process(["regime", "--smoke", "--out", str(tmp_path / "out"), "--real_model", str(model)], capsys, monkeypatch)
     out = tmp_path / "out" / "regime"
     rows = experiments.read_csv(out / "runs.csv")
     assert [(r["arm"], r["flip"], r["optimizer"]) for r in rows] == [("DPO β₀ 0.1", 0.0, "adamw"), ("flip: β-DPO", 0.3125, "adamw")]

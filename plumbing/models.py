@@ -1,6 +1,8 @@
 """Models and tokenizers: hub ids, local `save_pretrained` directories, GGUF files, models shipped in pip
 packages, and InternLM2 checkpoints (converted to transformers' Llama by plumbing/internlm2.py)."""
 
+import contextlib
+import copy
 import functools
 import os
 import struct
@@ -245,28 +247,38 @@ def _load_gguf_model(path: str, dtype: str, config_key: str):
     from the file's config (without its quantization entry) and filled tensor by tensor: each GGUF tensor is
     dequantised, put through transformers' per-architecture fix-ups (e.g. Llama's q/k row order) and copied into
     its parameter under transformers' GGUF → HF name map, so the peak is the model plus one tensor. The file is
-    memory-mapped, and nothing is kept between calls (betadpo.py's reference dequantises the file again: a few
-    seconds, against a copy of the weights held for the whole run). `final/` is then an ordinary directory that
-    loads without the `gguf` package.
+    memory-mapped. Only the file's config and that name map are kept between calls (_GGUF_PARSED, a few kB), not
+    the weights: betadpo.py's reference dequantises the file again, against a copy of the weights held for the
+    whole run. `final/` is then an ordinary directory that loads without the `gguf` package.
     """
     from gguf import GGUFReader, dequantize
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.initialization import no_init_weights
 
     architecture = _check_gguf(path, config_key)  # bad files stop here, before the message below
     file = Path(path).expanduser()
     if os.environ.get("RANK", "0") == "0":
         print(f"{path}: reading a GGUF checkpoint and dequantising it to {dtype} tensor by tensor", flush=True)
     started = time.perf_counter()
-    config = _load_gguf(AutoConfig, path, "model", config_key, architecture)  # (an architecture transformers lacks: one line)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    stamp = (str(file.resolve()), file.stat().st_size, file.stat().st_mtime_ns)  # this file, as it is now
+    if stamp not in _GGUF_PARSED:  # (parsing the metadata, a 49k-token vocabulary for SmolLM2, takes ~6 s)
+        config = _load_gguf(AutoConfig, path, "model", config_key, architecture)  # (an architecture transformers lacks: one line)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        _GGUF_PARSED[stamp] = {"config": config}
+    config = copy.deepcopy(_GGUF_PARSED[stamp]["config"])  # the model keeps (and may change) its own
+    with no_init_weights():  # no random initialisation: every weight is filled below (else `missing` stops it)
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    model.tie_weights()  # (done by the initialisation skipped above) a tied LM head is the embedding matrix
     # The fix-ups read the config's head counts (the model's config holds them under the same names as the file's
     # parsed metadata, which is not read a third time: its 49k-token vocabulary alone costs seconds).
     parsed = {"config": config.to_dict(), "tensors": {}}
     processor = gguf_utils.TENSOR_PROCESSORS.get(architecture, gguf_utils.TensorProcessor)(config=parsed["config"])
-    names = gguf_utils.get_gguf_hf_weights_map(model, processor)  # GGUF tensor name → parameter name
+    if "names" not in _GGUF_PARSED[stamp]:
+        with _tensor_name_map_built_once():
+            _GGUF_PARSED[stamp]["names"] = gguf_utils.get_gguf_hf_weights_map(model, processor)
+    names = _GGUF_PARSED[stamp]["names"]  # GGUF tensor name → parameter name
     params = model.state_dict(keep_vars=True)
     filled = set()
     with torch.no_grad():
@@ -284,6 +296,23 @@ def _load_gguf_model(path: str, dtype: str, config_key: str):
     if os.environ.get("RANK", "0") == "0":
         print(f"{path}: loaded in {time.perf_counter() - started:.0f} s", flush=True)
     return model
+
+
+_GGUF_PARSED: dict = {}  # (file, size, mtime) → {"config", "names"}: what _load_gguf_model parsed, per process
+
+
+@contextlib.contextmanager
+def _tensor_name_map_built_once():
+    """transformers' get_gguf_hf_weights_map calls gguf's get_tensor_name_map(arch, layers) once per submodule, ~400
+    times for SmolLM2 (~7 s): the same arguments build the same map, which it only reads, so build it once."""
+    import gguf
+
+    build = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(build)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = build
 
 
 def _tied_names(model) -> set:

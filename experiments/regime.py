@@ -92,6 +92,11 @@ PLAN = [
     (["DPO β₀ 0.03", "DPO β₀ 1", "DPO β₀ 0.01"], range(1)),
     (["flip: β-DPO", "flip: DPO β₀ 0.1"], range(1)),
     (["SGD: DPO β₀ 0.1", "SGD: DPO β₀ 1"], range(1)),
+    # The extension, run after the first analysis (declared in docs/RESULTS.md): 8 seeds of β-DPO and of the two
+    # DPO arms whose KL brackets its own, then the ablation arms the first run left out, one seed each.
+    (["β-DPO", "DPO β₀ 0.1", "DPO β₀ 0.03"], range(3, 8)),
+    (["DPO β₀ 0.03"], range(1, 3)),
+    (["filter only (α 0)", "dynamic β only (ρ 0)", "uniform drop", "β(x), ppl-scaled"], range(1)),
 ]
 # The pilot: (setting name, lr, steps, path points) × DPO at β₀ 0.03, 0.1, 1 (and the plan's β-DPO at the last)
 PILOT = [("lr 3e-4, 16 steps", 3e-4, 16, (16,)), ("lr 1e-3, 16 steps", 1e-3, 16, (16,))]  # the end point only

@@ -20,9 +20,10 @@ with save_pretrained, and the built-in sort task's tokenizer and data (token ids
    sync check (it needs CUDA), and "device" = the CPU under bf16 autocast.
 1. fast vs plain log-probs (train.logps: fused vs plain) under bf16 autocast, 2 × 2,048 tokens: values and gradients.
 2. A plain one-process run of betadpo.py, 2 steps (bf16 on the GPU): the baseline.
-3. FSDP2 (configs/accelerate/fsdp.yaml, 1 process on the GPU; --cpu: 2 CPU processes through
-   tests/fsdp_launch.py): 1 step, then the same command with 2 steps resumes from its checkpoint. Steps 1 and 2
-   must agree with the plain run's (DDP-vs-FSDP agreement, and an exact resume).
+3. FSDP2 (configs/accelerate/fsdp.yaml, 1 process on the GPU; --cpu: 1 CPU process, as on the GPU, through
+   tests/fsdp_launch.py; 2 processes are tests/test_fsdp.py's): 1 step, then the same command with 2 steps
+   resumes from its checkpoint. Steps 1 and 2 must agree with the plain run's (DDP-vs-FSDP agreement, and an
+   exact resume).
 4. train.precompute_ref: step 1 must agree with the plain run's (same reference numbers, cached).
 5. eval.py on the FSDP run's final/ against the starting model.
 Each prints its peak memory (GPU: torch.cuda.max_memory_allocated; CPU: peak RSS) and time per step. Any
@@ -408,7 +409,7 @@ def main():
                 "2. plain run, 2 steps")
     fsdp = work / "fsdp"
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/fsdp.yaml",
-                "--num_processes", "2" if cpu else "1", "--main_process_port", str(29500 + os.getpid() % 500)]
+                "--num_processes", "1", "--main_process_port", str(29500 + os.getpid() % 500)]
     target = [str(ROOT / "tests" / "fsdp_launch.py")] if cpu else []  # CPU: accelerate's FSDP2 path on gloo processes
     fsdp_cmd = [*launcher, *me[1:], *target, "betadpo.py", *common, "--train.output_dir", str(fsdp)]
     run([*fsdp_cmd, "--train.max_steps", "1"], "3. FSDP2 run, step 1", cpu)

@@ -145,8 +145,9 @@ def eval_cells(layout: str, launched: bool, eval_flags: list[str]):
 
 
 def main():
-    """Launched: the DDP and FSDP2 cells, with --gc the checkpointing losses, and after --run the flags of a
-    betadpo.py run made last, under FSDP2 (it ends the process group)."""
+    """Launched: the DDP and FSDP2 cells, with --eval eval.py's (its flags follow), with --fused-head the fused LM
+    head under FSDP2 (fused_head_fsdp_check.check), with --gc the checkpointing losses, and after --run the flags of
+    a betadpo.py run made last, under FSDP2 (it ends the process group)."""
     args, run = (sys.argv[1 : sys.argv.index("--run")], sys.argv[sys.argv.index("--run") + 1 :]) if "--run" in sys.argv else (sys.argv[1:], None)
     tiny, smollm2, rows_file = args[:3]
     models = {name: (AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), batch)
@@ -157,9 +158,15 @@ def main():
             if PartialState().is_main_process:
                 print(json.dumps({"cell": name, **cell}), flush=True)
     if "--eval" in args:  # eval.py's flags follow, up to --gc or --run
-        for name, cell in eval_cells("ddp", True, args[args.index("--eval") + 1 : args.index("--gc") if "--gc" in args else None]):
-            if PartialState().is_main_process:
-                print(json.dumps({"cell": name, **cell}), flush=True)
+        end = min((args.index(flag) for flag in ("--fused-head", "--gc") if flag in args), default=None)
+        for layout in ("ddp", "fsdp2"):
+            for name, cell in eval_cells(layout, True, args[args.index("--eval") + 1 : end]):
+                if PartialState().is_main_process:
+                    print(json.dumps({"cell": name, **cell}), flush=True)
+    if "--fused-head" in args:  # tests/fused_head_fsdp_check.py's comparison, on this launch's processes
+        import fused_head_fsdp_check
+
+        fused_head_fsdp_check.check(fresh_accelerator("no", True))
     if "--gc" in args:
         accelerator = fresh_accelerator("bf16", True)
         for on in (False, True):

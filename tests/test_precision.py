@@ -1,10 +1,12 @@
 """Log-prob precision on every launch: the per-sequence log-prob sums are fp32 in every cell of {one process, DDP × 2,
 FSDP2 × 2} × {fp32, bf16}, on a tiny Llama and on SmolLM2 with real UltraFeedback rows; bf16 agrees with fp32
 within the budget docs/ALGORITHM.md (Precision) derives; activation checkpointing under FSDP2 changes no loss; a
-bf16 FSDP2 betadpo.py run matches a bf16 one-process run. The multi-process cells share one 2-process launch
+bf16 FSDP2 betadpo.py run matches a bf16 one-process run;
+eval.py under DDP and FSDP2 gives one process's metrics. The multi-process cells share one 2-process launch
 (tests/precision_check.py), whose SmolLM2 is the session's SmolLM2 run's final/ (the GGUF file is read once)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -28,9 +30,10 @@ def run_flags(model, out, *extra):
 
 
 def eval_flags(reference, policy, out):
-    """eval.py on 4 held-out sort pairs and 2 prompts, a policy against another model (margins are not all 0)."""
-    return [str(a) for a in ["--model.name_or_path", reference, "--eval.policy", policy, "--data.eval_size", 4,
-                             "--eval.batch_size", 2, "--eval.num_prompts", 2, "--eval.samples_per_prompt", 2,
+    """eval.py on 5 held-out sort pairs (3 chunks: uneven over 2 processes, one runs a padding forward) and 3
+    prompts, a policy against another model (margins are not all 0)."""
+    return [str(a) for a in ["--model.name_or_path", reference, "--eval.policy", policy, "--data.eval_size", 5,
+                             "--eval.batch_size", 2, "--eval.num_prompts", 3, "--eval.samples_per_prompt", 2,
                              "--eval.max_new_tokens", 4, "--eval.output_dir", out]]
 
 
@@ -40,8 +43,14 @@ def test_log_prob_sums_are_fp32_and_bf16_within_budget_on_every_launch(tmp_path,
     smollm2, other = smollm2_run[0] / "final", save_tiny_model(tmp_path / "other", seed=1)
     fsdp_run, one_run = tmp_path / "fsdp", tmp_path / "one"
     evaluated = eval_flags(tiny_model, other, tmp_path / "eval")
-    result = launch("tests/precision_check.py", tiny_model, smollm2, ROWS, "--eval", *evaluated, "--gc", "--run",
-                    *run_flags(tiny_model, fsdp_run, "--train.gradient_checkpointing", "true"))
+    result = launch("tests/precision_check.py", tiny_model, smollm2, ROWS, "--eval", *evaluated, "--fused-head", "--gc",
+                    "--run", *run_flags(tiny_model, fsdp_run, "--train.gradient_checkpointing", "true"))
+    # This launch also carries test_fused_head's FSDP2 case (a launch of its own would cost ~13 CPU-s): under FSDP2
+    # (accelerate shards every decoder layer, the final norm + LM head + tied embedding as one unit, and the root)
+    # the fused head's log-probs and gathered gradients equal one unsharded process's plain path, to 1e-10 in fp64.
+    lines = re.findall(r"fused-head-fsdp2 rank \d tied \w+ \w+ log-prob error \S+ gradient error \S+ fused calls \d+", result.stdout)
+    assert len(lines) == 4, result.stdout[-3000:]  # tied and untied, on both ranks
+    assert all(" ok " in line and "fused calls 1" in line for line in lines), lines
     found = {row["cell"]: row for row in map(json.loads, (line for line in result.stdout.splitlines() if line.startswith('{"cell"')))}
     # The one-process cells here, with the same functions; and each model's logit scale, from fp32 logits.
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
@@ -62,13 +71,17 @@ def test_log_prob_sums_are_fp32_and_bf16_within_budget_on_every_launch(tmp_path,
         budget = 2 * U * scale[name]  # per sequence: Σ_t 2u·max_v|z_t,v| (docs/ALGORITHM.md, Precision)
         assert ((ours - exact).abs() <= budget).all(), (cell, (ours - exact).tolist(), budget.tolist())
     assert any(found[f"one/bf16/{name}/policy"]["sum"] != found[f"one/fp32/{name}/policy"]["sum"] for name in models)  # bf16 ran
-    # eval.py honours train.mixed_precision in one process and under DDP: bf16 moves its log-prob metrics, by the
-    # same amounts on both launches.
+    # eval.py honours train.mixed_precision in one process, under DDP and under FSDP2: bf16 moves its log-prob
+    # metrics, by the same amounts in one process and under DDP (the same arithmetic); FSDP2 gives one process's
+    # fp32 metrics, and in bf16 (its parameters in bf16, not autocast) the same to bf16 precision.
     for precision in ("fp32", "bf16"):
         one, ddp = found[f"eval/one/{precision}"]["metrics"], found[f"eval/ddp/{precision}"]["metrics"]
         assert one.keys() == ddp.keys() and all(one[k] == pytest.approx(ddp[k], rel=1e-5, abs=1e-6) for k in one), (one, ddp)
+    one, fsdp2 = found["eval/one/fp32"]["metrics"], found["eval/fsdp2/fp32"]["metrics"]
+    assert one.keys() == fsdp2.keys() and all(one[k] == pytest.approx(fsdp2[k], rel=1e-5, abs=1e-6) for k in one), (one, fsdp2)
     fp32, bf16 = found["eval/one/fp32"]["metrics"], found["eval/one/bf16"]["metrics"]
     assert fp32["reward_margin"] != bf16["reward_margin"] and fp32["reward_margin"] == pytest.approx(bf16["reward_margin"], rel=0.05)
+    assert found["eval/fsdp2/bf16"]["metrics"]["reward_margin"] == pytest.approx(fp32["reward_margin"], rel=0.05)
     # Activation checkpointing under FSDP2 × 2 (bf16): the same losses, bit for bit (it recomputes the same ops).
     assert found["gc/on"]["losses"] == found["gc/off"]["losses"] and len(set(found["gc/on"]["losses"])) == 3
     # 3 bf16 steps under FSDP2 × 2 (with checkpointing) against one process: the same run to bf16 precision.

@@ -21,7 +21,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from plumbing.config import DataArgs
 from plumbing.errors import UserError
 from plumbing.models import load_model, load_tokenizer
-from conftest import read_metrics, run_main, run_script
+from conftest import read_metrics, run_here, run_main, run_script
 from plumbing.data import collate_pairs, hh_messages, load_pairs, tokenize_pairs
 
 QUESTIONS = [  # (question, chosen answer, rejected answer): short, so that a whole dialogue fits in 64 tokens
@@ -177,7 +177,8 @@ TINY_RUN = ["--data.eval_size", 2, "--data.max_length", 64, "--data.max_prompt_l
 def smollm2_run(tmp_path_factory, hh_file):
     """The one SmolLM2 run of a test session, (its directory, its stdout). pytest-xdist gives every worker its own
     session fixtures, so the run is made in a directory all workers of this session share, under a file lock: the
-    first worker to need it runs it (about 90 s of CPU), the others wait for it and reuse it."""
+    first worker to need it runs it (about 40 s of CPU), the others wait for it and reuse it. It runs in that
+    worker's process (conftest.run_here: `python betadpo.py`'s __main__, without an interpreter's start-up)."""
     from filelock import FileLock
 
     base = tmp_path_factory.getbasetemp()
@@ -185,7 +186,7 @@ def smollm2_run(tmp_path_factory, hh_file):
     out, stdout = shared / "smollm2" / "run", shared / "smollm2" / "stdout.txt"
     with FileLock(str(shared / "smollm2.lock")):
         if not stdout.exists():
-            result = run_script("betadpo.py", "--config", "configs/smollm2_hh.yaml", "--data.dataset", hh_file, *TINY_RUN,
+            result = run_here("betadpo.py", "--config", "configs/smollm2_hh.yaml", "--data.dataset", hh_file, *TINY_RUN,
                                 "--train.output_dir", out)
             stdout.write_text(result.stdout)
     return out, stdout.read_text()
@@ -245,7 +246,7 @@ def test_lora_betadpo_on_smollm2_trains_adapters_against_smollm2_itself(smollm2_
     session): the reference is that model with the adapters off, so step 1's margins are exactly 0; final/ is the
     adapter, naming its base. (The merged model is checked on the tiny Llama, tests/test_lora.py.)"""
     base, out = smollm2_run[0] / "final", tmp_path / "lora"
-    result = run_script("betadpo.py", "--config", "configs/smollm2_hh_lora.yaml", "--data.dataset", hh_file, *TINY_RUN,
+    result = run_here("betadpo.py", "--config", "configs/smollm2_hh_lora.yaml", "--data.dataset", hh_file, *TINY_RUN,
                         "--model.name_or_path", base, "--train.lr", 1e-3, "--model.lora_merge_final", "false",
                         "--train.output_dir", out)
     assert "LoRA: 4,884,480 of 139,399,488 parameters trainable (3.50%)" in result.stdout

@@ -110,12 +110,15 @@ def test_regime_smoke(tmp_path, capsys, monkeypatch):
 
 
 def test_committed_regime_tables_come_from_the_committed_csv():
-    """docs/results/regime/tables.md and pilot.md are exactly what `run.py report` makes of the committed CSVs, and
-    the study's CSV holds every (arm, seed) of the plan, each run from a named commit."""
+    """docs/results/regime/tables.md, first_run.md and pilot.md are exactly what `run.py report` makes of the
+    committed CSVs; the study's CSV holds every (arm, seed) of the plan, each run from a named commit, and the
+    first run's rows (before the extension) unchanged."""
     csv_path = ROOT / "docs" / "results" / "regime" / "runs.csv"
     rows = experiments.read_csv(csv_path)
     assert regime_report.report(rows) == (csv_path.parent / "tables.md").read_text()
-    pilot = experiments.read_csv(csv_path.parent / "pilot.csv")
+    pilot, first = (experiments.read_csv(csv_path.parent / name) for name in ("pilot.csv", "first_run.csv"))
     assert regime_report.report(pilot) == (csv_path.parent / "pilot.md").read_text()
+    assert regime_report.report(first) == (csv_path.parent / "first_run.md").read_text()
     assert all(isinstance(r["commit"], str) and len(r["commit"]) >= 7 for r in rows + pilot)
     assert sorted((r["arm"], r["seed"]) for r in rows) == sorted((a, s) for arms, seeds in regime.PLAN for s in seeds for a in arms)
+    assert all(r in rows for r in first) and len(first) == 13

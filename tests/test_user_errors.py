@@ -198,6 +198,23 @@ def disk_full_in(fragment: str):
 
 
 @contextlib.contextmanager
+def read_only_data_cache():
+    """The tokenized-data cache's directory turns out read-only when the first token ids are written (EROFS)."""
+    from plumbing import token_cache
+
+    real_append = token_cache.StoreWriter.append
+
+    def append(self, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    token_cache.StoreWriter.append = append
+    try:
+        yield
+    finally:
+        token_cache.StoreWriter.append = real_append
+
+
+@contextlib.contextmanager
 def read_only_metrics_from_step(step: int):
     """metrics.jsonl's storage turns read-only once `step` steps are logged (an append raises EROFS)."""
     real_open = Path.open
@@ -275,6 +292,9 @@ CASES = [
     Case("data.drop_ties on data without scores", "betadpo.py", [*DPO, "--data.drop_ties", "true"], ("data.drop_ties", "score_chosen")),
     Case("a save_to_disk directory without the split", "betadpo.py", [*DPO, "--data.dataset", "saved"], ("data.split", "'train'", "train_prefs"),
          saved_dataset),
+    Case("a tokenized-data cache that cannot be written (here: a read-only file system)", "betadpo.py",
+         [*DPO, "--data.cache_dir", "readonly/cache"], ("data.cache_dir", "readonly/cache", "read-only file system"),
+         lambda d: (d / "readonly" / "cache").mkdir(parents=True), fault=read_only_data_cache),
     Case("a Hub dataset id that cannot be loaded (here: no network)", "betadpo.py", [*DPO, "--data.dataset", "no-such-org/no-such-data"],
          ("data.dataset", "'no-such-org/no-such-data'", "save_to_disk")),
     # ---- models ----------------------------------------------------------------------------------------

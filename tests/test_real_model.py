@@ -192,6 +192,15 @@ def smollm2_run(tmp_path_factory, hh_file):
     return out, stdout.read_text()
 
 
+def first_blocks(model_dir, out, blocks: int = 2):
+    """SmolLM2's first `blocks` decoder blocks, with its embeddings, final norm, tied 49,152-token head and
+    tokenizer, saved to `out` (the other blocks' weights are not read). For tests of what does not depend on
+    depth (log-prob paths, precision of the head's sums), at a fraction of the 30 blocks' cost."""
+    AutoModelForCausalLM.from_pretrained(model_dir, num_hidden_layers=blocks).save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return out
+
+
 def test_gguf_run_trains_and_leaves_a_plain_final(smollm2_run):
     out, stdout = smollm2_run
     assert "dequantising it to float32" in stdout  # the slow step says so
@@ -284,10 +293,7 @@ def test_each_logps_value_trains_smollm2_alike(smollm2_run, tmp_path, hh_file, m
     monkeypatch.setattr(betadpo, "save_checkpoint", lambda *args, **kwargs: None)
     monkeypatch.setattr(LlamaRMSNorm, "forward", lambda norm, h: norm.weight * h * torch.rsqrt(
         h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))  # transformers' formula, in h's dtype (fp64)
-    base, taken, runs = tmp_path / "smollm2_2_blocks", paths_taken(monkeypatch), {}
-    first_blocks = AutoModelForCausalLM.from_pretrained(smollm2_run[0] / "final", num_hidden_layers=2)  # the rest unread
-    first_blocks.save_pretrained(base)
-    AutoTokenizer.from_pretrained(smollm2_run[0] / "final").save_pretrained(base)
+    base, taken, runs = first_blocks(smollm2_run[0] / "final", tmp_path / "smollm2_2_blocks"), paths_taken(monkeypatch), {}
     for logps in ("plain", "fast", "fused"):
         taken.clear()
         runs[logps] = train_in_process("--config", "configs/smollm2_hh.yaml", "--data.dataset", hh_file, *TINY_RUN,

@@ -22,8 +22,8 @@ with save_pretrained, and the built-in sort task's tokenizer and data (token ids
 2. A plain one-process run of betadpo.py, 2 steps (bf16 on the GPU): the baseline.
 3. FSDP2 (configs/accelerate/fsdp.yaml, 1 process on the GPU; --cpu: 1 CPU process, as on the GPU, through
    tests/fsdp_launch.py; 2 processes are tests/test_fsdp.py's): 1 step, then the same command with 2 steps
-   resumes from its checkpoint. Steps 1 and 2 must agree with the plain run's (DDP-vs-FSDP agreement, and an
-   exact resume).
+   resumes from its checkpoint. Steps 1 and 2 must agree with the plain run's (plain-vs-FSDP2 agreement,
+   and an exact resume).
 4. train.precompute_ref: step 1 must agree with the plain run's (same reference numbers, cached).
 5. eval.py on the FSDP run's final/ against the starting model.
 Each prints its peak memory (GPU: torch.cuda.max_memory_allocated; CPU: peak RSS) and time per step. Any

@@ -3,7 +3,8 @@ FSDP2 × 2} × {fp32, bf16}, on a tiny Llama and on SmolLM2 (its first 2 blocks)
 within the budget docs/ALGORITHM.md (Precision) derives; activation checkpointing under FSDP2 changes no loss; a
 bf16 FSDP2 betadpo.py run matches a bf16 one-process run;
 eval.py under DDP and FSDP2 gives one process's metrics. The multi-process cells share one 2-process launch
-(tests/precision_check.py), whose SmolLM2 is the session's SmolLM2 run's final/ (the GGUF file is read once)."""
+(tests/precision_check.py), whose SmolLM2 is the first 2 blocks of the session's SmolLM2 run's final/ (the
+GGUF file is read once)."""
 
 import json
 import re

@@ -14,7 +14,7 @@ The setup, the same for every run (SETUP; why, in docs/RESULTS.md):
     (batch order, filter draws) 0, 1, ...; the learning rate, steps and optimizer of SETUP / an arm;
   - evaluation at each path point (setup["path"], steps; the study as run: its end only): the weights there are
     scored on held-out pairs (summed log-probs under policy and reference: accuracy, length-normalised accuracy,
-    |β₀·M|; the primary arms' last point: all 1,000 pairs, else the first PATH_PAIRS) and the full-vocabulary
+    |β₀·M|; the last point of ALL_PAIRS_ARMS: all 1,000 pairs, else the first PATH_PAIRS) and the full-vocabulary
     KL(π‖π_ref) on the responses of the first KL_PAIRS of them (teacher-forced).
   - the positive control trains on the same 512 pairs with the labels of 30% swapped (FLIPS, a committed list).
 Each run is an ordinary `python betadpo.py` run; a finished run with its path.jsonl is skipped (resumable).
@@ -80,9 +80,13 @@ ARMS = {
     "SGD: DPO β₀ 0.1": (dpo(0.1), False, "sgd"),
     "SGD: DPO β₀ 1": (dpo(1.0), False, "sgd"),
 }
-# Arms scored on every held-out pair at their last point (the primary endpoint and its frontier); the others on the
-# first PATH_PAIRS only: a scoring pass of 1,000 pairs costs as much as a run's training here (docs/RESULTS.md, Time).
-PRIMARY_ARMS = {"β-DPO", *(f"DPO β₀ {b:g}" for b in FRONTIER_BETAS)}
+# The ablation arms (ARMS above, named in regime_report.COMPONENTS): β-DPO with one of its parts removed or replaced
+# (the paper's Table 1, plus the extension's β(x)).
+COMPONENTS = regime_report.COMPONENTS
+# Arms scored on every held-out pair at their last point: the primary endpoint and its frontier, and the ablation
+# arms (compared with both on the same pairs); the control and mechanism arms on the first PATH_PAIRS only: a
+# scoring pass of 1,000 pairs costs more than a run's training here (docs/RESULTS.md, Time).
+ALL_PAIRS_ARMS = {"β-DPO", *(f"DPO β₀ {b:g}" for b in FRONTIER_BETAS), *COMPONENTS}
 # (arms, seeds) in the order they run: the primary comparison first, so that a run cut short still has it. Seeds
 # 0 and 1 of β-DPO and DPO β₀ 0.1, and seed 0 of DPO β₀ 0.03 and 1, are the pilot's runs (adopt_pilot_runs).
 # The first run had 3 seeds (a run with its 1,000-pair scoring took ~6 min on the shared machine); the extension
@@ -93,10 +97,13 @@ PLAN = [
     (["flip: β-DPO", "flip: DPO β₀ 0.1"], range(1)),
     (["SGD: DPO β₀ 0.1", "SGD: DPO β₀ 1"], range(1)),
     # The extension, run after the first analysis (declared in docs/RESULTS.md): 8 seeds of β-DPO and of the two
-    # DPO arms whose KL brackets its own. The ablation arms planned after them (filter only, dynamic β only,
-    # uniform drop, β(x); ARMS has them) were not run (time: docs/RESULTS.md).
+    # DPO arms whose KL brackets its own.
     (["β-DPO", "DPO β₀ 0.1", "DPO β₀ 0.03"], range(3, 8)),
     (["DPO β₀ 0.03"], range(1, 3)),
+    # The second extension, preregistered in docs/RESULTS.md before it ran: the ablation arms at seeds 0–2, and
+    # seeds 1–2 of the positive control and of the mechanism arms (3 seeds each; fewer than 8 for time, declared).
+    (COMPONENTS, range(3)),
+    (["flip: β-DPO", "flip: DPO β₀ 0.1", "SGD: DPO β₀ 0.1", "SGD: DPO β₀ 1"], range(1, 3)),
 ]
 # The pilot: (setting name, lr, steps, path points) × DPO at β₀ 0.03, 0.1, 1 (and the plan's β-DPO at the last)
 PILOT = [("lr 3e-4, 16 steps", 3e-4, 16, (16,)), ("lr 1e-3, 16 steps", 1e-3, 16, (16,))]  # the end point only
@@ -250,7 +257,7 @@ def adopt_pilot_runs(out: Path, todo: list, setup: dict, n_heldout: int):
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(src, dst, copy_function=os.link)
         (dst / "pilot.txt").write_text(f"{src}\n")
-        last = n_heldout if name in PRIMARY_ARMS else setup["path_pairs"]
+        last = n_heldout if name in ALL_PAIRS_ARMS else setup["path_pairs"]
         path = dst / "path.jsonl"
         if path.exists() and len(json.loads(path.read_text().splitlines()[-1])["pairs"]) != last:
             path.unlink()
@@ -264,7 +271,7 @@ def run_all(out: Path, todo: list, data: dict, split: Path, setup: dict, kl_pair
         d = train(out, name, seed, data["files"], split, setup, env, commit)
         if refs is None:
             refs = references(split, data["files"]["heldout"])
-        last = setup.get("last_pairs") or (len(refs[1]) if name in PRIMARY_ARMS else setup["path_pairs"])
+        last = setup.get("last_pairs") or (len(refs[1]) if name in ALL_PAIRS_ARMS else setup["path_pairs"])
         evaluate_path(d, *refs[:3], kl_pairs, refs[3], setup["path"], min(setup["path_pairs"], last), last)
         print(f"[{label} {k}/{len(todo)}] {name} seed {seed}: {time.perf_counter() - started:.0f} s "
               f"({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)

@@ -354,7 +354,7 @@ def mechanism_table(rows: list[dict]) -> str:
 
 
 PRIMARY = ["β-DPO"]
-COMPONENTS = ["filter only (α 0)", "dynamic β only (ρ 0)", "uniform drop", "β(x), ppl-scaled"]
+COMPONENTS = ["filter only (α 0)", "dynamic β only (ρ 0)", "uniform drop", "β(x), ppl-scaled"]  # ablation arms
 
 
 def report(rows: list[dict]) -> str:

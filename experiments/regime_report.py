@@ -324,7 +324,7 @@ def flip_table(rows: list[dict]) -> str:
         fk, ck = sum(r["flip_kept"] for r in mine), sum(r["clean_kept"] for r in mine)
         total = fd + cd + fk + ck
         pw, rw = wilson(fd, fd + cd), wilson(fd, fd + fk)
-        lines.append(f"| {name} | {len(mine)} | {total} | {ci(prec)} (t); pooled {fd / (fd + cd):.3f} [{pw[0]:.3f}, {pw[1]:.3f}] "
+        lines.append(f"| {name} | {len(mine)} | {total:.0f} | {ci(prec)} (t); pooled {fd / (fd + cd):.3f} [{pw[0]:.3f}, {pw[1]:.3f}] "
                      f"| {ci(rec)} (t); pooled {fd / (fd + fk):.3f} [{rw[0]:.3f}, {rw[1]:.3f}] "
                      f"| {(fd + fk) / total:.3f} / {(fd + cd) / total:.3f} |")
     lines.append("\nPooled intervals: Wilson, treating every decision as independent (optimistic: decisions of one run share its "

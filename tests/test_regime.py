@@ -97,7 +97,7 @@ def test_regime_smoke(tmp_path, capsys, monkeypatch):
     assert [(r["arm"], r["flip"], r["optimizer"]) for r in rows] == [("DPO β₀ 0.1", 0.0, "adamw"), ("flip: β-DPO", 0.3125, "adamw")]
     assert "[regime 2/2] flip: β-DPO seed 0" in stdout
     assert (out / "tables.md").read_text() == regime_report.report(rows)
-    # path_pairs 4, then all 8 for the frontier's arm (PRIMARY_ARMS), 4 again for the others
+    # path_pairs 4, then all 8 for the frontier's arm (ALL_PAIRS_ARMS), 4 again for the others
     assert [(r["step_1"], r["n_1"], r["step_2"], r["n_2"]) for r in rows] == [(2, 4, 4, 8), (2, 4, 4, 4)]
     flip = rows[1]
     assert flip["flip_dropped"] + flip["flip_kept"] + flip["clean_dropped"] + flip["clean_kept"] == 4 * 16  # 4 steps of 16

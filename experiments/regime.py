@@ -104,6 +104,9 @@ PLAN = [
     # seeds 1–2 of the positive control and of the mechanism arms (3 seeds each; fewer than 8 for time, declared).
     (COMPONENTS, range(3)),
     (["flip: β-DPO", "flip: DPO β₀ 0.1", "SGD: DPO β₀ 0.1", "SGD: DPO β₀ 1"], range(1, 3)),
+    # Added after the second extension's results (declared in docs/RESULTS.md): the Adam side of the mechanism at
+    # the seeds SGD has (DPO β₀ 1 is also a frontier arm, far below β-DPO's KL).
+    (["DPO β₀ 1"], range(1, 3)),
 ]
 # The pilot: (setting name, lr, steps, path points) × DPO at β₀ 0.03, 0.1, 1 (and the plan's β-DPO at the last)
 PILOT = [("lr 3e-4, 16 steps", 3e-4, 16, (16,)), ("lr 1e-3, 16 steps", 1e-3, 16, (16,))]  # the end point only

@@ -109,6 +109,48 @@ def test_regime_smoke(tmp_path, capsys, monkeypatch):
     assert swapped == regime.flip_list(16) and json.loads(lines[swapped[0]])["chosen"] == json.loads(clean[swapped[0]])["rejected"]
 
 
+def test_regime_from_nothing_pilot_then_study(tmp_path, capsys, monkeypatch):
+    """The study regenerated from nothing with docs/RESULTS.md's two commands, at toy sizes (16 + 8 real HH rows, a
+    tiny 3-block model, 2 steps): `run.py regime --regime_pilot` trains the gate's DPO runs, then β-DPO and DPO seeds
+    at the setting that passes; `run.py regime` adopts the pilot's runs at its setting (hard links, CSV column
+    `pilot`), scores the gate's runs again on every held-out pair, and trains nothing it already has."""
+    model = save_tiny_model(tmp_path / "tiny", hidden=32, layers=3)
+    monkeypatch.setattr(regime, "SIZES", {"hh": (16, 8)})
+    monkeypatch.setattr(regime, "KL_PAIRS", 4)
+    monkeypatch.setattr(regime, "PATH_PAIRS", 4)
+    monkeypatch.setattr(regime, "PILOT", [("lr 1e-3, 2 steps", 1e-3, 2, (2,))])
+    monkeypatch.setattr(regime, "SETUP", {"lr": 1e-3, "steps": 2, "path": (2,), "path_pairs": 4, "pilot": "lr 1e-3, 2 steps"})
+    monkeypatch.setattr(regime, "PLAN", [(["β-DPO", "DPO β₀ 0.1"], range(2)), (["DPO β₀ 0.03", "DPO β₀ 1"], range(1))])
+    child_env = regime.child_env
+    monkeypatch.setattr(regime, "child_env", lambda kernel_env, threads: child_env(kernel_env, 1))  # beside xdist's 2
+    real_gate = regime_report.gate
+    monkeypatch.setattr(regime_report, "gate", lambda rows: {**real_gate(rows), "passes": True})  # a toy need not pass
+    out = tmp_path / "out" / "regime"
+    run_in_process(["regime", "--regime_pilot", "--out", str(tmp_path / "out"), "--real_model", str(model)], capsys, monkeypatch)
+    pilot = experiments.read_csv(out / "pilot.csv")
+    assert [(r["arm"], r["seed"], r["n_1"]) for r in pilot] == [("DPO β₀ 0.03", 0, 4), ("DPO β₀ 0.1", 0, 4), ("DPO β₀ 1", 0, 4),
+                                                                ("β-DPO", 0, 8), ("β-DPO", 1, 8), ("DPO β₀ 0.1", 1, 8)]
+    g = real_gate(pilot[:3])  # the gate's two numbers, from the runs they name
+    assert g["ratio"] == pilot[0]["kl_1"] / pilot[2]["kl_1"] and g["abs_bm"] == pilot[1]["abs_bm_1"]
+    assert (out / "pilot.md").read_text() == regime_report.report(pilot)
+
+    stdout = run_in_process(["regime", "--out", str(tmp_path / "out"), "--real_model", str(model)], capsys, monkeypatch)
+    rows = experiments.read_csv(out / "runs.csv")
+    assert [(r["arm"], r["seed"], r["pilot"], r["n_1"]) for r in rows] == [
+        ("β-DPO", 0, 1, 8), ("DPO β₀ 0.1", 0, 1, 8), ("β-DPO", 1, 1, 8), ("DPO β₀ 0.1", 1, 1, 8), ("DPO β₀ 0.03", 0, 1, 8),
+        ("DPO β₀ 1", 0, 1, 8)]  # every run adopted; the gate's, scored on 4 pairs, now on all 8
+    assert "[regime 6/6] DPO β₀ 1 seed 0" in stdout
+    for r in rows:
+        src, dst = regime.run_dir(out / "pilot" / "lr_1e-3_2_steps", r["arm"], r["seed"]), regime.run_dir(out, r["arm"], r["seed"])
+        assert (dst / "final" / "model.safetensors").samefile(src / "final" / "model.safetensors")  # the same file
+        before = next(p for p in pilot if (p["arm"], p["seed"]) == (r["arm"], r["seed"]))
+        n = int(before["n_1"])  # the pilot's pairs are the first of the study's: the same outcomes on them
+        assert regime_report.unpack(r["bits_acc_1"], n) == regime_report.unpack(before["bits_acc_1"], n)
+        if n == 8:  # scored on every pair already: the same row
+            assert r["acc_1"] == before["acc_1"] and r["kl_1"] == before["kl_1"]
+    assert (out / "tables.md").read_text() == regime_report.report(rows)
+
+
 def test_committed_regime_tables_come_from_the_committed_csv():
     """docs/results/regime/tables.md, first_run.md and pilot.md are exactly what `run.py report` makes of the
     committed CSVs; the study's CSV holds every (arm, seed) of the plan, each run from a named commit, and the

@@ -18,6 +18,7 @@ The setup, the same for every run (SETUP; why, in docs/RESULTS.md):
     KL(π‖π_ref) on the responses of the first KL_PAIRS of them (teacher-forced).
   - the positive control trains on the same 512 pairs with the labels of 30% swapped (FLIPS, a committed list).
 Each run is an ordinary `python betadpo.py` run; a finished run with its path.jsonl is skipped (resumable).
+`--regime_pilot` runs the pilot (PILOT) first; `--regime_paths` runs PATHS after the study (weights every 4 steps).
 """
 
 import json
@@ -108,6 +109,11 @@ PLAN = [
     # the seeds SGD has (DPO β₀ 1 is also a frontier arm, far below β-DPO's KL).
     (["DPO β₀ 1"], range(1, 3)),
 ]
+# The paths (docs/RESULTS.md, "Regime: paths"): β-DPO and the DPO arm at its KL, trained again with their weights
+# kept every 4 steps and every point scored on the first PATH_PAIRS held-out pairs, so that β-DPO's end is compared
+# with DPO's path at the same KL (the study's runs keep only their end). Their own directory, `paths/`.
+PATHS = {"setup": {"lr": 1e-3, "steps": 16, "path": (4, 8, 12, 16), "path_pairs": PATH_PAIRS, "last_pairs": PATH_PAIRS},
+         "plan": [(["β-DPO", "DPO β₀ 0.03"], range(3))]}
 # The pilot: (setting name, lr, steps, path points) × DPO at β₀ 0.03, 0.1, 1 (and the plan's β-DPO at the last)
 PILOT = [("lr 3e-4, 16 steps", 3e-4, 16, (16,)), ("lr 1e-3, 16 steps", 1e-3, 16, (16,))]  # the end point only
 SMOKE = {"sizes": {"hh": (16, 8)}, "kl_pairs": 4, "setup": {"lr": 1e-3, "steps": 4, "path": (2, 4), "path_pairs": 4}, "threads": 1,
@@ -318,3 +324,13 @@ def pilot(out: Path, kernel_env: dict, commit, model_name: str = MODEL, top_laye
         run_all(d, todo, data, split, {**setup, "last_pairs": None}, KL_PAIRS, env, commit, f"pilot {setting} seeds")
         rows += [{**r, "setting": setting} for r in regime_report.csv_rows(d, todo, data, run_dir, setup)]
     return rows
+
+
+def paths(out: Path, kernel_env: dict, commit, model_name: str = MODEL, top_layers: int = TOP_LAYERS) -> list[dict]:
+    """PATHS's runs in out/paths (the study's data, split model and reference cache): → the CSV rows."""
+    env = child_env(kernel_env, 2)
+    data, split = build(out, SIZES, model_name, top_layers)
+    setup = {**PATHS["setup"], "path_pairs": PATH_PAIRS, "last_pairs": PATH_PAIRS}
+    todo = [(name, s) for names, seeds in PATHS["plan"] for s in seeds for name in names]
+    run_all(out / "paths", todo, data, split, setup, KL_PAIRS, env, commit, "paths")
+    return regime_report.csv_rows(out / "paths", todo, data, run_dir, setup)

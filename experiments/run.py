@@ -616,6 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "endpoint and the UltraFeedback score-gap analysis only (experiments/real.py, PLANS)")
     parser.add_argument("--real_top_layers", type=int, default=real.TOP_LAYERS, help="real: blocks trained on top of the cached frozen ones")
     parser.add_argument("--regime_pilot", action="store_true", help="regime: the pilot (regime gate) only: pilot.csv, pilot.md")
+    parser.add_argument("--regime_paths", action="store_true",
+                        help="regime: β-DPO and DPO β₀ 0.03 again, scored every 4 steps (after the study): paths.csv, paths.md")
     parser.add_argument("--cpu_kernels", default="avx2", help="x86: torch's CPU kernel set for every run "
                         "(ATEN_CPU_CAPABILITY; 'default': torch picks the best the CPU has). See the note at CPU_KERNELS")
     return parser
@@ -633,12 +635,13 @@ def main(argv=None):
             sys.exit("experiments: run `regime` on its own (it writes its own runs.csv)")
         pin_cpu_kernels(args.cpu_kernels)
         t0, out = time.perf_counter(), out / "regime"
-        name = "pilot" if args.regime_pilot else "runs"
+        name = "pilot" if args.regime_pilot else "paths" if args.regime_paths else "runs"
         rows = (regime.pilot(out, KERNEL_ENV, commit, args.real_model) if args.regime_pilot
+                else regime.paths(out, KERNEL_ENV, commit, args.real_model) if args.regime_paths
                 else regime.main(out, args.smoke, KERNEL_ENV, commit, args.real_model))
         write_csv(rows, out / f"{name}.csv")
         text = regime_report.report(read_csv(out / f"{name}.csv"))  # through the CSV, exactly as `report` makes it
-        (out / ("pilot.md" if args.regime_pilot else "tables.md")).write_text(text)
+        (out / {"pilot": "pilot.md", "paths": "paths.md", "runs": "tables.md"}[name]).write_text(text)
         print(f"\n{text}\n{out / f'{name}.csv'} ({(time.perf_counter() - t0) / 60:.1f} min)")
         return
     if "real" in args.studies:  # the real-data study: its own directory, CSV and tables

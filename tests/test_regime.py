@@ -150,6 +150,16 @@ def test_regime_from_nothing_pilot_then_study(tmp_path, capsys, monkeypatch):
             assert r["acc_1"] == before["acc_1"] and r["kl_1"] == before["kl_1"]
     assert (out / "tables.md").read_text() == regime_report.report(rows)
 
+    # `--regime_paths`: the same runs trained again in paths/, their weights kept and scored at every point
+    monkeypatch.setattr(regime, "PATHS", {"setup": {"lr": 1e-3, "steps": 2, "path": (1, 2)}, "plan": [(["β-DPO", "DPO β₀ 0.03"], range(1))]})
+    run_in_process(["regime", "--regime_paths", "--out", str(tmp_path / "out"), "--real_model", str(model)], capsys, monkeypatch)
+    paths = experiments.read_csv(out / "paths.csv")
+    assert [(r["arm"], r["step_1"], r["n_1"], r["step_2"], r["n_2"]) for r in paths] == [("β-DPO", 1, 4, 2, 4), ("DPO β₀ 0.03", 1, 4, 2, 4)]
+    assert (out / "paths.md").read_text() == regime_report.report(paths)
+    for r in paths:  # keeping more checkpoints changes nothing: the end is the study's run, on the pairs both scored
+        study = next(q for q in rows if (q["arm"], q["seed"]) == (r["arm"], r["seed"]))
+        assert r["kl_2"] == study["kl_1"] and regime_report.unpack(r["bits_acc_2"], 4) == regime_report.unpack(study["bits_acc_1"], 4)
+
 
 def test_committed_regime_tables_come_from_the_committed_csv():
     """docs/results/regime/tables.md, first_run.md and pilot.md are exactly what `run.py report` makes of the

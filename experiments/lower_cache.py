@@ -29,6 +29,7 @@ responses), or run the lower blocks (they are not in the directory). Nor a pair 
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -58,7 +59,11 @@ def lower_states(model, sequences: list[list[int]], lower_layers: int, batch_siz
     Right-padded batches: a causal model's states at real positions do not see the padding after them."""
     states = {}
     todo = sorted({sequence_key(s): s for s in sequences}.items(), key=lambda kv: len(kv[1]))  # similar lengths together
+    t0, shown = time.perf_counter(), 0
     for i in range(0, len(todo), batch_size):
+        if i >= shown + len(todo) / 10:  # progress about every tenth (minutes for a few thousand sequences)
+            shown = i
+            print(f"lower-block states: {i}/{len(todo)} sequences, {time.perf_counter() - t0:.0f} s", flush=True)
         chunk = todo[i : i + batch_size]
         T = max(len(s) for _, s in chunk)
         ids = torch.zeros((len(chunk), T), dtype=torch.long)

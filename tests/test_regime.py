@@ -174,3 +174,25 @@ def test_committed_regime_tables_come_from_the_committed_csv():
     assert all(isinstance(r["commit"], str) and len(r["commit"]) >= 7 for r in rows + pilot)
     assert sorted((r["arm"], r["seed"]) for r in rows) == sorted((a, s) for arms, seeds in regime.PLAN for s in seeds for a in arms)
     assert all(r in rows for r in first) and len(first) == 13
+
+
+def test_committed_regime_paths_come_from_the_committed_csv_and_end_where_the_study_did():
+    """docs/results/regime/paths.md is `run.py report` of paths.csv; the CSV holds PATHS's plan, each run with its
+    four points on the first PATH_PAIRS held-out pairs; and DPO β₀ 0.03's ends are the study's runs of the same
+    seeds on those pairs: every outcome the same, the KL to rounding (the study's lower-block states were built by
+    older code; docs/RESULTS.md, "Paths"). β-DPO's ends are not: its first step's filter ranks margins that are
+    rounding noise (policy = reference), so other rounding trains other pairs from step 1 on."""
+    results = ROOT / "docs" / "results" / "regime"
+    paths, rows = experiments.read_csv(results / "paths.csv"), experiments.read_csv(results / "runs.csv")
+    assert regime_report.report(paths) == (results / "paths.md").read_text()
+    plan = [(a, s) for arms, seeds in regime.PATHS["plan"] for s in seeds for a in arms]
+    assert sorted((r["arm"], r["seed"]) for r in paths) == sorted(plan) and len(plan) == 6
+    for r in paths:
+        assert [(r[f"step_{i}"], r[f"n_{i}"]) for i in range(1, 5)] == [(s, regime.PATH_PAIRS) for s in regime.PATHS["setup"]["path"]]
+        study = next(q for q in rows if (q["arm"], q["seed"]) == (r["arm"], r["seed"]))
+        same = [regime_report.unpack(r[f"bits_{k}_4"], regime.PATH_PAIRS) == regime_report.unpack(study[f"bits_{k}_1"], regime.PATH_PAIRS)
+                for k in ("acc", "nacc")]
+        if r["arm"] == "DPO β₀ 0.03":
+            assert same == [True, True] and math.isclose(r["kl_4"], study["kl_1"], rel_tol=1e-5)
+        else:
+            assert not any(same)

@@ -150,27 +150,29 @@ def prepare(out: Path, sizes: dict) -> dict:
 
 
 # ---- training: an ordinary betadpo.py run, its path weights kept as they are saved ----------------------------
-def launch(cmd: list[str], log: Path, env: dict, path_dir: Path):
-    """Run `cmd`; while it runs, hard-link each checkpoint's weights into path_dir (betadpo.py keeps only the newest
-    two checkpoints; a link keeps the file after its directory is deleted). On failure show the log's tail, stop."""
+def keep_path_weights(path_dir: Path):
+    """Hard-link the weights of each checkpoint the run has now into path_dir (betadpo.py keeps only the newest two
+    checkpoints; a link keeps the file after its directory is deleted)."""
     path_dir.mkdir(exist_ok=True)
     ckpts = path_dir.parent / "checkpoints"
+    for c in sorted(ckpts.glob("step-*")) if ckpts.exists() else []:
+        target = path_dir / f"{c.name}.safetensors"
+        if not target.exists() and (c / "model.safetensors").exists():
+            try:
+                os.link(c / "model.safetensors", target)
+            except FileNotFoundError:  # deleted between the check and the link: a newer one replaced it
+                pass
 
-    def collect():
-        for c in sorted(ckpts.glob("step-*")) if ckpts.exists() else []:
-            target = path_dir / f"{c.name}.safetensors"
-            if not target.exists() and (c / "model.safetensors").exists():
-                try:
-                    os.link(c / "model.safetensors", target)
-                except FileNotFoundError:  # deleted between the check and the link: a newer one replaced it
-                    pass
 
+def launch(cmd: list[str], log: Path, env: dict, path_dir: Path):
+    """Run `cmd`, keeping each checkpoint's weights in path_dir while it runs (keep_path_weights, every 0.5 s). On
+    failure show the log's tail, stop."""
     with log.open("w") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
         while proc.poll() is None:
-            collect()
+            keep_path_weights(path_dir)
             time.sleep(0.5)
-    collect()
+    keep_path_weights(path_dir)
     if proc.returncode != 0:
         sys.exit(f"experiments: `{' '.join(cmd)}` failed ({proc.returncode}); its output: {log}\n" + log.read_text()[-3000:])
 

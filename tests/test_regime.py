@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, save_tiny_model
+from conftest import ROOT, run_here, save_tiny_model
 
 sys.path.insert(0, str(ROOT / "experiments"))
 import regime  # noqa: E402
@@ -109,6 +109,17 @@ def test_regime_smoke(tmp_path, capsys, monkeypatch):
     assert swapped == regime.flip_list(16) and json.loads(lines[swapped[0]])["chosen"] == json.loads(clean[swapped[0]])["rejected"]
 
 
+def launch_here(cmd: list[str], log, env: dict, path_dir):
+    """regime.launch with betadpo.py run in this process (conftest.run_here; 1 thread): the same run without a new
+    interpreter's seconds of imports. Its checkpoints are kept once, at the end: betadpo.py keeps the newest two,
+    which at these 2 steps are all of them. (test_regime_smoke launches its runs as the study does; no test has a
+    checkpoint deleted before regime.launch links it: the paths' 4 points did, and a point missing stops scoring.)"""
+    _python, script, *flags = cmd
+    result = run_here(script, *flags)
+    log.write_text(result.stdout + result.stderr)
+    regime.keep_path_weights(path_dir)
+
+
 def test_regime_from_nothing_pilot_then_study(tmp_path, capsys, monkeypatch):
     """The study regenerated from nothing with docs/RESULTS.md's two commands, at toy sizes (16 + 8 real HH rows, a
     tiny 3-block model, 2 steps): `run.py regime --regime_pilot` trains the gate's DPO runs, then β-DPO and DPO seeds
@@ -121,8 +132,7 @@ def test_regime_from_nothing_pilot_then_study(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(regime, "PILOT", [("lr 1e-3, 2 steps", 1e-3, 2, (2,))])
     monkeypatch.setattr(regime, "SETUP", {"lr": 1e-3, "steps": 2, "path": (2,), "path_pairs": 4, "pilot": "lr 1e-3, 2 steps"})
     monkeypatch.setattr(regime, "PLAN", [(["β-DPO", "DPO β₀ 0.1"], range(2)), (["DPO β₀ 0.03", "DPO β₀ 1"], range(1))])
-    child_env = regime.child_env
-    monkeypatch.setattr(regime, "child_env", lambda kernel_env, threads: child_env(kernel_env, 1))  # beside xdist's 2
+    monkeypatch.setattr(regime, "launch", launch_here)  # 8 trainings: the launch is test_regime_smoke's to test
     real_gate = regime_report.gate
     monkeypatch.setattr(regime_report, "gate", lambda rows: {**real_gate(rows), "passes": True})  # a toy need not pass
     out = tmp_path / "out" / "regime"

@@ -121,10 +121,11 @@ def launch_here(cmd: list[str], log, env: dict, path_dir):
 
 
 def test_regime_from_nothing_pilot_then_study(tmp_path, capsys, monkeypatch):
-    """The study regenerated from nothing with docs/RESULTS.md's two commands, at toy sizes (16 + 8 real HH rows, a
+    """The study regenerated from nothing with docs/RESULTS.md's commands, at toy sizes (16 + 8 real HH rows, a
     tiny 3-block model, 2 steps): `run.py regime --regime_pilot` trains the gate's DPO runs, then β-DPO and DPO seeds
     at the setting that passes; `run.py regime` adopts the pilot's runs at its setting (hard links, CSV column
-    `pilot`), scores the gate's runs again on every held-out pair, and trains nothing it already has."""
+    `pilot`), scores the gate's runs again on every held-out pair, and trains nothing it already has; then
+    `run.py regime --regime_paths` trains two of them again with more points kept, and ends where they did."""
     model = save_tiny_model(tmp_path / "tiny", hidden=32, layers=3)
     monkeypatch.setattr(regime, "SIZES", {"hh": (16, 8)})
     monkeypatch.setattr(regime, "KL_PAIRS", 4)
@@ -189,8 +190,8 @@ def test_committed_regime_tables_come_from_the_committed_csv():
 def test_committed_regime_paths_come_from_the_committed_csv_and_end_where_the_study_did():
     """docs/results/regime/paths.md is `run.py report` of paths.csv; the CSV holds PATHS's plan, each run with its
     four points on the first PATH_PAIRS held-out pairs; and DPO β₀ 0.03's ends are the study's runs of the same
-    seeds on those pairs: every outcome the same, the KL to rounding (the study's lower-block states were built by
-    older code; docs/RESULTS.md, "Paths"). β-DPO's ends are not: its first step's filter ranks margins that are
+    seeds on those pairs: every outcome the same, the KL to rounding (not bit for bit, cause not isolated:
+    docs/RESULTS.md, "Paths"). β-DPO's ends are not: its first step's filter ranks margins that are
     rounding noise (policy = reference), so other rounding trains other pairs from step 1 on."""
     results = ROOT / "docs" / "results" / "regime"
     paths, rows = experiments.read_csv(results / "paths.csv"), experiments.read_csv(results / "runs.csv")

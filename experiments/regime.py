@@ -112,8 +112,7 @@ PLAN = [
 # The paths (docs/RESULTS.md, "Regime: paths"): β-DPO and the DPO arm at its KL, trained again with their weights
 # kept every 4 steps and every point scored on the first PATH_PAIRS held-out pairs, so that β-DPO's end is compared
 # with DPO's path at the same KL (the study's runs keep only their end). Their own directory, `paths/`.
-PATHS = {"setup": {"lr": 1e-3, "steps": 16, "path": (4, 8, 12, 16), "path_pairs": PATH_PAIRS, "last_pairs": PATH_PAIRS},
-         "plan": [(["β-DPO", "DPO β₀ 0.03"], range(3))]}
+PATHS = {"setup": {"lr": 1e-3, "steps": 16, "path": (4, 8, 12, 16)}, "plan": [(["β-DPO", "DPO β₀ 0.03"], range(3))]}
 # The pilot: (setting name, lr, steps, path points) × DPO at β₀ 0.03, 0.1, 1 (and the plan's β-DPO at the last)
 PILOT = [("lr 3e-4, 16 steps", 3e-4, 16, (16,)), ("lr 1e-3, 16 steps", 1e-3, 16, (16,))]  # the end point only
 SMOKE = {"sizes": {"hh": (16, 8)}, "kl_pairs": 4, "setup": {"lr": 1e-3, "steps": 4, "path": (2, 4), "path_pairs": 4}, "threads": 1,
@@ -332,7 +331,7 @@ def paths(out: Path, kernel_env: dict, commit, model_name: str = MODEL, top_laye
     """PATHS's runs in out/paths (the study's data, split model and reference cache): → the CSV rows."""
     env = child_env(kernel_env, 2)
     data, split = build(out, SIZES, model_name, top_layers)
-    setup = {**PATHS["setup"], "path_pairs": PATH_PAIRS, "last_pairs": PATH_PAIRS}
+    setup = {**PATHS["setup"], "path_pairs": PATH_PAIRS, "last_pairs": PATH_PAIRS}  # every point: the first PATH_PAIRS
     todo = [(name, s) for names, seeds in PATHS["plan"] for s in seeds for name in names]
     run_all(out / "paths", todo, data, split, setup, KL_PAIRS, env, commit, "paths")
     return regime_report.csv_rows(out / "paths", todo, data, run_dir, setup)
